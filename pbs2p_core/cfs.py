@@ -1,0 +1,37 @@
+"""CFS coarse stage: per-block importance from the FP model, and the per-block kept count N_l."""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_cosine(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of cos(h_in, h_out) for one batch (B, T, D) -> scalar fp64 (divide by token count)."""
+    cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+    return cos.sum()
+
+
+def block_importance(cosines: list[float]) -> list[float]:
+    """I_l = 1 / c_l normalised to mean 1; a block with c_l <= 0 gets the largest importance."""
+    inv = [1.0 / c if c > 0 else float("nan") for c in cosines]
+    finite = [v for v in inv if v == v]
+    top = max(finite) if finite else 1.0
+    inv = [v if v == v else top for v in inv]
+    mean = sum(inv) / len(inv)
+    return [v / mean for v in inv]
+
+
+def allocate(importance: list[float], n_target: int, m: int, spread: int = 1) -> list[int]:
+    """N_l = clip(round(N_t · I_l), N_t − spread, N_t + spread) within [1, M − 1], then repaired greedily so
+    that Σ N_l = L · N_t exactly (the average bits equal the target's). Deterministic."""
+    lo, hi = max(1, n_target - spread), min(m - 1, n_target + spread)
+    ideal = [n_target * i for i in importance]
+    n = [min(hi, max(lo, round(x))) for x in ideal]
+    target = n_target * len(n)
+    while sum(n) > target:  # take one from the block most above its ideal share
+        j = max((l for l in range(len(n)) if n[l] > lo), key=lambda l: (n[l] - ideal[l], -l))
+        n[j] -= 1
+    while sum(n) < target:  # give one to the block most below its ideal share
+        j = max((l for l in range(len(n)) if n[l] < hi), key=lambda l: (ideal[l] - n[l], -l))
+        n[j] += 1
+    return n

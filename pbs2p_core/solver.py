@@ -1,0 +1,166 @@
+"""One linear layer: GPTQ-style column blocks with error compensation, N:M masks, SPBO, ARB.
+
+`compress_linear(W, H, n_keep, cfg)` is the per-linear task: pure function, new tensors out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .binarize import BlockCode, binarize_block
+from .config import CompressionConfig
+from .errors import Pbs2pError
+from .hessian import inverse_cholesky
+
+
+@dataclass
+class LinearResult:
+    weight: torch.Tensor  # (R, C) Ŵ, dense, exactly what the stored code decodes to
+    blocks: list[BlockCode]  # one per column block, in order
+    n_keep: int  # N of the N:M pattern used (M when dense)
+    rel_error: float  # ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs (= tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))
+    damping: float
+    retries: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def split_steps(prune: int, tau: int) -> list[int]:
+    """How many weights per group each SPBO step prunes: `prune` spread over `tau` steps, larger first."""
+    return [prune // tau + (1 if t < prune % tau else 0) for t in range(tau)]
+
+
+def prune_lowest(score: torch.Tensor, K: torch.Tensor, count: int, m: int) -> torch.Tensor:
+    """New kept set: in every group of m columns per row, drop the `count` kept entries of lowest score."""
+    R, C = score.shape
+    s = score.masked_fill(~K, float("inf")).view(R, C // m, m)
+    drop = s.sort(dim=-1, stable=True).indices[..., :count]  # (R, G, count)
+    keep = K.clone().view(R, C // m, m)
+    keep.scatter_(-1, drop, False)
+    return keep.view(R, C)
+
+
+def nm_mask(score: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:
+    """Keep the n_keep highest-scoring entries in every group of m consecutive columns, per row."""
+    full = torch.ones_like(score, dtype=torch.bool)
+    return prune_lowest(score, full, m - n_keep, m)
+
+
+def _obs_loss(delta: torch.Tensor, Ubb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Err with Err · U_bb = ΔW_b (exact OBS compensation of fixing the block at once), and its loss."""
+    err = torch.linalg.solve_triangular(Ubb, delta, upper=True, left=False)
+    return err, (err * err).sum()
+
+
+def _code_block(
+    Wb: torch.Tensor, d: torch.Tensor, hdiag: torch.Tensor, Sbb: torch.Tensor, Ubb: torch.Tensor,
+    n_keep: int, n_salient: int, cfg: CompressionConfig,
+) -> BlockCode:
+    """Mask + binarization of one column block (Wb already compensated by earlier blocks)."""
+    R, C = Wb.shape
+    m = cfg.pattern.m
+    obs = Wb * Wb / (d * d)[None, :]  # OBS score w² / d², the fine-stage score
+    salient = torch.sort(obs.sum(0).topk(n_salient).indices).values if n_salient else obs.new_zeros(0).long()
+    S = Sbb if cfg.arb_variant == "arb-x" else None
+
+    def fit(K: torch.Tensor, warm=None):  # type: ignore[no-untyped-def]
+        return binarize_block(Wb, K, salient, cfg.arb_iters, cfg.arb_variant, cfg.scale_dtype, S, warm)
+
+    K = torch.ones(R, C, dtype=torch.bool, device=Wb.device)
+    if not cfg.prunes or n_keep >= m:
+        return fit(K)[0]
+    steps = split_steps(m - n_keep, cfg.tau)
+    if cfg.method == "prune-binarize" or cfg.spbo_mode == "fixed":
+        # mask chosen once (OBS or Wanda |w|·‖x_j‖), then pruned by rank in τ steps (τ = 1: prune, binarize)
+        score = obs if cfg.mask_score == "obs" else Wb.abs() * hdiag.clamp_min(0).sqrt()[None, :]
+        rank = score.view(R, C // m, m).argsort(dim=-1, stable=True).argsort(dim=-1).view(R, C)
+        code, fits, done = None, None, 0
+        for r in steps:
+            done += r
+            code, fits = fit(rank >= done, fits)
+        assert code is not None
+        return code
+    # SPBO, binarization-aware: binarize first, then each step prunes, per group, the kept weights whose
+    # removal costs least compared with keeping their current binarized value, and re-fits ARB.
+    code, fits = fit(K)
+    for r in steps:
+        q = code.dense()
+        cost = (Wb * Wb - (Wb - q) ** 2) / (d * d)[None, :]
+        K = prune_lowest(cost, code.mask, r, m)
+        code, fits = fit(K, fits)
+    return code
+
+
+def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: CompressionConfig) -> LinearResult:
+    """Compress one weight W (out, in) given its calibration Hessian H (in, in); N:M with N = n_keep."""
+    R, C = W.shape
+    m = cfg.pattern.m
+    if C % m:
+        raise Pbs2pError(f"in_features={C} is not divisible by M={m}; use a pattern whose M divides {C}")
+    W0 = W.to(torch.float32)
+    H = H.to(W0.device, torch.float32)
+    inv = inverse_cholesky(H, cfg.damping)
+    U = inv.U
+    W = W0.clone()
+    W[:, inv.dead] = 0.0
+    hdiag = torch.diag(H)
+    Q = torch.zeros_like(W)
+    blocks: list[BlockCode] = []
+    candidates = cfg.salient_search or (cfg.salient_columns,)
+    for s in range(0, C, cfg.block_size):
+        e = min(s + cfg.block_size, C)
+        Wb, Ubb = W[:, s:e], U[s:e, s:e]
+        d = torch.diag(Ubb)
+        best = None
+        for k in candidates:  # searched salient count: keep the code of least OBS loss
+            k = min(k, (e - s) // 2)
+            code = _code_block(Wb, d, hdiag[s:e], H[s:e, s:e], Ubb, n_keep, k, cfg)
+            if cfg.column_feedback:
+                code, err = _column_feedback(Wb, Ubb, code)
+                loss = (err * err).sum()
+            else:
+                err, loss = _obs_loss(Wb - code.dense(), Ubb)
+            if best is None or loss < best[0]:
+                best = (loss, code, err)
+        assert best is not None
+        _, code, err = best
+        Q[:, s:e] = code.dense()
+        W[:, e:] -= err @ U[s:e, e:]  # push the block's error onto later columns (GPTQ)
+        blocks.append(code)
+    delta = Q - W0
+    base = torch.einsum("rc,cd,rd->", W0, H, W0)
+    rel = float(torch.einsum("rc,cd,rd->", delta, H, delta) / base.clamp_min(1e-30))
+    return LinearResult(Q, blocks, n_keep if cfg.prunes else m, rel, inv.damping, inv.retries)
+
+
+def _column_feedback(Wb: torch.Tensor, Ubb: torch.Tensor, code: BlockCode) -> tuple[BlockCode, torch.Tensor]:
+    """GPTQ's per-column feedback inside the block: mask and scales fixed, signs re-chosen column by column
+    on the compensated weights. Returns the new code and Err (R, C) with Err · U_bb = W_b − Q_b."""
+    R, C = Wb.shape
+    W = Wb.clone()
+    sign, sign2 = code.sign.clone(), code.sign2.clone()
+    sal_pos = {int(c): i for i, c in enumerate(code.salient.tolist())}
+    s = code.scales
+    err = torch.zeros_like(W)
+    for j in range(C):  # a loop over columns, as in GPTQ; rows and groups stay vectorised
+        w = W[:, j]
+        if j in sal_pos:
+            b1 = w >= s["mu_s"]
+            q1 = s["alpha_s"] * (b1.to(w.dtype) * 2 - 1) + s["mu_s"]
+            b2 = (w - q1) >= s["mu_r"]
+            q = q1 + s["alpha_r"] * (b2.to(w.dtype) * 2 - 1) + s["mu_r"]
+            sign[:, j], sign2[:, sal_pos[j]] = b1, b2
+        elif "alpha_col" in s:
+            b1 = w >= 0
+            q = s["alpha"] * s["alpha_col"][j] * (b1.to(w.dtype) * 2 - 1)
+            sign[:, j] = b1
+        else:
+            b1 = ((w - s["mu"]) >= 0) == (s["alpha"] >= 0)
+            q = s["alpha"] * (b1.to(w.dtype) * 2 - 1) + s["mu"]
+            sign[:, j] = b1
+        q = q * code.mask[:, j]
+        err[:, j] = (w - q) / Ubb[j, j]
+        W[:, j + 1 :] -= err[:, j : j + 1] * Ubb[j, j + 1 :][None, :]
+    new = BlockCode(code.mask, sign, code.salient, sign2, code.scales)
+    return new, err

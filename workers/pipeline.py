@@ -1,0 +1,313 @@
+"""The per-block sequential pipeline on one machine.
+
+Blocks of the model are streamed from safetensors one at a time: the model skeleton lives on the meta
+device, block l's weights are loaded, its linears' Hessians are collected from the calibration inputs,
+every linear is compressed (independent given H), and the block's outputs become the next block's inputs.
+Peak memory: one block + the calibration activations (+ the embedding, to make the block-0 inputs).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pbs2p_core.bits import BitCount, count_bits
+from pbs2p_core.cfs import allocate, block_cosine, block_importance
+from pbs2p_core.config import CompressionConfig
+from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.families import Family, family_for
+from pbs2p_core.hessian import HessianAccumulator
+from pbs2p_core.solver import LinearResult, compress_linear
+
+from .checkpoint import WeightReader
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+REPORT_FILE = "pbs2p.json"
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    n_keep: int
+    rel_error: float
+    damping: float
+    retries: int
+    bits: dict[str, float]
+
+
+@dataclass
+class BlockReport:
+    index: int
+    n_keep: int
+    cosine: float | None
+    seconds: float
+    linears: list[LinearReport] = field(default_factory=list)
+
+
+@dataclass
+class CompressReport:
+    config: dict[str, Any]
+    model_type: str
+    blocks: list[BlockReport]
+    bits: dict[str, float]
+    mean_rel_error: float
+    seconds: float
+    calib_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the capture forward needs no more of the model."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder block `index` during capture: records its inputs' keyword arguments
+    (attention mask, position embeddings: they differ per layer type, e.g. sliding vs full in Gemma)."""
+
+    def __init__(self, index: int, last: bool, store: _Capture) -> None:
+        super().__init__()
+        self.index, self.last, self.store = index, last, store
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        key = (self.index, hidden_states.shape[0])
+        self.store.kwargs.setdefault(key, kwargs)
+        if self.index == 0:
+            self.store.inputs.append(hidden_states.detach())
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+@dataclass
+class _Capture:
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    kwargs: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+
+
+class BlockModel:
+    """A causal LM whose decoder blocks are loaded from safetensors one at a time."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu") -> None:
+        self.dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.config = AutoConfig.from_pretrained(self.dir)  # never trust_remote_code
+        self.family: Family = family_for(self.config.model_type)
+        with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) real
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        self.reader = WeightReader(self.dir)
+        self.base = getattr(self.model, self.family.base)
+        self.blocks: list[nn.Module] = list(getattr(self.base, self.family.layers))
+        self.layer_root = f"{self.family.base}.{self.family.layers}."
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def rest_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor outside the decoder blocks (embeddings, final norm, head), as stored."""
+        return self.reader.load([n for n in self.reader.names() if not n.startswith(self.layer_root)])
+
+    def capture(self, calib: torch.Tensor, batch_size: int) -> _Capture:
+        """Inputs of block 0 and each block's keyword arguments, per calibration batch."""
+        rest = {k: v.to(torch.float32) for k, v in self.rest_tensors().items()}
+        self.model.load_state_dict(rest, strict=False, assign=True)
+        for name, child in self.base.named_children():
+            if name != self.family.layers:
+                child.to(self.device)
+        store = _Capture()
+        L = self.num_blocks
+        setattr(self.base, self.family.layers, nn.ModuleList(_Recorder(i, i == L - 1, store) for i in range(L)))
+        try:
+            with torch.no_grad():
+                for batch in calib.split(batch_size):
+                    try:
+                        self.base(input_ids=batch.to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            setattr(self.base, self.family.layers, nn.ModuleList(self.blocks))
+            for name, child in self.base.named_children():  # free the embedding: only inputs are needed
+                if name != self.family.layers:
+                    child.to("meta")
+        return store
+
+    def load_block(self, index: int) -> nn.Module:
+        block = self.blocks[index]
+        sd = {k: v.to(torch.float32) for k, v in self.reader.load_prefix(f"{self.layer_root}{index}.").items()}
+        block.load_state_dict(sd, strict=True, assign=True)
+        return block.to(self.device).eval()
+
+    def unload_block(self, index: int) -> None:
+        self.blocks[index].to("meta")
+
+    @torch.no_grad()
+    def run_block(
+        self, index: int, block: nn.Module, inputs: list[torch.Tensor], store: _Capture
+    ) -> list[torch.Tensor]:
+        return [block(x, **store.kwargs[(index, x.shape[0])]) for x in inputs]
+
+
+def _skipped(full_name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(full_name, p) for p in patterns)
+
+
+class DenseWriter:
+    """Writes the compressed model as a plain HF directory (one safetensors shard per block + an index),
+    into a temporary sibling directory renamed into place at the end: never a half output that looks done."""
+
+    def __init__(self, out_dir: Path, model_dir: Path) -> None:
+        self.out = Path(out_dir)
+        if self.out.exists() and any(self.out.iterdir()) and not (self.out / REPORT_FILE).exists():
+            raise Pbs2pError(f"output {self.out} exists and is not a pbs2p output; choose an empty or new directory")
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.model_dir = Path(model_dir)
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def write_shard(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(tensors, self.tmp / fname, metadata={"format": "pt"})
+        self.weight_map.update({k: fname for k in tensors})
+        self.total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def finish(self, report: CompressReport) -> Path:
+        for f in sorted(self.model_dir.iterdir()):  # config, tokenizer, generation config, ...
+            if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")):
+                shutil.copy2(f, self.tmp / f.name)
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (self.tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))  # written last
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def coarse_stage(bm: BlockModel, store: _Capture, cfg: CompressionConfig, progress: ProgressFn) -> list[float]:
+    """CFS coarse stage on the FP model: c_l = mean over tokens of cos(h_in, h_out) of block l."""
+    xs = store.inputs
+    tokens = sum(x.shape[0] * x.shape[1] for x in xs)
+    cosines = []
+    for i in range(bm.num_blocks):
+        block = bm.load_block(i)
+        ys = bm.run_block(i, block, xs, store)
+        cosines.append(float(sum(block_cosine(x, y) for x, y in zip(xs, ys, strict=True)) / tokens))
+        bm.unload_block(i)
+        xs = ys
+        progress("coarse", i + 1, bm.num_blocks)
+    return cosines
+
+
+def compress_model(
+    model_dir: Path,
+    out_dir: Path,
+    cfg: CompressionConfig,
+    calib: torch.Tensor,
+    progress: ProgressFn | None = None,
+) -> CompressReport:
+    """Compress the model at `model_dir` with `cfg` on calibration windows `calib` (n, seqlen) into `out_dir`."""
+    t0 = time.perf_counter()
+    progress = progress or (lambda stage, done, total: None)
+    bm = BlockModel(model_dir, cfg.device)
+    writer = DenseWriter(out_dir, model_dir)
+    try:
+        report = _run(bm, writer, cfg, calib, progress)
+        report.seconds = time.perf_counter() - t0
+        writer.finish(report)
+        return report
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _run(
+    bm: BlockModel, writer: DenseWriter, cfg: CompressionConfig, calib: torch.Tensor, progress: ProgressFn
+) -> CompressReport:
+    store = bm.capture(calib, cfg.batch_size)
+    progress("capture", 1, 1)
+    L, m = bm.num_blocks, cfg.pattern.m
+    cosines: list[float | None] = [None] * L
+    n_blocks = [cfg.pattern.n] * L
+    if cfg.method != "fp" and cfg.prunes and cfg.allocation == "cfs":
+        cos = coarse_stage(bm, store, cfg, progress)
+        cosines = list(cos)
+        n_blocks = allocate(block_importance(cos), cfg.pattern.n, m, cfg.cfs_spread)
+        log.info("CFS kept counts per block: %s", n_blocks)
+    total_bits = BitCount()
+    blocks: list[BlockReport] = []
+    xs = store.inputs
+    for i in range(L):
+        tb = time.perf_counter()
+        block = bm.load_block(i)
+        prefix = f"{bm.layer_root}{i}."
+        linears = {
+            name: block.get_submodule(name)
+            for name in bm.family.linears
+            if cfg.method != "fp" and not _skipped(prefix + name, cfg.skip_modules)
+        }
+        accs = {name: HessianAccumulator(lin.in_features, bm.device) for name, lin in linears.items()}
+        hooks = [
+            lin.register_forward_hook(lambda mod, inp, out, acc=accs[name]: acc.add_batch(inp[0]))
+            for name, lin in linears.items()
+        ]
+        try:
+            ys = bm.run_block(i, block, xs, store)  # FP outputs (collects every H in one pass)
+        finally:
+            for h in hooks:
+                h.remove()
+        report = BlockReport(i, n_blocks[i] if cfg.prunes else m, cosines[i], 0.0)
+        for name, lin in linears.items():
+            res: LinearResult = compress_linear(lin.weight.data, accs[name].H, n_blocks[i], cfg)
+            lin.weight.data = res.weight.to(lin.weight.dtype)
+            bits = count_bits(res.blocks, res.n_keep, m, cfg.pattern.mask_bits_per_group)
+            total_bits.add(bits)
+            report.linears.append(
+                LinearReport(prefix + name, tuple(lin.weight.shape), res.n_keep, res.rel_error, res.damping,
+                             res.retries, bits.to_dict())  # fmt: skip
+            )
+            if res.retries:
+                log.warning("%s: Hessian needed damping %g (%d retries)", prefix + name, res.damping, res.retries)
+            del accs[name]
+        if linears and cfg.propagation == "sequential":
+            ys = bm.run_block(i, block, xs, store)  # outputs of the compressed block
+        writer.write_shard(f"model-block-{i:05d}.safetensors", {prefix + k: v for k, v in block.state_dict().items()})
+        bm.unload_block(i)
+        xs = ys
+        report.seconds = time.perf_counter() - tb
+        blocks.append(report)
+        progress("compress", i + 1, L)
+    writer.write_shard("model-rest.safetensors", bm.rest_tensors())
+    errs = [lr.rel_error for b in blocks for lr in b.linears]
+    return CompressReport(
+        config=cfg.to_dict(),
+        model_type=bm.config.model_type,
+        blocks=blocks,
+        bits=total_bits.to_dict() if errs else {},
+        mean_rel_error=sum(errs) / len(errs) if errs else 0.0,
+        seconds=0.0,
+        calib_tokens=int(calib.numel()),
+    )
