@@ -41,7 +41,7 @@ def perplexity(
     """exp(mean NLL) of predicting token t+1 from tokens <= t, over every window [k, T] (T-1 targets each).
 
     The model must already be on `device`. The sum runs in float64 in window order, so the result does not
-    depend on `batch_size` beyond float32 kernel noise. `progress(done_windows, k)` is called after each batch.
+    depend on `batch_size` beyond float32 kernel noise. `progress(done_windows, k)` runs after each batch.
     """
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise Pbs2pError(

@@ -54,8 +54,14 @@ def _obs_loss(delta: torch.Tensor, Ubb: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _code_block(
-    Wb: torch.Tensor, d: torch.Tensor, hdiag: torch.Tensor, Sbb: torch.Tensor, Ubb: torch.Tensor,
-    n_keep: int, n_salient: int, cfg: CompressionConfig,
+    Wb: torch.Tensor,
+    d: torch.Tensor,
+    hdiag: torch.Tensor,
+    Sbb: torch.Tensor,
+    Ubb: torch.Tensor,
+    n_keep: int,
+    n_salient: int,
+    cfg: CompressionConfig,
 ) -> BlockCode:
     """Mask + binarization of one column block (Wb already compensated by earlier blocks)."""
     R, C = Wb.shape

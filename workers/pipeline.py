@@ -8,6 +8,7 @@ Peak memory: one block + the calibration activations (+ the embedding, to make t
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -139,10 +140,8 @@ class BlockModel:
         try:
             with torch.no_grad():
                 for batch in calib.split(batch_size):
-                    try:
+                    with contextlib.suppress(_Stop):
                         self.base(input_ids=batch.to(self.device), use_cache=False)
-                    except _Stop:
-                        pass
         finally:
             setattr(self.base, self.family.layers, nn.ModuleList(self.blocks))
             for name, child in self.base.named_children():  # free the embedding: only inputs are needed
@@ -286,8 +285,15 @@ def _run(
             bits = count_bits(res.blocks, res.n_keep, m, cfg.pattern.mask_bits_per_group)
             total_bits.add(bits)
             report.linears.append(
-                LinearReport(prefix + name, tuple(lin.weight.shape), res.n_keep, res.rel_error, res.damping,
-                             res.retries, bits.to_dict())  # fmt: skip
+                LinearReport(
+                    prefix + name,
+                    tuple(lin.weight.shape),
+                    res.n_keep,
+                    res.rel_error,
+                    res.damping,
+                    res.retries,
+                    bits.to_dict(),
+                )  # fmt: skip
             )
             if res.retries:
                 log.warning("%s: Hessian needed damping %g (%d retries)", prefix + name, res.damping, res.retries)

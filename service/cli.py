@@ -1,0 +1,216 @@
+"""`pbs2p` command line: compress, eval, demo. Progress and summaries on stderr, results on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pbs2p_core.config import METHODS, CompressionConfig, NMPattern
+from pbs2p_core.errors import Pbs2pError
+
+log = logging.getLogger("pbs2p")
+
+
+class _Progress:
+    """A tqdm bar per stage, on stderr."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.stage, self.bar = enabled, "", None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="block" if total > 1 else "step", file=sys.stderr)
+        assert self.bar is not None
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Pbs2pError("CUDA is not available on this machine; use --device cpu")
+
+
+def config_from_args(a: argparse.Namespace) -> CompressionConfig:
+    return CompressionConfig(
+        method=a.method,
+        pattern=NMPattern.parse(a.pattern),
+        spbo_steps=a.spbo_steps,
+        spbo_mode=a.spbo_mode,
+        allocation=a.allocation,
+        mask_score=a.mask_score,
+        arb_variant=a.arb_variant,
+        salient_columns=a.salient_columns,
+        column_feedback=a.column_feedback,
+        skip_modules=tuple(a.skip or ()),
+        propagation=a.propagation,
+        calib=a.calib,
+        calib_samples=a.calib_samples,
+        seqlen=a.seqlen,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        device=a.device,
+    )
+
+
+def run_compress(model: str, out: Path, cfg: CompressionConfig, progress: bool = True) -> dict[str, Any]:
+    """Resolve the model and the calibration text, compress, return the report as a dict."""
+    from transformers import AutoTokenizer
+
+    from workers.pipeline import compress_model
+    from workers.sources import calibration_windows, load_documents, resolve_model
+
+    _check_device(cfg.device)
+    model_dir = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    docs = load_documents(cfg.calib, "calib")
+    calib = calibration_windows(tok, docs, cfg.calib_samples, cfg.seqlen, cfg.seed)
+    bar = _Progress(progress)
+    try:
+        report = compress_model(model_dir, out, cfg, calib, progress=bar)
+    finally:
+        bar.close()
+    return report.to_dict()
+
+
+def run_eval(
+    model: str,
+    data: str = "wiki",
+    seqlen: int = 512,
+    windows: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pbs2p_core.evaluate import perplexity
+    from workers.sources import eval_windows, load_documents, resolve_model
+
+    _check_device(device)
+    model_dir = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids, bos = eval_windows(tok, load_documents(data, "eval"), seqlen, windows)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    bar = _Progress(progress)
+    try:
+        res = perplexity(lm, ids, bos, batch_size=batch_size, device=device, progress=lambda d, t: bar("eval", d, t))
+    finally:
+        bar.close()
+    return {**res.to_dict(), "model": str(model), "data": data}
+
+
+def _summary(report: dict[str, Any]) -> str:
+    bits = report.get("bits") or {}
+    ns = [b["n_keep"] for b in report["blocks"]]
+    cfg = report["config"]
+    return (
+        f"method {cfg['method']} pattern {cfg['pattern']}  blocks {len(ns)}  N per block {ns}\n"
+        f"mean layer error {report['mean_rel_error']:.4f}  paper bits {bits.get('paper_bits', 16):.3f}  "
+        f"true bits {bits.get('true_bits', 16):.3f}  time {report['seconds']:.1f} s"
+    )
+
+
+def _add_compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=METHODS, default="pbs2p")
+    p.add_argument("--pattern", default="6:8", help="N:M, N weights kept per group of M (default 6:8)")
+    p.add_argument("--spbo-steps", type=int, default=None, help="SPBO steps tau (default M - N)")
+    p.add_argument("--spbo-mode", choices=("aware", "fixed"), default="aware")
+    p.add_argument("--allocation", choices=("cfs", "uniform"), default=None, help="default: cfs for pbs2p")
+    p.add_argument("--mask-score", choices=("obs", "wanda"), default="obs")
+    p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-rc"), default="arb")
+    p.add_argument("--salient-columns", type=int, default=8)
+    p.add_argument("--column-feedback", action="store_true")
+    p.add_argument("--skip", action="append", metavar="GLOB", help="leave matching linears uncompressed")
+    p.add_argument("--propagation", choices=("sequential", "independent"), default="sequential")
+    p.add_argument("--calib", default="wiki", help="'wiki' or a .txt/.jsonl file")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pbs2p", description="PBS²P: 1-bit weights on N:M sparsity for LLMs")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compress", help="compress a model (alias or local safetensors directory)")
+    c.add_argument("model")
+    c.add_argument("-o", "--out", required=True, type=Path)
+    c.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
+    _add_compress_args(c)
+    e = sub.add_parser("eval", help="perplexity of a model or a compressed output")
+    e.add_argument("model")
+    e.add_argument("--data", default="wiki", help="'wiki' (held-out split) or a .txt/.jsonl file")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--windows", type=int, default=None, help="evaluate the first K windows (default all)")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    d = sub.add_parser("demo", help="the main job: prepare the real model, compress, evaluate before/after")
+    d.add_argument("--out", type=Path, default=Path("out/demo"))
+    d.add_argument("--windows", type=int, default=40)
+    _add_compress_args(d)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        if args.cmd == "compress":
+            report = run_compress(args.model, args.out, config_from_args(args))
+            print(_summary(report), file=sys.stderr)
+            print(json.dumps(report, indent=1) if args.json else args.out)
+        elif args.cmd == "eval":
+            if args.windows is not None and args.windows < 1:
+                raise Pbs2pError("--windows must be >= 1")
+            r = run_eval(args.model, args.data, args.seqlen, args.windows, args.batch_size, args.device)
+            bos = "each window starts with BOS" if r["bos"] else "no BOS (the tokenizer adds none)"
+            print(f"{r['windows']} windows x {r['seqlen']} tokens, {bos}", file=sys.stderr)
+            print(json.dumps(r) if args.json else f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens")
+        elif args.cmd == "demo":
+            return _demo(args)
+    except Pbs2pError as exc:
+        print(f"pbs2p: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Prepare the packaged SmolLM2-135M, compress it, evaluate FP and compressed on held-out Wikipedia."""
+    cfg = config_from_args(args)
+    t = time.perf_counter()
+    report = run_compress("smollm2-135m", args.out, cfg)
+    print(_summary(report), file=sys.stderr)
+    fp = run_eval("smollm2-135m", seqlen=cfg.seqlen, windows=args.windows)
+    q = run_eval(str(args.out), seqlen=cfg.seqlen, windows=args.windows)
+    bits = report["bits"]
+    print(f"\n| model | wiki ppl (seqlen {cfg.seqlen}, {fp['windows']} windows) | paper bits | true bits |")
+    print("|---|---|---|---|")
+    print(f"| smollm2-135m fp32 | {fp['ppl']:.2f} | 32 | 32 |")
+    print(f"| {cfg.method} {cfg.pattern} | {q['ppl']:.2f} | {bits['paper_bits']:.3f} | {bits['true_bits']:.3f} |")
+    print(f"\ncompressed model in {args.out} ({time.perf_counter() - t:.0f} s in all)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Unit tests of the algorithm on hand-made tensors: masks, ARB, SPBO, CFS, numerics."""
+
+import pytest
+import torch
+
+from pbs2p_core.binarize import ArbFit, arb, arb_error, binarize_block
+from pbs2p_core.bits import count_bits
+from pbs2p_core.cfs import allocate, block_importance
+from pbs2p_core.config import CompressionConfig, NMPattern
+from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.solver import _code_block, compress_linear, nm_mask, split_steps
+
+
+def _problem(rows: int = 64, cols: int = 256, tokens: int = 1024, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, cols, generator=g) * (torch.rand(cols, generator=g) * 2 + 0.1)
+    W = torch.randn(rows, cols, generator=g) * 0.05
+    return W, 2.0 / tokens * X.T @ X
+
+
+def _groups(mask: torch.Tensor, m: int) -> torch.Tensor:
+    return mask.view(mask.shape[0], -1, m).sum(-1)
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 6, 7])
+def test_nm_mask_keeps_exactly_n_per_group(n):
+    score = torch.randn(32, 64)
+    assert (_groups(nm_mask(score, n, 8), 8) == n).all()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="pbs2p"),
+        dict(method="pbs2p", pattern="4:8"),
+        dict(method="pbs2p", pattern="5:8", spbo_steps=2),
+        dict(method="pbs2p", spbo_mode="fixed"),
+        dict(method="prune-binarize", mask_score="wanda"),
+        dict(method="pbs2p", arb_variant="arb-x", column_feedback=True),
+        dict(method="pbs2p", arb_variant="arb-rc", salient_columns=0),
+        dict(method="pbs2p", salient_search=(0, 4, 8)),
+    ],
+)
+def test_compressed_linear_is_n_m_in_every_group_and_block(kw):
+    cfg = CompressionConfig(**kw)
+    W, H = _problem(cols=320)  # 2.5 column blocks: the last one is shorter
+    res = compress_linear(W, H, cfg.pattern.n, cfg)
+    assert (_groups(res.weight != 0, 8) == cfg.pattern.n).all()
+    for code in res.blocks:
+        assert (_groups(code.mask, 8) == cfg.pattern.n).all()
+    assert torch.equal(torch.cat([c.dense() for c in res.blocks], 1), res.weight)
+    assert 0 < res.rel_error < 1
+
+
+def test_each_arb_update_never_raises_the_error():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(48, 128, generator=g) * 0.1 + 0.02
+    K = nm_mask(torch.rand(48, 128, generator=g), 5, 8)
+    K[3] = False  # an empty row: alpha = mu = 0
+    trace: list[torch.Tensor] = []
+    fit = arb(W, K, iters=15, trace=trace)
+    errs = torch.stack(trace)  # (updates, rows)
+    assert (errs[1:] <= errs[:-1] * (1 + 1e-6) + 1e-9).all()
+    assert fit.alpha[3] == 0 and fit.mu[3] == 0
+    # and the refined fit beats the plain sign binarization it starts from
+    plain = ArbFit(W.abs().mean(1), torch.zeros(48), torch.where(W >= 0, 1.0, -1.0))
+    assert arb_error(W, K, fit).sum() < arb_error(W, K, plain).sum()
+
+
+@pytest.mark.parametrize("pattern,steps", [("6:8", None), ("4:8", None), ("5:8", 1)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spbo_block_error_not_above_prune_then_binarize(pattern, steps, seed):
+    """Same block, same H: SPBO's OBS loss <= prune-then-binarize (OBS mask, tau = 1)."""
+    W, H = _problem(rows=96, cols=128, seed=seed)
+    U = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(H + 0.01 * H.diag().mean() * torch.eye(128))), upper=True
+    )
+    d, hdiag = U.diag(), H.diag()
+
+    def loss(cfg):
+        code = _code_block(W, d, hdiag, H, U, cfg.pattern.n, cfg.salient_columns, cfg)
+        err = torch.linalg.solve_triangular(U, W - code.dense(), upper=True, left=False)
+        return float((err**2).sum())
+
+    spbo = loss(CompressionConfig(method="pbs2p", pattern=pattern, spbo_steps=steps))
+    pb = loss(CompressionConfig(method="prune-binarize", pattern=pattern))
+    assert spbo <= pb
+
+
+def test_split_steps():
+    assert split_steps(2, 2) == [1, 1]
+    assert split_steps(4, 4) == [1, 1, 1, 1]
+    assert split_steps(3, 2) == [2, 1]
+    assert sum(split_steps(7, 3)) == 7
+
+
+def test_cfs_keeps_average_exactly_and_favours_important_end_blocks():
+    cos = [0.55, 0.93, 0.96, 0.97, 0.95, 0.96, 0.94, 0.7]
+    imp = block_importance(cos)
+    assert sum(imp) == pytest.approx(len(imp))
+    for n_t in (4, 5, 6):
+        n = allocate(imp, n_t, 8)
+        assert sum(n) == n_t * len(cos)
+        assert all(n_t - 1 <= x <= n_t + 1 for x in n)
+        assert n[0] > n[3] and n[-1] > n[3] and n[0] == max(n)
+    assert allocate([1.0] * 5, 6, 8) == [6] * 5
+    # a block with c <= 0 gets the largest importance; N never leaves [1, M-1]
+    imp = block_importance([-0.1, 0.9, 0.95, 0.2])
+    assert imp[0] == max(imp)
+    n = allocate(imp, 7, 8, spread=3)
+    assert sum(n) == 28 and max(n) <= 7
+
+
+def test_dead_columns_and_singular_hessian_do_not_crash():
+    W, H = _problem(cols=128)
+    H[:, 5] = 0
+    H[5, :] = 0  # a dead input
+    res = compress_linear(W, H, 6, CompressionConfig())
+    assert (res.weight[:, 5] == 0).all() or (_groups(res.weight != 0, 8) == 6).all()
+    assert torch.isfinite(res.weight).all()
+    X = torch.randn(8, 128)  # rank 8 << 128: singular before damping
+    res = compress_linear(W, X.T @ X, 6, CompressionConfig())
+    assert torch.isfinite(res.weight).all()
+    res = compress_linear(W, torch.zeros(128, 128), 6, CompressionConfig())  # nothing ever fired
+    assert torch.isfinite(res.weight).all()
+
+
+def test_in_features_not_divisible_by_m_is_a_clear_error():
+    with pytest.raises(Pbs2pError, match="in_features=36"):
+        compress_linear(torch.randn(8, 36), torch.eye(36), 6, CompressionConfig())
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(pattern="8:8"), "use N < M"),
+        (dict(pattern="9:8"), "use N < M"),
+        (dict(pattern="0:8"), "keeps no weight"),
+        (dict(spbo_steps=3), "between 1 and M - N = 2"),
+        (dict(method="nope"), "unknown method"),
+        (dict(block_size=100), "multiple of M"),
+        (dict(arb_variant="arb-rc"), "salient_columns=0"),
+        (dict(device="tpu"), "use cpu or cuda"),
+    ],
+)
+def test_bad_config_says_what_to_change(kw, match):
+    with pytest.raises(Pbs2pError, match=match):
+        CompressionConfig.from_dict(kw)
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = CompressionConfig(pattern=NMPattern(4, 8), salient_search=(4, 8), skip_modules=("*.down_proj",))
+    assert CompressionConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(Pbs2pError, match="unknown config field"):
+        CompressionConfig.from_dict({"mehtod": "arb"})
+
+
+def test_bits_count_matches_the_algorithm_md_arithmetic():
+    """6:8 with a rank-coded mask: signs 0.75 + mask 0.625 + fp16 alpha, mu per row per 128 columns 0.25."""
+    W, H = _problem(rows=64, cols=256)
+    cfg = CompressionConfig(salient_columns=0)
+    res = compress_linear(W, H, 6, cfg)
+    bits = count_bits(res.blocks, 6, 8, cfg.pattern.mask_bits_per_group)
+    assert bits.paper_bits == pytest.approx(0.75)
+    assert bits.true_bits == pytest.approx(0.75 + 0.625 + 0.25)
+
+
+def test_binarize_block_scales_are_stored_rounded():
+    W = torch.randn(16, 64) * 0.03
+    K = torch.ones(16, 64, dtype=torch.bool)
+    code, _ = binarize_block(W, K, torch.tensor([1, 7]), 15, "arb", "fp16")
+    for s in code.scales.values():
+        assert torch.equal(s, s.half().float())
+
+
+def test_compression_is_deterministic():
+    W, H = _problem()
+    cfg = CompressionConfig()
+    a, b = compress_linear(W, H, 6, cfg), compress_linear(W.clone(), H.clone(), 6, cfg)
+    assert torch.equal(a.weight, b.weight)
