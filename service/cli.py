@@ -107,7 +107,8 @@ def run_eval(
     model_dir = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids, bos = eval_windows(tok, load_documents(data, "eval"), seqlen, windows)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lm.to(device)  # type: ignore[arg-type]
     bar = _Progress(progress)
     try:
         res = perplexity(lm, ids, bos, batch_size=batch_size, device=device, progress=lambda d, t: bar("eval", d, t))

@@ -175,6 +175,8 @@ class DenseWriter:
 
     def __init__(self, out_dir: Path, model_dir: Path) -> None:
         self.out = Path(out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise Pbs2pError(f"output {self.out} is a file; choose an empty or new directory")
         if self.out.exists() and any(self.out.iterdir()) and not (self.out / REPORT_FILE).exists():
             raise Pbs2pError(f"output {self.out} exists and is not a pbs2p output; choose an empty or new directory")
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
@@ -263,8 +265,8 @@ def _run(
         tb = time.perf_counter()
         block = bm.load_block(i)
         prefix = f"{bm.layer_root}{i}."
-        linears = {
-            name: block.get_submodule(name)
+        linears: dict[str, nn.Linear] = {
+            name: block.get_submodule(name)  # type: ignore[misc]
             for name in bm.family.linears
             if cfg.method != "fp" and not _skipped(prefix + name, cfg.skip_modules)
         }
@@ -287,7 +289,7 @@ def _run(
             report.linears.append(
                 LinearReport(
                     prefix + name,
-                    tuple(lin.weight.shape),
+                    (lin.out_features, lin.in_features),
                     res.n_keep,
                     res.rel_error,
                     res.damping,
