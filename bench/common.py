@@ -35,7 +35,8 @@ def machine() -> str:
 
     import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads"
 
 
 def write_table(name: str, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> Path:

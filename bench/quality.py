@@ -60,8 +60,9 @@ def main() -> None:
                        paper_bits=bits["paper_bits"], true_bits=bits["true_bits"], seconds=secs, peak_mib=rss,
                        n_per_block=[b["n_keep"] for b in rep["blocks"]], config=rep["config"])  # fmt: skip
             records.append(rec)
-            rows.append([name, f"{q['ppl']:.1f}", f"{q['ppl'] / fp['ppl']:.1f}", f"{rep['mean_rel_error']:.4f}",
-                         f"{bits['paper_bits']:.3f}", f"{bits['true_bits']:.3f}", f"{secs:.0f}", f"{rss:.0f}"])  # fmt: skip
+            ratio, err = q["ppl"] / fp["ppl"], rep["mean_rel_error"]
+            rows.append([name, f"{q['ppl']:.1f}", f"{ratio:.1f}", f"{err:.4f}", f"{bits['paper_bits']:.3f}",
+                         f"{bits['true_bits']:.3f}", f"{secs:.0f}", f"{rss:.0f}"])  # fmt: skip
             print(rows[-1], flush=True)
     assert all(math.isfinite(r["ppl"]) for r in records)
     header = ["method", "wiki ppl", "ratio to FP", "layer error", "paper bits", "true bits", "time (s)", "peak MiB"]

@@ -41,7 +41,12 @@ def main() -> None:
                 print(f"run {r + 1}: {name} {secs:.1f} s", flush=True)
     base = statistics.median(times["arb"])
     rows = [
-        [name, " / ".join(f"{t:.0f}" for t in ts), f"{statistics.median(ts):.0f}", f"{statistics.median(ts) / base:.2f}"]
+        [
+            name,
+            " / ".join(f"{t:.0f}" for t in ts),
+            f"{statistics.median(ts):.0f}",
+            f"{statistics.median(ts) / base:.2f}",
+        ]
         for name, ts in times.items()
     ]
     notes = [
