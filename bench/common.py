@@ -48,4 +48,15 @@ def write_table(name: str, title: str, header: list[str], rows: list[list[str]],
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
     path.write_text(text)
+    _update_readme(name, text)
     return path
+
+
+def _update_readme(name: str, text: str) -> None:
+    """Replace the README's section between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, if present."""
+    readme = ROOT / "README.md"
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    doc = readme.read_text()
+    if start in doc and end in doc:
+        head, rest = doc.split(start, 1)
+        readme.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])

@@ -186,7 +186,15 @@ class DenseWriter:
         self.weight_map: dict[str, str] = {}
         self.total = 0
 
-    def write_shard(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
+    def write_block(self, index: int, tensors: dict[str, torch.Tensor], results: dict[str, LinearResult]) -> None:
+        """Block `index`: all its tensors by full name (compressed linears hold Ŵ); `results` by full weight
+        name for the compressed linears (their codes, for a packed format)."""
+        self._write_shard(f"model-block-{index:05d}.safetensors", tensors)
+
+    def write_rest(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._write_shard("model-rest.safetensors", tensors)
+
+    def _write_shard(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(tensors, self.tmp / fname, metadata={"format": "pt"})
         self.weight_map.update({k: fname for k in tensors})
@@ -281,9 +289,11 @@ def _run(
             for h in hooks:
                 h.remove()
         report = BlockReport(i, n_blocks[i] if cfg.prunes else m, cosines[i], 0.0)
+        results: dict[str, LinearResult] = {}
         for name, lin in linears.items():
             res: LinearResult = compress_linear(lin.weight.data, accs[name].H, n_blocks[i], cfg)
             lin.weight.data = res.weight.to(lin.weight.dtype)
+            results[f"{prefix}{name}.weight"] = res
             bits = count_bits(res.blocks, res.n_keep, m, cfg.pattern.mask_bits_per_group)
             total_bits.add(bits)
             report.linears.append(
@@ -302,13 +312,13 @@ def _run(
             del accs[name]
         if linears and cfg.propagation == "sequential":
             ys = bm.run_block(i, block, xs, store)  # outputs of the compressed block
-        writer.write_shard(f"model-block-{i:05d}.safetensors", {prefix + k: v for k, v in block.state_dict().items()})
+        writer.write_block(i, {prefix + k: v for k, v in block.state_dict().items()}, results)
         bm.unload_block(i)
         xs = ys
         report.seconds = time.perf_counter() - tb
         blocks.append(report)
         progress("compress", i + 1, L)
-    writer.write_shard("model-rest.safetensors", bm.rest_tensors())
+    writer.write_rest(bm.rest_tensors())
     errs = [lr.rel_error for b in blocks for lr in b.linears]
     return CompressReport(
         config=cfg.to_dict(),
