@@ -36,18 +36,19 @@ def arb(
     warm: ArbFit | None = None,
     S: torch.Tensor | None = None,
     trace: list[torch.Tensor] | None = None,
+    fit_mu: bool = True,
 ) -> ArbFit:
     """Alternating refined binarization: min ‖K ⊙ (W − (αB + μ))‖² per row, closed-form alternation.
 
     S (C, C), when given, is the block of H: α, μ are then solved jointly against the calibration-weighted
     error r S rᵀ (ARB-X). `trace`, when given, receives the per-row error after every single update
-    (used by the test that no update raises it).
+    (used by the test that no update raises it). fit_mu=False keeps μ = 0 (Ŵ = αB).
     """
     Kf = K.to(W.dtype)
     cnt = Kf.sum(1)
     safe = cnt.clamp_min(1)
     if warm is None:
-        mu = (W * Kf).sum(1) / safe
+        mu = (W * Kf).sum(1) / safe if fit_mu else W.new_zeros(W.shape[0])
         alpha = ((W - mu[:, None]).abs() * Kf).sum(1) / safe
     else:
         alpha, mu = warm.alpha.clone(), warm.mu.clone()
@@ -59,9 +60,10 @@ def arb(
 
     record()
     for _ in range(iters):
-        if S is None:
-            mu = ((W - alpha[:, None] * B) * Kf).sum(1) / safe
-            record()
+        if S is None or not fit_mu:
+            if fit_mu:
+                mu = ((W - alpha[:, None] * B) * Kf).sum(1) / safe
+                record()
             alpha = (B * (W - mu[:, None]) * Kf).sum(1) / safe
             record()
         else:
@@ -115,7 +117,8 @@ class BlockCode:
     sign: torch.Tensor  # (R, C) bool, first sign plane (True = +1)
     salient: torch.Tensor  # (k,) long, salient column indices within the block (sorted)
     sign2: torch.Tensor  # (R, k) bool, residual sign plane of the salient columns
-    scales: dict[str, torch.Tensor]  # per row (R,): alpha, mu [, alpha_s, mu_s, alpha_r, mu_r]; alpha_col (C,)
+    # per row (R,): alpha, mu [, alpha_s, mu_s], alpha_r [, mu_r] (see SCALE_LAYOUTS); ARB-RC: alpha, alpha_col (C,)
+    scales: dict[str, torch.Tensor]
 
     def dense(self) -> torch.Tensor:
         """Ŵ of the block, (R, C), from the stored (rounded) values only."""
@@ -126,10 +129,10 @@ class BlockCode:
         else:
             Q = s["alpha"][:, None] * B + s["mu"][:, None]
         if self.salient.numel():
-            Bs = B[:, self.salient]
+            if "alpha_s" in s:  # layout "full": the salient columns' first plane has its own scales
+                Q[:, self.salient] = s["alpha_s"][:, None] * B[:, self.salient] + s["mu_s"][:, None]
             B2 = self.sign2.to(B.dtype) * 2 - 1
-            Qs = s["alpha_s"][:, None] * Bs + s["mu_s"][:, None] + s["alpha_r"][:, None] * B2 + s["mu_r"][:, None]
-            Q[:, self.salient] = Qs
+            Q[:, self.salient] += s["alpha_r"][:, None] * B2 + (s["mu_r"][:, None] if "mu_r" in s else 0.0)
         return Q * self.mask
 
 
@@ -142,12 +145,14 @@ def binarize_block(
     scale_dtype: str,
     S: torch.Tensor | None = None,
     warm: dict[str, ArbFit] | None = None,
+    layout: str = "full",
 ) -> tuple[BlockCode, dict[str, ArbFit]]:
     """1-bit code of a column block on kept set K.
 
-    Non-salient columns: one ARB fit per row (α, μ). Salient columns: their own ARB fit (α_s, μ_s) plus
-    a second ARB fit of its residual (α_r, μ_r) — Ŵ = α_s B₁ + μ_s + α_r B₂ + μ_r — on the same kept set.
-    Returns the code and the raw fits (warm start for the next SPBO step).
+    Layout "full": non-salient columns get one ARB fit per row (α, μ); salient columns their own fit
+    (α_s, μ_s) plus a second ARB fit of its residual (α_r, μ_r) — Ŵ = α_s B₁ + μ_s + α_r B₂ + μ_r — on the
+    same kept set. "shared": one (α, μ) fit over all columns, then the salient residual (α_r, μ_r).
+    "lean": as shared, with the residual's μ_r = 0. Returns the code and the raw fits (SPBO warm start).
     """
     R, C = W.shape
     is_sal = torch.zeros(C, dtype=torch.bool, device=W.device)
@@ -158,23 +163,32 @@ def binarize_block(
         empty = torch.zeros(R, 0, dtype=torch.bool, device=W.device)
         return BlockCode(K.clone(), B > 0, salient, empty, scales), {}
     warm = warm or {}
-    Sn = S[~is_sal][:, ~is_sal] if S is not None else None
-    fit = arb(W[:, ~is_sal], K[:, ~is_sal], iters, warm.get("main"), Sn)
+    own = layout == "full" and salient.numel() > 0  # salient columns have their own first-order scales
+    main = ~is_sal if own else torch.ones_like(is_sal)
+    Sn = S[main][:, main] if S is not None else None
+    fit = arb(W[:, main], K[:, main], iters, warm.get("main"), Sn)
     sign = torch.ones(R, C, dtype=torch.bool, device=W.device)
-    sign[:, ~is_sal] = fit.B > 0
+    sign[:, main] = fit.B > 0
     scales = {"alpha": round_scale(fit.alpha, scale_dtype), "mu": round_scale(fit.mu, scale_dtype)}
     fits = {"main": fit}
     sign2 = torch.zeros(R, salient.numel(), dtype=torch.bool, device=W.device)
     if salient.numel():
         Ws, Ks = W[:, salient], K[:, salient]  # (R, k)
         Ss = S[salient][:, salient] if S is not None else None
-        f1 = arb(Ws, Ks, iters, warm.get("sal"), Ss)
-        a_s, m_s = round_scale(f1.alpha, scale_dtype), round_scale(f1.mu, scale_dtype)
-        resid = Ws - (a_s[:, None] * f1.B + m_s[:, None])
-        f2 = arb(resid, Ks, iters, warm.get("res"), Ss)
-        sign[:, salient] = f1.B > 0
+        if own:
+            f1 = arb(Ws, Ks, iters, warm.get("sal"), Ss)
+            a1, m1 = round_scale(f1.alpha, scale_dtype), round_scale(f1.mu, scale_dtype)
+            sign[:, salient] = f1.B > 0
+            scales.update(alpha_s=a1, mu_s=m1)
+            fits["sal"] = f1
+        else:
+            a1, m1 = scales["alpha"], scales["mu"]
+        B1 = sign[:, salient].to(W.dtype) * 2 - 1
+        resid = Ws - (a1[:, None] * B1 + m1[:, None])
+        f2 = arb(resid, Ks, iters, warm.get("res"), Ss, fit_mu=layout != "lean")
         sign2 = f2.B > 0
-        scales.update(alpha_s=a_s, mu_s=m_s, alpha_r=round_scale(f2.alpha, scale_dtype))
-        scales["mu_r"] = round_scale(f2.mu, scale_dtype)
-        fits.update(sal=f1, res=f2)
+        scales["alpha_r"] = round_scale(f2.alpha, scale_dtype)
+        if layout != "lean":
+            scales["mu_r"] = round_scale(f2.mu, scale_dtype)
+        fits["res"] = f2
     return BlockCode(K.clone(), sign, salient, sign2, scales), fits

@@ -23,6 +23,9 @@ MaskScore = Literal["obs", "wanda"]
 ArbVariant = Literal["arb", "arb-x", "arb-rc"]
 Propagation = Literal["sequential", "independent"]
 ScaleDtype = Literal["fp16", "bf16"]
+# scales per row per column block: "full" = α, μ + salient α_s, μ_s, α_r, μ_r (6); "shared" = α, μ shared by
+# all columns + the salient residual's α_r, μ_r (4); "lean" = α, μ + α_r (3)
+ScaleLayout = Literal["full", "shared", "lean"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class CompressionConfig:
     salient_search: tuple[int, ...] = ()  # candidates searched per block by block error; () = fixed
     column_feedback: bool = False  # GPTQ per-column error feedback inside a column block
     scale_dtype: ScaleDtype = "fp16"  # storage precision of alpha/mu (the model uses the rounded values)
+    scale_layout: ScaleLayout = "full"
     skip_modules: tuple[str, ...] = ()  # fnmatch patterns of linear names left uncompressed
     propagation: Propagation = "sequential"
     calib: str = "wiki"
@@ -115,6 +119,7 @@ class CompressionConfig:
             ("arb_variant", ("arb", "arb-x", "arb-rc")),
             ("propagation", ("sequential", "independent")),
             ("scale_dtype", ("fp16", "bf16")),
+            ("scale_layout", ("full", "shared", "lean")),
         ):
             if getattr(self, name) not in allowed:
                 fail(f"{name}={getattr(self, name)!r} is not known; use one of {', '.join(allowed)}")

@@ -71,7 +71,9 @@ def _code_block(
     S = Sbb if cfg.arb_variant == "arb-x" else None
 
     def fit(K: torch.Tensor, warm=None):  # type: ignore[no-untyped-def]
-        return binarize_block(Wb, K, salient, cfg.arb_iters, cfg.arb_variant, cfg.scale_dtype, S, warm)
+        return binarize_block(
+            Wb, K, salient, cfg.arb_iters, cfg.arb_variant, cfg.scale_dtype, S, warm, cfg.scale_layout
+        )
 
     K = torch.ones(R, C, dtype=torch.bool, device=Wb.device)
     if not cfg.prunes or n_keep >= m:
@@ -152,10 +154,12 @@ def _column_feedback(Wb: torch.Tensor, Ubb: torch.Tensor, code: BlockCode) -> tu
     for j in range(C):  # a loop over columns, as in GPTQ; rows and groups stay vectorised
         w = W[:, j]
         if j in sal_pos:
-            b1 = w >= s["mu_s"]
-            q1 = s["alpha_s"] * (b1.to(w.dtype) * 2 - 1) + s["mu_s"]
-            b2 = (w - q1) >= s["mu_r"]
-            q = q1 + s["alpha_r"] * (b2.to(w.dtype) * 2 - 1) + s["mu_r"]
+            a1, m1 = s.get("alpha_s", s["alpha"]), s.get("mu_s", s["mu"])
+            b1 = ((w - m1) >= 0) == (a1 >= 0)
+            q1 = a1 * (b1.to(w.dtype) * 2 - 1) + m1
+            m2 = s.get("mu_r", torch.zeros_like(m1))
+            b2 = ((w - q1 - m2) >= 0) == (s["alpha_r"] >= 0)
+            q = q1 + s["alpha_r"] * (b2.to(w.dtype) * 2 - 1) + m2
             sign[:, j], sign2[:, sal_pos[j]] = b1, b2
         elif "alpha_col" in s:
             b1 = w >= 0

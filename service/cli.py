@@ -58,6 +58,8 @@ def config_from_args(a: argparse.Namespace) -> CompressionConfig:
         arb_variant=a.arb_variant,
         salient_columns=a.salient_columns,
         column_feedback=a.column_feedback,
+        scale_layout=a.scale_layout,
+        block_size=a.block_size,
         skip_modules=tuple(a.skip or ()),
         propagation=a.propagation,
         calib=a.calib,
@@ -138,6 +140,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-rc"), default="arb")
     p.add_argument("--salient-columns", type=int, default=8)
     p.add_argument("--column-feedback", action="store_true")
+    p.add_argument("--scale-layout", choices=("full", "shared", "lean"), default="full", help="cheaper scales")
+    p.add_argument("--block-size", type=int, default=128, help="column block (scales per block), e.g. 128 or 256")
     p.add_argument("--skip", action="append", metavar="GLOB", help="leave matching linears uncompressed")
     p.add_argument("--propagation", choices=("sequential", "independent"), default="sequential")
     p.add_argument("--calib", default="wiki", help="'wiki' or a .txt/.jsonl file")

@@ -39,15 +39,19 @@ def test_nm_mask_keeps_exactly_n_per_group(n):
         dict(method="pbs2p", arb_variant="arb-x", column_feedback=True),
         dict(method="pbs2p", arb_variant="arb-rc", salient_columns=0),
         dict(method="pbs2p", salient_search=(0, 4, 8)),
+        dict(method="pbs2p", scale_layout="shared", column_feedback=True),
+        dict(method="pbs2p", scale_layout="lean", block_size=256),
+        dict(method="arb", scale_layout="lean"),
     ],
 )
 def test_compressed_linear_is_n_m_in_every_group_and_block(kw):
     cfg = CompressionConfig(**kw)
     W, H = _problem(cols=320)  # 2.5 column blocks: the last one is shorter
     res = compress_linear(W, H, cfg.pattern.n, cfg)
-    assert (_groups(res.weight != 0, 8) == cfg.pattern.n).all()
+    n = cfg.pattern.n if cfg.prunes else 8  # arb is dense
+    assert (_groups(res.weight != 0, 8) == n).all()
     for code in res.blocks:
-        assert (_groups(code.mask, 8) == cfg.pattern.n).all()
+        assert (_groups(code.mask, 8) == n).all()
     assert torch.equal(torch.cat([c.dense() for c in res.blocks], 1), res.weight)
     assert 0 < res.rel_error < 1
 
@@ -178,3 +182,20 @@ def test_compression_is_deterministic():
     cfg = CompressionConfig()
     a, b = compress_linear(W, H, 6, cfg), compress_linear(W.clone(), H.clone(), 6, cfg)
     assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("layout,block,scales", [("full", 128, 6), ("shared", 128, 4), ("lean", 256, 3)])
+def test_scale_layouts_cost_what_they_say(layout, block, scales):
+    """signs 0.75 + residual plane (kept salient weights) + rank-coded mask 0.625 + fp16 scales per row per
+    block + one byte per salient column index."""
+    W, H = _problem(rows=64, cols=512)
+    cfg = CompressionConfig(scale_layout=layout, block_size=block, allocation="uniform")
+    res = compress_linear(W, H, 6, cfg)
+    bits = count_bits(res.blocks, 6, 8, cfg.pattern.mask_bits_per_group)
+    weights = 64 * 512
+    residual = sum(int(c.mask[:, c.salient].sum()) for c in res.blocks) / weights
+    assert 0 < residual * weights <= 8 * (512 // block) * 64  # at most every salient entry
+    expected = 0.75 + residual + 0.625 + scales * 16 / block + 8 * 8 * (512 // block) / weights
+    assert bits.true_bits == pytest.approx(expected)
+    assert sum(len(c.scales) for c in res.blocks) == scales * (512 // block)
+    assert torch.equal(torch.cat([c.dense() for c in res.blocks], 1), res.weight)
