@@ -31,6 +31,15 @@ def split_steps(prune: int, tau: int) -> list[int]:
     return [prune // tau + (1 if t < prune % tau else 0) for t in range(tau)]
 
 
+def column_blocks(columns: int, block_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each column block: blocks of block_size; a remainder of at most half a block joins the
+    last block (576 columns -> 128, 128, 128, 192), so no tiny block pays a full set of scales."""
+    starts = list(range(0, columns, block_size))
+    if len(starts) > 1 and columns - starts[-1] <= block_size // 2:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [columns], strict=True))
+
+
 def prune_lowest(score: torch.Tensor, K: torch.Tensor, count: int, m: int) -> torch.Tensor:
     """New kept set: in every group of m columns per row, drop the `count` kept entries of lowest score."""
     R, C = score.shape
@@ -116,8 +125,7 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
     Q = torch.zeros_like(W)
     blocks: list[BlockCode] = []
     candidates = cfg.salient_search or (cfg.salient_columns,)
-    for s in range(0, C, cfg.block_size):
-        e = min(s + cfg.block_size, C)
+    for s, e in column_blocks(C, cfg.block_size):
         Wb, Ubb = W[:, s:e], U[s:e, s:e]
         d = torch.diag(Ubb)
         best = None

@@ -8,7 +8,7 @@ from pbs2p_core.bits import count_bits
 from pbs2p_core.cfs import allocate, block_importance
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.solver import _code_block, compress_linear, nm_mask, split_steps
+from pbs2p_core.solver import _code_block, column_blocks, compress_linear, nm_mask, split_steps
 
 
 def _problem(rows: int = 64, cols: int = 256, tokens: int = 1024, seed: int = 0):
@@ -46,7 +46,7 @@ def test_nm_mask_keeps_exactly_n_per_group(n):
 )
 def test_compressed_linear_is_n_m_in_every_group_and_block(kw):
     cfg = CompressionConfig(**kw)
-    W, H = _problem(cols=320)  # 2.5 column blocks: the last one is shorter
+    W, H = _problem(cols=352)  # 2.75 column blocks: the last one is shorter
     res = compress_linear(W, H, cfg.pattern.n, cfg)
     n = cfg.pattern.n if cfg.prunes else 8  # arb is dense
     assert (_groups(res.weight != 0, 8) == n).all()
@@ -89,6 +89,14 @@ def test_spbo_block_error_not_above_prune_then_binarize(pattern, steps, seed):
     spbo = loss(CompressionConfig(method="pbs2p", pattern=pattern, spbo_steps=steps))
     pb = loss(CompressionConfig(method="prune-binarize", pattern=pattern))
     assert spbo <= pb
+
+
+def test_column_blocks():
+    assert column_blocks(576, 128) == [(0, 128), (128, 256), (256, 384), (384, 576)]
+    assert column_blocks(1536, 128) == [(i, i + 128) for i in range(0, 1536, 128)]
+    assert column_blocks(320, 128) == [(0, 128), (128, 320)]
+    assert column_blocks(352, 128) == [(0, 128), (128, 256), (256, 352)]
+    assert column_blocks(64, 128) == [(0, 64)]
 
 
 def test_split_steps():
