@@ -20,7 +20,9 @@ METHODS: tuple[str, ...] = ("fp", "arb", "prune-binarize", "pbs2p")
 Allocation = Literal["cfs", "uniform"]
 SpboMode = Literal["aware", "fixed"]
 MaskScore = Literal["obs", "wanda"]
-ArbVariant = Literal["arb", "arb-x", "arb-rc"]
+# arb-x: α, μ against the calibration-weighted error r H_bb rᵀ; arb-obs: against the block's OBS loss ‖Err‖²
+# (the conditional Hessian (U_bbᵀ U_bb)⁻¹: what later columns cannot compensate); arb-rc: α_row ⊙ α_col ⊙ B
+ArbVariant = Literal["arb", "arb-x", "arb-obs", "arb-rc"]
 Propagation = Literal["sequential", "independent"]
 ScaleDtype = Literal["fp16", "bf16"]
 # scales per row per column block: "full" = α, μ + salient α_s, μ_s, α_r, μ_r (6); "shared" = α, μ shared by
@@ -116,7 +118,7 @@ class CompressionConfig:
             ("allocation", ("cfs", "uniform")),
             ("spbo_mode", ("aware", "fixed")),
             ("mask_score", ("obs", "wanda")),
-            ("arb_variant", ("arb", "arb-x", "arb-rc")),
+            ("arb_variant", ("arb", "arb-x", "arb-obs", "arb-rc")),
             ("propagation", ("sequential", "independent")),
             ("scale_dtype", ("fp16", "bf16")),
             ("scale_layout", ("full", "shared", "lean")),

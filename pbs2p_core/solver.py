@@ -77,7 +77,11 @@ def _code_block(
     m = cfg.pattern.m
     obs = Wb * Wb / (d * d)[None, :]  # OBS score w² / d², the fine-stage score
     salient = torch.sort(obs.sum(0).topk(n_salient).indices).values if n_salient else obs.new_zeros(0).long()
-    S = Sbb if cfg.arb_variant == "arb-x" else None
+    S = None
+    if cfg.arb_variant == "arb-x":
+        S = Sbb
+    elif cfg.arb_variant == "arb-obs":  # ‖Err‖² = ΔW (U_bbᵀ U_bb)⁻¹ ΔWᵀ per row
+        S = torch.cholesky_inverse(Ubb.T)
 
     def fit(K: torch.Tensor, warm=None):  # type: ignore[no-untyped-def]
         return binarize_block(

@@ -137,7 +137,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spbo-mode", choices=("aware", "fixed"), default="aware")
     p.add_argument("--allocation", choices=("cfs", "uniform"), default=None, help="default: cfs for pbs2p")
     p.add_argument("--mask-score", choices=("obs", "wanda"), default="obs")
-    p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-rc"), default="arb")
+    p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-obs", "arb-rc"), default="arb")
     p.add_argument("--salient-columns", type=int, default=8)
     p.add_argument("--column-feedback", action="store_true")
     p.add_argument("--scale-layout", choices=("full", "shared", "lean"), default="full", help="cheaper scales")

@@ -37,6 +37,7 @@ def test_nm_mask_keeps_exactly_n_per_group(n):
         dict(method="pbs2p", spbo_mode="fixed"),
         dict(method="prune-binarize", mask_score="wanda"),
         dict(method="pbs2p", arb_variant="arb-x", column_feedback=True),
+        dict(method="pbs2p", arb_variant="arb-obs", pattern="4:8"),
         dict(method="pbs2p", arb_variant="arb-rc", salient_columns=0),
         dict(method="pbs2p", salient_search=(0, 4, 8)),
         dict(method="pbs2p", scale_layout="shared", column_feedback=True),
