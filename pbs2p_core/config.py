@@ -91,6 +91,7 @@ class CompressionConfig:
     scale_layout: ScaleLayout = "full"
     skip_modules: tuple[str, ...] = ()  # fnmatch patterns of linear names left uncompressed
     propagation: Propagation = "sequential"
+    true_sequential: bool = False  # within a block, calibrate each group of linears on the compressed earlier ones
     calib: str = "wiki"
     calib_samples: int = 64
     seqlen: int = 512

@@ -9,14 +9,12 @@ from dataclasses import dataclass
 
 from .errors import Pbs2pError
 
-LLAMA_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
+# groups of linears that read the same input, in forward order
+LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
 )
 
 
@@ -24,7 +22,11 @@ LLAMA_LINEARS = (
 class Family:
     base: str = "model"  # attribute of the *ForCausalLM holding the decoder stack
     layers: str = "layers"  # attribute of `base` holding the decoder blocks (an nn.ModuleList)
-    linears: tuple[str, ...] = LLAMA_LINEARS  # compressed linears, relative to a block, in forward order
+    groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS  # compressed linears, relative to a block
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.groups for name in group)
 
     def layer_prefix(self, index: int) -> str:
         """Checkpoint key prefix of block `index`, e.g. 'model.layers.3.'."""

@@ -62,6 +62,7 @@ def config_from_args(a: argparse.Namespace) -> CompressionConfig:
         block_size=a.block_size,
         skip_modules=tuple(a.skip or ()),
         propagation=a.propagation,
+        true_sequential=a.true_sequential,
         calib=a.calib,
         calib_samples=a.calib_samples,
         seqlen=a.seqlen,
@@ -144,6 +145,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=128, help="column block (scales per block), e.g. 128 or 256")
     p.add_argument("--skip", action="append", metavar="GLOB", help="leave matching linears uncompressed")
     p.add_argument("--propagation", choices=("sequential", "independent"), default="sequential")
+    p.add_argument("--true-sequential", action="store_true", help="one calibration pass per group of linears")
     p.add_argument("--calib", default="wiki", help="'wiki' or a .txt/.jsonl file")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)

@@ -261,6 +261,19 @@ def test_independent_propagation(tmp_path: Path, llama: tuple[Path, dict[str, to
     assert any(not torch.equal(a[n], b[n]) for n in block1)
 
 
+def test_true_sequential(tmp_path: Path, llama: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    src, source = llama
+    one = compress_model(src, tmp_path / "one", config(), calib_ids())
+    seq = compress_model(src, tmp_path / "ts", config(true_sequential=True), calib_ids())
+    assert_nm(tmp_path / "ts", seq, source)
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "ts")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a[q], b[q])  # the first group sees the same FP inputs either way
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(a[down], b[down])  # later groups are calibrated on compressed earlier ones
+    assert [lr.name for lr in seq.blocks[0].linears] == [lr.name for lr in one.blocks[0].linears]
+
+
 def test_cfs_allocation(tmp_path: Path) -> None:
     make_model(tmp_path / "src", layers=4)
     report = compress_model(tmp_path / "src", tmp_path / "out", config(allocation="cfs"), calib_ids())

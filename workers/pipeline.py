@@ -216,6 +216,23 @@ class DenseWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _collect_hessians(
+    bm: BlockModel, index: int, block: nn.Module, xs: list[torch.Tensor], store: _Capture, linears: dict[str, nn.Linear]
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Run the block on its calibration inputs with a hook on each linear: (block outputs, H per linear)."""
+    accs = {name: HessianAccumulator(lin.in_features, bm.device) for name, lin in linears.items()}
+    hooks = [
+        lin.register_forward_hook(lambda mod, inp, out, acc=accs[name]: acc.add_batch(inp[0]))
+        for name, lin in linears.items()
+    ]
+    try:
+        ys = bm.run_block(index, block, xs, store)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ys, {name: acc.H for name, acc in accs.items()}
+
+
 def coarse_stage(bm: BlockModel, store: _Capture, cfg: CompressionConfig, progress: ProgressFn) -> list[float]:
     """CFS coarse stage on the FP model: c_l = mean over tokens of cos(h_in, h_out) of block l."""
     xs = store.inputs
@@ -278,38 +295,33 @@ def _run(
             for name in bm.family.linears
             if cfg.method != "fp" and not _skipped(prefix + name, cfg.skip_modules)
         }
-        accs = {name: HessianAccumulator(lin.in_features, bm.device) for name, lin in linears.items()}
-        hooks = [
-            lin.register_forward_hook(lambda mod, inp, out, acc=accs[name]: acc.add_batch(inp[0]))
-            for name, lin in linears.items()
-        ]
-        try:
-            ys = bm.run_block(i, block, xs, store)  # FP outputs (collects every H in one pass)
-        finally:
-            for h in hooks:
-                h.remove()
         report = BlockReport(i, n_blocks[i] if cfg.prunes else m, cosines[i], 0.0)
         results: dict[str, LinearResult] = {}
-        for name, lin in linears.items():
-            res: LinearResult = compress_linear(lin.weight.data, accs[name].H, n_blocks[i], cfg)
-            lin.weight.data = res.weight.to(lin.weight.dtype)
-            results[f"{prefix}{name}.weight"] = res
-            bits = count_bits(res.blocks, res.n_keep, m, cfg.pattern.mask_bits_per_group)
-            total_bits.add(bits)
-            report.linears.append(
-                LinearReport(
-                    prefix + name,
-                    (lin.out_features, lin.in_features),
-                    res.n_keep,
-                    res.rel_error,
-                    res.damping,
-                    res.retries,
-                    bits.to_dict(),
-                )  # fmt: skip
-            )
-            if res.retries:
-                log.warning("%s: Hessian needed damping %g (%d retries)", prefix + name, res.damping, res.retries)
-            del accs[name]
+        # one calibration pass collects every H of the block; "true sequential" makes one pass per group
+        # of linears that see the same input, so later groups are calibrated on the compressed earlier ones
+        groups = bm.family.groups if cfg.true_sequential else (bm.family.linears,)
+        fp_ys = None
+        for group in groups:
+            todo = {name: linears[name] for name in group if name in linears}
+            if not todo:
+                continue
+            ys, hessians = _collect_hessians(bm, i, block, xs, store, todo)
+            fp_ys = fp_ys if fp_ys is not None else ys  # the first pass runs the FP block
+            for name, lin in todo.items():
+                res: LinearResult = compress_linear(lin.weight.data, hessians.pop(name), n_blocks[i], cfg)
+                lin.weight.data = res.weight.to(lin.weight.dtype)
+                results[f"{prefix}{name}.weight"] = res
+                bits = count_bits(res.blocks, res.n_keep, m, cfg.pattern.mask_bits_per_group)
+                total_bits.add(bits)
+                shape = (lin.out_features, lin.in_features)
+                report.linears.append(
+                    LinearReport(
+                        prefix + name, shape, res.n_keep, res.rel_error, res.damping, res.retries, bits.to_dict()
+                    )
+                )
+                if res.retries:
+                    log.warning("%s: Hessian needed damping %g (%d retries)", prefix + name, res.damping, res.retries)
+        ys = fp_ys if fp_ys is not None else bm.run_block(i, block, xs, store)
         if linears and cfg.propagation == "sequential":
             ys = bm.run_block(i, block, xs, store)  # outputs of the compressed block
         writer.write_block(i, {prefix + k: v for k, v in block.state_dict().items()}, results)
