@@ -28,6 +28,7 @@ ScaleDtype = Literal["fp16", "bf16"]
 # scales per row per column block: "full" = α, μ + salient α_s, μ_s, α_r, μ_r (6); "shared" = α, μ shared by
 # all columns + the salient residual's α_r, μ_r (4); "lean" = α, μ + α_r (3)
 ScaleLayout = Literal["full", "shared", "lean"]
+SalientAllocation = Literal["block", "linear"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class CompressionConfig:
     # CFS coarse stage; None -> "cfs" for pbs2p, "uniform" for the other methods.
     allocation: Allocation | None = None
     cfs_spread: int = 1  # N_l in [N_t - spread, N_t + spread]
+    cfs_samples: int = 16  # calibration windows the coarse stage's FP pass uses
     mask_score: MaskScore = "obs"  # prune-binarize mask (and the fixed-split ablation)
     block_size: int = 128  # GPTQ column block
     damping: float = 0.01
@@ -86,6 +88,9 @@ class CompressionConfig:
     arb_variant: ArbVariant = "arb"
     salient_columns: int = 8  # per column block, second-order residual; 0 turns it off
     salient_search: tuple[int, ...] = ()  # candidates searched per block by block error; () = fixed
+    # "block": salient_columns in every column block; "linear": the same budget spread over the linear's
+    # columns of highest OBS score, wherever they are
+    salient_allocation: SalientAllocation = "block"
     column_feedback: bool = False  # GPTQ per-column error feedback inside a column block
     scale_dtype: ScaleDtype = "fp16"  # storage precision of alpha/mu (the model uses the rounded values)
     scale_layout: ScaleLayout = "full"
@@ -123,6 +128,7 @@ class CompressionConfig:
             ("propagation", ("sequential", "independent")),
             ("scale_dtype", ("fp16", "bf16")),
             ("scale_layout", ("full", "shared", "lean")),
+            ("salient_allocation", ("block", "linear")),
         ):
             if getattr(self, name) not in allowed:
                 fail(f"{name}={getattr(self, name)!r} is not known; use one of {', '.join(allowed)}")
@@ -137,12 +143,14 @@ class CompressionConfig:
         for k in (self.salient_columns, *self.salient_search):
             if not 0 <= k <= self.block_size // 2:
                 fail(f"salient column count {k} must be between 0 and block_size/2 = {self.block_size // 2}")
+        if self.salient_search and self.salient_allocation == "linear":
+            fail("salient_search picks a count per block; use it with salient_allocation='block'")
         if self.arb_variant == "arb-rc" and (self.salient_columns or self.salient_search):
             fail("arb_variant 'arb-rc' has no salient residual; set salient_columns=0")
         if self.cfs_spread < 0:
             fail(f"cfs_spread={self.cfs_spread} must be >= 0")
-        if self.calib_samples < 1 or self.seqlen < 8 or self.batch_size < 1:
-            fail("calib_samples and batch_size must be >= 1 and seqlen >= 8")
+        if self.calib_samples < 1 or self.cfs_samples < 1 or self.seqlen < 8 or self.batch_size < 1:
+            fail("calib_samples, cfs_samples and batch_size must be >= 1 and seqlen >= 8")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             fail(f"device {self.device!r} is not known; use cpu or cuda (or cuda:N)")
 

@@ -32,12 +32,30 @@ def split_steps(prune: int, tau: int) -> list[int]:
 
 
 def column_blocks(columns: int, block_size: int) -> list[tuple[int, int]]:
-    """[start, end) of each column block: blocks of block_size; a remainder of at most half a block joins the
-    last block (576 columns -> 128, 128, 128, 192), so no tiny block pays a full set of scales."""
-    starts = list(range(0, columns, block_size))
-    if len(starts) > 1 and columns - starts[-1] <= block_size // 2:
-        starts.pop()
-    return list(zip(starts, starts[1:] + [columns], strict=True))
+    """[start, end) of each column block of block_size (the last one may be shorter)."""
+    return [(s, min(s + block_size, columns)) for s in range(0, columns, block_size)]
+
+
+def salient_per_block(
+    W: torch.Tensor, d: torch.Tensor, spans: list[tuple[int, int]], per_block: int
+) -> list[torch.Tensor]:
+    """Salient columns allocated over the whole linear: the same budget (per_block × blocks) goes to the
+    columns of highest OBS score Σ_rows w² / d² anywhere, so a block with many outlier columns gets more and
+    a quiet block may get none (then it stores no salient scales). At most half of a block is salient."""
+    score = (W * W).sum(0) / (d * d)  # (C,)
+    order = score.argsort(descending=True, stable=True)
+    budget = per_block * len(spans)
+    chosen: list[list[int]] = [[] for _ in spans]
+    starts = torch.tensor([s for s, _ in spans])
+    for j in order.tolist():  # a loop over at most `budget` + capped columns, not over rows or groups
+        if budget == 0:
+            break
+        b = int((starts <= j).sum()) - 1
+        s, e = spans[b]
+        if len(chosen[b]) < (e - s) // 2:
+            chosen[b].append(j - s)
+            budget -= 1
+    return [torch.tensor(sorted(c), dtype=torch.long, device=W.device) for c in chosen]
 
 
 def prune_lowest(score: torch.Tensor, K: torch.Tensor, count: int, m: int) -> torch.Tensor:
@@ -69,14 +87,17 @@ def _code_block(
     Sbb: torch.Tensor,
     Ubb: torch.Tensor,
     n_keep: int,
-    n_salient: int,
+    salient: torch.Tensor | int,
     cfg: CompressionConfig,
 ) -> BlockCode:
-    """Mask + binarization of one column block (Wb already compensated by earlier blocks)."""
+    """Mask + binarization of one column block (Wb already compensated by earlier blocks).
+
+    `salient`: the block's salient column indices, or how many to pick by the block's OBS score."""
     R, C = Wb.shape
     m = cfg.pattern.m
     obs = Wb * Wb / (d * d)[None, :]  # OBS score w² / d², the fine-stage score
-    salient = torch.sort(obs.sum(0).topk(n_salient).indices).values if n_salient else obs.new_zeros(0).long()
+    if isinstance(salient, int):
+        salient = torch.sort(obs.sum(0).topk(salient).indices).values
     S = None
     if cfg.arb_variant == "arb-x":
         S = Sbb
@@ -128,13 +149,19 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
     hdiag = torch.diag(H)
     Q = torch.zeros_like(W)
     blocks: list[BlockCode] = []
-    candidates = cfg.salient_search or (cfg.salient_columns,)
-    for s, e in column_blocks(C, cfg.block_size):
+    spans = column_blocks(C, cfg.block_size)
+    candidates: list[torch.Tensor | int] = [min(k, cfg.block_size // 2) for k in cfg.salient_search]
+    if cfg.salient_allocation == "linear":
+        per_block = salient_per_block(W, torch.diag(U), spans, cfg.salient_columns)
+    for b, (s, e) in enumerate(spans):
         Wb, Ubb = W[:, s:e], U[s:e, s:e]
         d = torch.diag(Ubb)
         best = None
-        for k in candidates:  # searched salient count: keep the code of least OBS loss
-            k = min(k, (e - s) // 2)
+        if cfg.salient_allocation == "linear":
+            candidates = [per_block[b]]
+        elif not cfg.salient_search:
+            candidates = [min(cfg.salient_columns, (e - s) // 2)]
+        for k in candidates:  # a searched salient count keeps the code of least OBS loss
             code = _code_block(Wb, d, hdiag[s:e], H[s:e, s:e], Ubb, n_keep, k, cfg)
             if cfg.column_feedback:
                 code, err = _column_feedback(Wb, Ubb, code)

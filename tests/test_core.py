@@ -8,7 +8,7 @@ from pbs2p_core.bits import count_bits
 from pbs2p_core.cfs import allocate, block_importance
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.solver import _code_block, column_blocks, compress_linear, nm_mask, split_steps
+from pbs2p_core.solver import _code_block, column_blocks, compress_linear, nm_mask, salient_per_block, split_steps
 
 
 def _problem(rows: int = 64, cols: int = 256, tokens: int = 1024, seed: int = 0):
@@ -42,6 +42,7 @@ def test_nm_mask_keeps_exactly_n_per_group(n):
         dict(method="pbs2p", salient_search=(0, 4, 8)),
         dict(method="pbs2p", scale_layout="shared", column_feedback=True),
         dict(method="pbs2p", scale_layout="lean", block_size=256),
+        dict(method="pbs2p", salient_allocation="linear", arb_variant="arb-obs"),
         dict(method="arb", scale_layout="lean"),
     ],
 )
@@ -93,11 +94,21 @@ def test_spbo_block_error_not_above_prune_then_binarize(pattern, steps, seed):
 
 
 def test_column_blocks():
-    assert column_blocks(576, 128) == [(0, 128), (128, 256), (256, 384), (384, 576)]
+    assert column_blocks(576, 128) == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
     assert column_blocks(1536, 128) == [(i, i + 128) for i in range(0, 1536, 128)]
-    assert column_blocks(320, 128) == [(0, 128), (128, 320)]
-    assert column_blocks(352, 128) == [(0, 128), (128, 256), (256, 352)]
     assert column_blocks(64, 128) == [(0, 64)]
+
+
+def test_salient_allocation_over_the_linear():
+    """The budget (per block x blocks) goes to the highest-scoring columns anywhere, at most half a block each."""
+    W = torch.randn(16, 384) * 0.01
+    W[:, 130:200] *= 50  # block 1 holds 70 outlier columns
+    spans = column_blocks(384, 128)
+    per = salient_per_block(W, torch.ones(384), spans, 8)
+    assert sum(p.numel() for p in per) == 24
+    assert per[1].numel() == 24 and all(130 <= 128 + int(c) < 200 for c in per[1])
+    per = salient_per_block(W, torch.ones(384), spans, 40)  # 120 > what block 1 may take (64)
+    assert per[1].numel() == 64 and sum(p.numel() for p in per) == 120 and max(p.numel() for p in per) == 64
 
 
 def test_split_steps():
