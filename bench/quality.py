@@ -42,7 +42,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="substrings of config names to run")
     ap.add_argument("--name", default="quality", help="results file name")
     ap.add_argument("--extra", nargs="*", default=[], help="extra CLI options for every compression")
+    ap.add_argument("--sweep-calib", nargs="*", type=int, help="instead: pbs2p 6:8 with these calibration sizes")
     a = ap.parse_args()
+    if a.sweep_calib:
+        return sweep_calib(a)
     common = ["--calib-samples", str(a.calib_samples), "--seqlen", str(a.seqlen), *a.extra]
     ev = ["--seqlen", str(a.seqlen), "--windows", str(a.windows)]
     fp, _, _ = run_cli(["eval", MODEL, *ev])
@@ -77,6 +80,29 @@ def main() -> None:
     ]
     write_table(a.name, "Quality on the real model", header, rows, notes)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(records, indent=1))
+
+
+def sweep_calib(a: argparse.Namespace) -> None:
+    """How perplexity falls with more calibration data (pbs2p 6:8, defaults otherwise)."""
+    ev = ["--seqlen", str(a.seqlen), "--windows", str(a.windows)]
+    fp, _, _ = run_cli(["eval", MODEL, *ev])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in a.sweep_calib:
+            out = str(Path(tmp) / "out")
+            rep, secs, _ = run_cli(
+                ["compress", MODEL, "-o", out, "--calib-samples", str(n), "--seqlen", str(a.seqlen), *a.extra]
+            )
+            q, _, _ = run_cli(["eval", out, *ev])
+            rows.append([str(n), str(n * a.seqlen), f"{q['ppl']:.1f}", f"{rep['mean_rel_error']:.4f}", f"{secs:.0f}"])
+            print(rows[-1], flush=True)
+    notes = [
+        f"pbs2p 6:8 (defaults) on {MODEL}; FP perplexity {fp['ppl']:.2f} on the same {a.windows} held-out windows "
+        f"x {a.seqlen} tokens. Layer error is measured on each run's own calibration inputs.",
+        f"Measured {datetime.date.today()} on {machine()}; written by bench/quality.py --sweep-calib.",
+    ]
+    header = ["calibration windows", "tokens", "wiki ppl", "layer error", "time (s)"]
+    write_table("quality_calib", "Perplexity against calibration data", header, rows, notes)
 
 
 if __name__ == "__main__":
