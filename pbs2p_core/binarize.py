@@ -45,35 +45,43 @@ def arb(
     (used by the test that no update raises it). fit_mu=False keeps μ = 0 (Ŵ = αB).
     """
     Kf = K.to(W.dtype)
+    nKf = -Kf
     cnt = Kf.sum(1)
     safe = cnt.clamp_min(1)
+    sW = (W * Kf).sum(1)
     if warm is None:
-        mu = (W * Kf).sum(1) / safe if fit_mu else W.new_zeros(W.shape[0])
+        mu = sW / safe if fit_mu else W.new_zeros(W.shape[0])
         alpha = ((W - mu[:, None]).abs() * Kf).sum(1) / safe
     else:
         alpha, mu = warm.alpha.clone(), warm.mu.clone()
-    B = _sign(W - mu[:, None]) * _sign(alpha)[:, None]
+
+    def signs(mu: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K ⊙ B with B = sign(W − μ) · sign(α), and its row sums Σ_K B, Σ_K B·W (all ARB needs of B)."""
+        BK = torch.where(W >= mu[:, None], Kf, nKf) * _sign(alpha)[:, None]
+        return BK, BK.sum(1), (BK * W).sum(1)
 
     def record() -> None:
         if trace is not None:
+            B = _sign(W - mu[:, None]) * _sign(alpha)[:, None]
             trace.append(arb_error(W, K, ArbFit(alpha, mu, B)))
 
+    BK, sB, sBW = signs(mu, alpha)
     record()
     for _ in range(iters):
         if S is None or not fit_mu:
             if fit_mu:
-                mu = ((W - alpha[:, None] * B) * Kf).sum(1) / safe
+                mu = (sW - alpha * sB) / safe  # mean_K (W − αB)
                 record()
-            alpha = (B * (W - mu[:, None]) * Kf).sum(1) / safe
+            alpha = (sBW - mu * sB) / safe  # mean_K B (W − μ), B² = 1
             record()
         else:
-            alpha, mu = _weighted_scales(W, Kf, B, S, alpha, mu)
-        B = _sign(W - mu[:, None]) * _sign(alpha)[:, None]
+            alpha, mu = _weighted_scales(W, Kf, BK, S, alpha, mu)
+        BK, sB, sBW = signs(mu, alpha)
         record()
     empty = cnt == 0
     alpha = torch.where(empty, 0.0, alpha)
     mu = torch.where(empty, 0.0, mu)
-    return ArbFit(alpha, mu, B)
+    return ArbFit(alpha, mu, _sign(W - mu[:, None]) * _sign(alpha)[:, None])
 
 
 def _weighted_scales(

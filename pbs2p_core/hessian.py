@@ -46,10 +46,12 @@ def inverse_cholesky(H: torch.Tensor, damping: float, max_retries: int = 6) -> I
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for retry in range(max_retries + 1):
         lam = damping * 10.0**retry
-        L, info = torch.linalg.cholesky_ex(H + lam * mean_diag * eye)
+        # With J the reversal permutation and J H J = M Mᵀ (M lower): H = R Rᵀ for the upper R = J M J, so
+        # H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ = J M⁻¹ J: one Cholesky and one triangular inverse, no explicit H⁻¹.
+        M, info = torch.linalg.cholesky_ex((H + lam * mean_diag * eye).flip(0, 1))
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
+            U = torch.linalg.solve_triangular(M, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
                 return InverseFactor(U.to(torch.float32), dead, lam, retry)
     raise Pbs2pError(
         f"the Hessian could not be factorised even with damping {lam:g}; "
