@@ -1,0 +1,513 @@
+"""Object storage: both backends through the same tests; S3 over real HTTP against moto's server on 127.0.0.1.
+
+The S3 endpoint is `python -m moto.server` in a subprocess (one per session), reached by boto3 over the
+loopback like any S3-compatible server. Small multipart settings (5 MiB parts, S3's minimum) keep it quick.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from workers.storage import (
+    ChecksumMismatch,
+    LocalStorage,
+    ObjectNotFound,
+    S3Storage,
+    Storage,
+    StorageError,
+    join_key,
+    storage_from_url,
+)
+
+MiB = 1024 * 1024
+CREDS = {"access_key": "testing", "secret_key": "testing"}
+PREFIX = "jobs/t"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever the env says
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 endpoint: moto's server as a subprocess on 127.0.0.1, stopped at the end of the session."""
+    if importlib.util.find_spec("moto") is None:
+        msg = "moto[server] is not installed (pip install -e '.[dev]')"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+    mp.setenv("no_proxy", "127.0.0.1,localhost")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                _NO_PROXY.open(url + "/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto server did not answer on {url} within 30 s")
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint: str) -> Any:
+    """A raw boto3 client, to set up and inspect the server behind the backend's back."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+
+
+@pytest.fixture
+def bucket(s3_client: Any) -> str:
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+def _s3(endpoint: str, bucket: str, **kw: Any) -> S3Storage:
+    opts: dict[str, Any] = {"multipart_threshold": 5 * MiB, "part_size": 5 * MiB, **CREDS, **kw}
+    return S3Storage(bucket, PREFIX, endpoint_url=endpoint, path_style=True, **opts)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        return LocalStorage(tmp_path / "store")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return _s3(endpoint, request.getfixturevalue("bucket"))
+
+
+def _overwrite_raw(store: Storage, key: str, data: bytes) -> None:
+    """Replace an object's bytes behind the backend's back, leaving its stored sha256 (if any) stale."""
+    if isinstance(store, LocalStorage):
+        (store.root / key).write_bytes(data)
+    else:
+        assert isinstance(store, S3Storage)
+        full = join_key(store.prefix, key)
+        meta = store.client.head_object(Bucket=store.bucket, Key=full)["Metadata"]
+        store.client.put_object(Bucket=store.bucket, Key=full, Body=data, Metadata=meta)
+
+
+def _record_writes(store: Storage, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Keys in the order their content became visible: local renames, S3 PutObject / CompleteMultipartUpload."""
+    order: list[str] = []
+    if isinstance(store, LocalStorage):
+        real_replace = os.replace
+
+        def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            real_replace(src, dst, *args, **kwargs)
+            if store.root in Path(dst).parents:
+                order.append(Path(dst).relative_to(store.root).as_posix())
+
+        monkeypatch.setattr(os, "replace", replace)
+    else:
+        assert isinstance(store, S3Storage)
+
+        def on_request(params: dict[str, Any], **_: Any) -> None:
+            order.append(params["Key"][len(store.prefix) + 1 :])
+
+        for op in ("PutObject", "CompleteMultipartUpload"):
+            store.client.meta.events.register(f"before-parameter-build.s3.{op}", on_request)
+    return order
+
+
+def _make_dir(root: Path) -> dict[str, bytes]:
+    files = {
+        "config.json": b'{"model_type": "llama"}\n',
+        "pbs2p-00001.safetensors": os.urandom(6 * MiB),  # above the 5 MiB threshold: multipart on S3
+        "sub/tokenizer.json": os.urandom(1000),
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- both backends
+
+
+def test_round_trip_verifies_sha256(store: Storage, tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+
+    info = store.put_file(src, "a/blob.bin")
+    assert (info.key, info.size, info.sha256) == ("a/blob.bin", len(data), _sha(data))
+    got = store.get_file("a/blob.bin", tmp_path / "out" / "blob.bin")
+    assert (tmp_path / "out" / "blob.bin").read_bytes() == data
+    assert got.sha256 == _sha(data)
+
+    assert store.put_bytes(b"hello", "a/hello.txt").sha256 == _sha(b"hello")
+    assert store.get_bytes("a/hello.txt", expected_sha256=_sha(b"hello")) == b"hello"
+
+    with pytest.raises(ChecksumMismatch, match=r"blob\.bin.*sha256"):
+        store.get_file("a/blob.bin", tmp_path / "bad.bin", expected_sha256=_sha(b"other"))
+    assert not (tmp_path / "bad.bin").exists()
+    with pytest.raises(ChecksumMismatch):
+        store.get_bytes("a/hello.txt", expected_sha256=_sha(b"other"))
+    with pytest.raises(ChecksumMismatch, match="nothing was"):  # the source is not what the caller said
+        store.put_file(src, "a/claimed.bin", sha256=_sha(b"other"))
+    assert not store.exists("a/claimed.bin")
+    with pytest.raises(ObjectNotFound, match="missing.bin"):
+        store.get_bytes("a/missing.bin")
+
+
+def test_list_exists_delete_prefix(store: Storage) -> None:
+    for key, data in [("a/1", b"1"), ("a/2", b"22"), ("a/b/3", b"333"), ("ab/4", b"4444")]:
+        store.put_bytes(data, key)
+    assert [(i.key, i.size) for i in store.list("a/")] == [("a/1", 1), ("a/2", 2), ("a/b/3", 3)]
+    assert [i.key for i in store.list("a")] == ["a/1", "a/2", "a/b/3", "ab/4"]  # a string prefix, as in S3
+    assert [i.key for i in store.list("")] == ["a/1", "a/2", "a/b/3", "ab/4"]
+    assert store.list("nothing/") == []
+    assert store.exists("a/b/3") and not store.exists("a/b") and not store.exists("a/9")
+
+    assert store.delete_prefix("a/") == 3
+    assert [i.key for i in store.list()] == ["ab/4"]
+    assert not store.exists("a/1")
+    store.delete("ab/4")
+    store.delete("ab/4")  # deleting a missing object is not an error
+    assert store.list() == []
+
+
+def test_upload_dir_writes_manifest_last_and_download_verifies(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "art"
+    files = _make_dir(src)
+    store.put_bytes(b'{"files": {}}', "art/manifest.json")  # an older upload's manifest
+    order = _record_writes(store, monkeypatch)
+    manifest_seen: list[tuple[str, bool]] = []
+
+    written = store.upload_dir(
+        src, "art", on_put=lambda i: manifest_seen.append((i.key, store.exists("art/manifest.json")))
+    )
+
+    names = sorted(files)
+    assert order == [f"art/{n}" for n in names] + ["art/manifest.json"]
+    # the old manifest was gone before the first new file went up: no reader pairs it with new files
+    assert manifest_seen == [(f"art/{n}", False) for n in names] + [("art/manifest.json", True)]
+    assert [i.key for i in written] == [f"art/{n}" for n in names] + ["art/manifest.json"]
+    manifest = json.loads(store.get_bytes("art/manifest.json"))
+    assert manifest["files"] == {n: {"size": len(d), "sha256": _sha(d)} for n, d in files.items()}
+
+    dest = tmp_path / "down"
+    got = store.download_dir("art", dest)
+    assert {i.key for i in got} == {f"art/{n}" for n in names} | {"art/manifest.json"}
+    for name, data in files.items():
+        assert (dest / name).read_bytes() == data
+    assert json.loads((dest / "manifest.json").read_text()) == manifest
+
+
+def test_upload_dir_keeps_an_artifact_manifest_and_checks_it(store: Storage, tmp_path: Path) -> None:
+    src = tmp_path / "art"
+    files = _make_dir(src)
+    own = {"format": "pbs2p", "files": {n: {"size": len(d), "sha256": _sha(d)} for n, d in files.items()}}
+    (src / "manifest.json").write_text(json.dumps(own))
+
+    store.upload_dir(src, "ok")
+    assert store.get_bytes("ok/manifest.json") == (src / "manifest.json").read_bytes()  # uploaded as is
+
+    (src / "sub" / "tokenizer.json").write_bytes(b"changed after the manifest was written")
+    with pytest.raises(ChecksumMismatch, match="tokenizer.json"):
+        store.upload_dir(src, "bad")
+    assert not store.exists("bad/manifest.json")  # an incomplete upload never looks complete
+
+
+def test_corrupted_object_is_detected_on_download(store: Storage, tmp_path: Path) -> None:
+    src = tmp_path / "art"
+    files = _make_dir(src)
+    store.upload_dir(src, "art")
+    _overwrite_raw(store, "art/config.json", b'{"model_type": "evil"}\n')
+
+    dest = tmp_path / "down"
+    with pytest.raises(ChecksumMismatch, match=r"art/config\.json fails its sha256 check"):
+        store.download_dir("art", dest)
+    assert not (dest / "manifest.json").exists()  # the local copy does not look complete
+    assert not (dest / "config.json").exists()
+
+    sha = _sha(files["config.json"])
+    with pytest.raises(ChecksumMismatch):
+        store.get_file("art/config.json", tmp_path / "c.json", expected_sha256=sha)
+    if isinstance(store, S3Storage):  # S3 keeps the sha256 as metadata: caught without being told
+        with pytest.raises(ChecksumMismatch, match="corrupted"):
+            store.get_bytes("art/config.json")
+
+
+def test_url_fetches_the_exact_bytes(store: Storage) -> None:
+    data = os.urandom(100_000)
+    store.put_bytes(data, "u/blob.bin")
+    url = store.url("u/blob.bin", expires=60)
+    assert url is not None
+    if isinstance(store, S3Storage):
+        assert url.startswith("http://127.0.0.1:") and "X-Amz-Signature=" in url  # SigV4 presigned GET
+    with _NO_PROXY.open(url, timeout=10) as r:
+        assert r.read() == data
+
+
+@pytest.mark.parametrize("key", ["../x", "/abs", "a/../b", "a//b", "./a", "", "a\\b", "x.pbs2p-partial"])
+def test_keys_are_confined(store: Storage, key: str) -> None:
+    with pytest.raises(StorageError, match="key"):
+        store.put_bytes(b"x", key)
+    with pytest.raises(StorageError):
+        store.get_bytes(key)
+
+
+# ---------------------------------------------------------------------------------------------- S3
+
+
+def test_s3_multipart_upload(s3_endpoint: str, bucket: str, s3_client: Any, tmp_path: Path) -> None:
+    s3 = _s3(s3_endpoint, bucket)
+    parts: list[dict[str, Any]] = []
+    s3.client.meta.events.register(
+        "provide-client-params.s3.UploadPart", lambda params, **_: parts.append(dict(params))
+    )
+    data = os.urandom(12 * MiB)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+
+    info = s3.put_file(src, "big.bin")
+
+    assert info.sha256 == _sha(data) and info.size == len(data)
+    assert [len(p["Body"]) for p in parts] == [5 * MiB, 5 * MiB, 2 * MiB]
+    assert all(p["ChecksumSHA256"] for p in parts)  # per-part SHA256, sent for the server to check
+    head = s3_client.head_object(Bucket=bucket, Key=f"{PREFIX}/big.bin")
+    assert head["Metadata"]["sha256"] == _sha(data) and head["ContentLength"] == len(data)
+    got = s3.get_file("big.bin", tmp_path / "back.bin")  # verified against the metadata
+    assert got.sha256 == _sha(data) and (tmp_path / "back.bin").read_bytes() == data
+    assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
+
+
+def test_s3_refused_upload_missing_bucket(s3_endpoint: str, tmp_path: Path) -> None:
+    s3 = _s3(s3_endpoint, "no-such-bucket-pbs2p")
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket-pbs2p/jobs/t/small\.bin: NoSuchBucket.*bucket name"):
+        s3.put_bytes(b"x", "small.bin")
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(6 * MiB))
+    with pytest.raises(StorageError, match=r"multipart upload of .*big\.bin: NoSuchBucket"):
+        s3.put_file(src, "big.bin")
+
+
+def test_s3_refused_upload_by_bucket_policy(s3_endpoint: str, bucket: str, s3_client: Any) -> None:
+    deny = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/*"}
+        ],
+    }
+    s3_client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(deny))
+    s3 = _s3(s3_endpoint, bucket)
+    with pytest.raises(StorageError, match=r"refused to upload .*/jobs/t/denied\.bin: .*HTTP 403.*credentials"):
+        s3.put_bytes(b"x", "denied.bin")
+    assert not s3.exists("denied.bin")
+    assert s3.list() == []
+
+
+def test_s3_wrong_credentials(s3_endpoint: str, bucket: str) -> None:
+    """moto accepts any credentials until its IAM checks are switched on (moto-api/reset-auth)."""
+    import boto3
+
+    iam = boto3.client(
+        "iam", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t"
+    )
+    user = f"u{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    allow = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(allow))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+
+    def set_auth(after: str) -> None:
+        url = f"{s3_endpoint}/moto-api/reset-auth"  # body: how many requests may still go unauthenticated
+        req = urllib.request.Request(url, data=after.encode(), headers={"Content-Type": "text/plain"})
+        _NO_PROXY.open(req, timeout=5).close()
+
+    set_auth("0")  # every request from here on is authenticated and authorised
+    try:
+        good = _s3(s3_endpoint, bucket, access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"])
+        good.put_bytes(b"ok", "ok.bin")
+        unknown = _s3(s3_endpoint, bucket, access_key="AKIAUNKNOWNKEY000000", secret_key="wrong")
+        with pytest.raises(StorageError, match=r"jobs/t/x\.bin: InvalidAccessKeyId.*AWS_ACCESS_KEY_ID"):
+            unknown.put_bytes(b"x", "x.bin")
+        bad_secret = _s3(s3_endpoint, bucket, access_key=key["AccessKeyId"], secret_key="wrong")
+        with pytest.raises(StorageError, match=r"jobs/t/x\.bin: SignatureDoesNotMatch.*AWS_SECRET_ACCESS_KEY"):
+            bad_secret.put_bytes(b"x", "x.bin")
+        assert [i.key for i in good.list()] == ["ok.bin"]
+    finally:
+        set_auth("inf")
+
+
+def _failing_parts(fail: Callable[[int], bytes]) -> Callable[[S3Storage, IO[bytes], int], Iterator[bytes]]:
+    def parts(self: S3Storage, f: IO[bytes], part_size: int) -> Iterator[bytes]:
+        number = 0
+        while chunk := f.read(part_size):
+            number += 1
+            yield fail(number) if number == 2 else chunk
+
+    return parts
+
+
+def _io_error(_: int) -> bytes:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+def test_s3_multipart_failure_is_aborted(
+    s3_endpoint: str, bucket: str, s3_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3 = _s3(s3_endpoint, bucket)
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(12 * MiB))
+
+    monkeypatch.setattr(S3Storage, "_iter_parts", _failing_parts(_io_error))  # the disk fails at part 2
+    with pytest.raises(StorageError, match=r"big\.bin.*Input/output error; the multipart upload was aborted"):
+        s3.put_file(src, "big.bin")
+    assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
+    assert not s3.exists("big.bin")
+
+    monkeypatch.setattr(S3Storage, "_iter_parts", _failing_parts(lambda n: os.urandom(5 * MiB)))  # file changes
+    with pytest.raises(ChecksumMismatch, match="changed or is corrupted; the upload .* was aborted"):
+        s3.put_file(src, "big.bin")
+    assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
+    assert not s3.exists("big.bin")
+
+
+def test_storage_from_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(storage_from_url(str(tmp_path)), LocalStorage)
+    local = storage_from_url(f"file://{tmp_path}/x y")
+    assert isinstance(local, LocalStorage) and local.root == tmp_path / "x y"
+
+    monkeypatch.setenv("PBS2P_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("PBS2P_S3_REGION", "eu-west-3")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ak")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sk")
+    monkeypatch.setenv("PBS2P_S3_PATH_STYLE", "true")
+    s3 = storage_from_url("s3://my-bucket/some/prefix/", part_size=8 * MiB)
+    assert isinstance(s3, S3Storage)
+    assert (s3.bucket, s3.prefix, s3.endpoint_url, s3.region, s3.part_size) == (
+        "my-bucket",
+        "some/prefix",
+        "http://127.0.0.1:9",
+        "eu-west-3",
+        8 * MiB,
+    )
+    assert s3.client.meta.config.s3["addressing_style"] == "path"
+    assert s3.client.meta.config.signature_version == "s3v4"
+    other = storage_from_url("s3://my-bucket", region="us-west-2")
+    assert isinstance(other, S3Storage) and other.region == "us-west-2" and other.prefix == ""
+
+    for bad in ["gs://b/p", "http://host/x", "s3://", "s3:/bucket", "file://host/x", "s3://Bad_Bucket/p"]:
+        with pytest.raises(StorageError, match=r"s3://BUCKET/PREFIX|file:///"):
+            storage_from_url(bad)
+    with pytest.raises(StorageError, match="unknown storage settings"):
+        storage_from_url("s3://my-bucket", endpoint="x")
+    monkeypatch.setenv("PBS2P_S3_PATH_STYLE", "maybe")
+    with pytest.raises(StorageError, match="PBS2P_S3_PATH_STYLE"):
+        storage_from_url("s3://my-bucket")
+
+
+# ---------------------------------------------------------------------------------------------- local
+
+
+@pytest.mark.parametrize("fails", ["write", "fsync"])
+def test_local_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str) -> None:
+    store = LocalStorage(tmp_path / "store")
+    store.put_bytes(b"version 1", "ckpt/block.bin")
+    calls = {"n": 0}
+
+    def enospc_under_store(real: Callable[..., Any]) -> Callable[..., Any]:
+        def fn(fd: int, *args: Any) -> Any:
+            if str(store.root) in os.readlink(f"/proc/self/fd/{fd}"):
+                calls["n"] += 1
+                if fails == "fsync" or calls["n"] > 1:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(fd, args[0][:1000])  # a short write lands, the next one finds the disk full
+            return real(fd, *args)
+
+        return fn
+
+    monkeypatch.setattr(os, fails, enospc_under_store(getattr(os, fails)))
+    with pytest.raises(StorageError, match=r"cannot write 'ckpt/block\.bin' to .*: no space left on the device"):
+        store.put_bytes(os.urandom(3 * MiB), "ckpt/block.bin")
+    monkeypatch.undo()
+    assert store.get_bytes("ckpt/block.bin") == b"version 1"  # the old object, whole
+    assert sorted(p.name for p in (store.root / "ckpt").iterdir()) == ["block.bin"]  # no partial file left
+    assert calls["n"] >= 1
+
+
+def test_local_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    root.chmod(0o500)
+    if os.geteuid() == 0:  # root ignores directory permissions: have the temp file refused instead
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    try:
+        with pytest.raises(StorageError, match=r"cannot write 'x\.bin' to .*permission denied.*writable"):
+            LocalStorage(root).put_bytes(b"x", "x.bin")
+    finally:
+        root.chmod(0o700)
+    assert list(root.iterdir()) == []
+
+
+def test_local_symlink_out_of_root_refused(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "store" / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(StorageError, match="outside"):
+        store.put_bytes(b"x", "link/x.bin")
+    assert not (tmp_path / "outside" / "x.bin").exists()
