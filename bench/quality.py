@@ -58,7 +58,8 @@ def main() -> None:
             out = str(Path(tmp) / "out")
             rep, secs, rss = run_cli(["compress", MODEL, "-o", out, *opts, *common])
             q, _, _ = run_cli(["eval", out, *ev])
-            bits = rep["bits"]
+            info, _, _ = run_cli(["inspect", out])
+            bits = info["total"]  # counted from the bytes the artifact holds
             rec = dict(name=name, ppl=q["ppl"], fp_ppl=fp["ppl"], layer_error=rep["mean_rel_error"],
                        paper_bits=bits["paper_bits"], true_bits=bits["true_bits"], seconds=secs, peak_mib=rss,
                        n_per_block=[b["n_keep"] for b in rep["blocks"]], config=rep["config"])  # fmt: skip
@@ -74,8 +75,9 @@ def main() -> None:
         f"windows x {a.seqlen} tokens, seed 0, Wikipedia calibration split. Perplexity: first {a.windows} "
         f"held-out windows x {a.seqlen} tokens ({fp['tokens']} predicted tokens, no BOS).",
         "Layer error: mean over compressed linears of ||WX - W'X||^2 / ||WX||^2 on their calibration inputs.",
-        "True bits: everything stored per compressed weight (signs, residual plane, N:M mask as rank code, "
-        "fp16 scales, salient indices); paper bits: sign planes only. Time and peak memory: the compress process.",
+        "True bits: bytes of the compressed linears in the artifact x 8 / their weights (`pbs2p inspect`: signs, "
+        "residual plane, N:M mask as rank code, scales, salient indices); paper bits: sign planes only. "
+        "Time and peak memory: the compress process.",
         f"Measured {datetime.date.today()} on {machine()}; written by bench/quality.py, not edited by hand.",
     ]
     write_table(a.name, "Quality on the real model", header, rows, notes)

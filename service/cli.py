@@ -1,4 +1,6 @@
-"""`pbs2p` command line: compress, eval, demo. Progress and summaries on stderr, results on stdout."""
+"""`pbs2p` command line: compress, eval, inspect, export-dense, demo.
+
+Progress and summaries on stderr, results on stdout."""
 
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def config_from_args(a: argparse.Namespace) -> CompressionConfig:
         salient_columns=a.salient_columns,
         column_feedback=a.column_feedback,
         scale_layout=a.scale_layout,
+        salient_allocation=a.salient_allocation,
         block_size=a.block_size,
         damping=a.damping,
         skip_modules=tuple(a.skip or ()),
@@ -104,6 +107,7 @@ def run_eval(
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pbs2p_core.artifact import is_artifact, load_artifact
     from pbs2p_core.evaluate import perplexity
     from workers.sources import eval_windows, load_documents, resolve_model
 
@@ -111,8 +115,11 @@ def run_eval(
     model_dir = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids, bos = eval_windows(tok, load_documents(data, "eval"), seqlen, windows)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lm.to(device)  # type: ignore[arg-type]
+    if is_artifact(model_dir):  # a pbs2p artifact: verified, packed linears decoded per forward
+        lm: Any = load_artifact(model_dir, mode="packed", device=device)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        lm.to(device)
     bar = _Progress(progress)
     try:
         res = perplexity(lm, ids, bos, batch_size=batch_size, device=device, progress=lambda d, t: bar("eval", d, t))
@@ -142,6 +149,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-obs", "arb-rc"), default="arb")
     p.add_argument("--salient-columns", type=int, default=8)
     p.add_argument("--column-feedback", action="store_true")
+    p.add_argument("--salient-allocation", choices=("block", "linear"), default="block")
     p.add_argument("--scale-layout", choices=("full", "shared", "lean"), default="full", help="cheaper scales")
     p.add_argument("--damping", type=float, default=0.01, help="relative Hessian damping")
     p.add_argument("--block-size", type=int, default=128, help="column block (scales per block), e.g. 128 or 256")
@@ -173,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
+    i = sub.add_parser("inspect", help="bit accounting of a compressed artifact, from the bytes written")
+    i.add_argument("artifact", type=Path)
+    i.add_argument("--json", action="store_true")
+    x = sub.add_parser("export-dense", help="write a plain transformers checkpoint (safetensors) of an artifact")
+    x.add_argument("artifact", type=Path)
+    x.add_argument("-o", "--out", required=True, type=Path)
     d = sub.add_parser("demo", help="the main job: prepare the real model, compress, evaluate before/after")
     d.add_argument("--out", type=Path, default=Path("out/demo"))
     d.add_argument("--windows", type=int, default=40)
@@ -196,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             bos = "each window starts with BOS" if r["bos"] else "no BOS (the tokenizer adds none)"
             print(f"{r['windows']} windows x {r['seqlen']} tokens, {bos}", file=sys.stderr)
             print(json.dumps(r) if args.json else f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens")
+        elif args.cmd == "inspect":
+            from pbs2p_core.artifact import format_inspect, inspect_artifact
+
+            info = inspect_artifact(args.artifact)
+            print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+        elif args.cmd == "export-dense":
+            from pbs2p_core.artifact import export_dense
+
+            print(export_dense(args.artifact, args.out))
         elif args.cmd == "demo":
             return _demo(args)
     except Pbs2pError as exc:
@@ -211,13 +234,19 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_compress("smollm2-135m", args.out, cfg)
     print(_summary(report), file=sys.stderr)
     fp = run_eval("smollm2-135m", seqlen=cfg.seqlen, windows=args.windows)
-    q = run_eval(str(args.out), seqlen=cfg.seqlen, windows=args.windows)
-    bits = report["bits"]
+    q = run_eval(str(args.out), seqlen=cfg.seqlen, windows=args.windows)  # the packed artifact
+    from pbs2p_core.artifact import inspect_artifact
+
+    total = inspect_artifact(args.out)["total"]  # true bits from the bytes written
     print(f"\n| model | wiki ppl (seqlen {cfg.seqlen}, {fp['windows']} windows) | paper bits | true bits |")
     print("|---|---|---|---|")
     print(f"| smollm2-135m fp32 | {fp['ppl']:.2f} | 32 | 32 |")
-    print(f"| {cfg.method} {cfg.pattern} | {q['ppl']:.2f} | {bits['paper_bits']:.3f} | {bits['true_bits']:.3f} |")
-    print(f"\ncompressed model in {args.out} ({time.perf_counter() - t:.0f} s in all)", file=sys.stderr)
+    print(f"| {cfg.method} {cfg.pattern} | {q['ppl']:.2f} | {total['paper_bits']:.3f} | {total['true_bits']:.3f} |")
+    print(
+        f"\ncompressed artifact in {args.out} ({time.perf_counter() - t:.0f} s in all); "
+        f"per-layer bits: pbs2p inspect {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -5,9 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pbs2p_core.artifact import (
+    decode_linear,
+    inspect_artifact,
+    is_artifact,
+    load_artifact,
+    unpack_linear,
+    verify_artifact,
+)
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.evaluate import perplexity
 from workers.pipeline import compress_model
@@ -17,7 +25,10 @@ pytestmark = pytest.mark.integration
 
 
 def _ppl(model_dir: Path, ids: torch.Tensor) -> float:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if is_artifact(model_dir):  # the compressed artifact, packed linears decoded per forward
+        model = load_artifact(model_dir, mode="packed")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return perplexity(model, ids, bos=False, batch_size=2).ppl
 
 
@@ -35,11 +46,21 @@ def test_real_model_pbs2p_beats_prune_then_binarize(real_model: Path, tmp_path: 
     assert all(b.n_keep == 6 for b in pb.blocks)
     # N:M in the written weights of a CFS-chosen block
     block = max(pbs2p.blocks, key=lambda b: b.n_keep)
-    with safe_open(tmp_path / "pbs2p" / f"model-block-{block.index:05d}.safetensors", "pt") as f:
-        w = f.get_tensor(f"model.layers.{block.index}.mlp.down_proj.weight")
-    assert ((w != 0).view(w.shape[0], -1, 8).sum(-1) == block.n_keep).all()
+    art = verify_artifact(tmp_path / "pbs2p")
+    name = f"model.layers.{block.index}.mlp.down_proj.weight"
+    meta = art.linears[name]
+    fields = load_file(art.path / meta["file"])
+    packed = {k.split(":", 1)[1]: v for k, v in fields.items() if k.startswith(f"{name}:")}
+    mask = torch.cat([b.mask for b in unpack_linear(packed, meta)], 1)
+    assert (mask.view(mask.shape[0], -1, 8).sum(-1) == block.n_keep).all()
+    w = decode_linear(packed, meta)
+    assert not (w != 0)[~mask].any()  # pruned weights are zero (a kept one may decode to exactly 0)
     # bits: signs are N/M plus the salient residual plane; the true count adds mask and scales
     assert 0.75 < pbs2p.bits["paper_bits"] < pbs2p.bits["true_bits"]
+    # the true count from the bytes written agrees with the formula up to the padding of the last bytes
+    total = inspect_artifact(tmp_path / "pbs2p")["total"]
+    assert total["linears"] == 7 * len(pbs2p.blocks)
+    assert 0 <= total["true_bits"] - pbs2p.bits["true_bits"] < 8 * 3 * total["linears"] / total["weights"]
     # the compressed model still is a language model, worse than FP
     ids, _ = eval_windows(tok, load_documents("wiki", "eval"), seqlen=128, windows=2)
     fp, q = _ppl(real_model, ids), _ppl(tmp_path / "pbs2p", ids)

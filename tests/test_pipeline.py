@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -26,11 +25,12 @@ from transformers import (
     Qwen3Config,
 )
 
+from pbs2p_core.artifact import MANIFEST_FILE, dense_state_dict, load_artifact
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import FAMILIES, family_for
 from service import cli
-from workers.pipeline import REPORT_FILE, BlockModel, CompressReport, compress_model
+from workers.pipeline import BlockModel, CompressReport, compress_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -106,10 +106,12 @@ def config(**kw: Any) -> CompressionConfig:
 
 
 def tensors(out: Path) -> dict[str, torch.Tensor]:
-    merged: dict[str, torch.Tensor] = {}
-    for f in sorted(out.glob("*.safetensors")):
-        merged.update(load_file(f))
-    return merged
+    """Every tensor of the artifact at `out` (verified), compressed linears decoded to their dense Ŵ."""
+    return dense_state_dict(out)
+
+
+def saved_report(out: Path) -> dict[str, Any]:
+    return json.loads((out / MANIFEST_FILE).read_text())["report"]
 
 
 @torch.no_grad()
@@ -158,9 +160,9 @@ def test_fp_reproduces_the_model(tmp_path: Path, family: str) -> None:
     src = make_model(tmp_path / "src", family)
     ids = calib_ids()
     report = compress_model(tmp_path / "src", tmp_path / "out", config(method="fp"), ids)
-    assert (tmp_path / "out" / REPORT_FILE).is_file()
+    assert (tmp_path / "out" / MANIFEST_FILE).is_file()
     assert [b.n_keep for b in report.blocks] == [8, 8] and all(not b.linears for b in report.blocks)
-    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    out = load_artifact(tmp_path / "out")
     assert float((logits(out, ids) - logits(src, ids)).abs().max()) < 1e-4
 
 
@@ -207,9 +209,10 @@ def test_pbs2p_keeps_n_of_m(tmp_path: Path, family: str) -> None:
     for name, t in got.items():  # norms, biases, embeddings: as stored
         if name not in linears:
             assert torch.equal(t, source[name]), name
-    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    assert torch.isfinite(logits(out, ids)).all()
-    saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    dense, packed = (logits(load_artifact(tmp_path / "out", mode=mode), ids) for mode in ("dense", "packed"))
+    assert torch.isfinite(packed).all()
+    assert torch.equal(dense, packed)  # the packed modules compute with exactly the stored weights
+    saved = saved_report(tmp_path / "out")
     assert saved["blocks"][0]["n_keep"] == report.blocks[0].n_keep
     assert saved["config"] == config().to_dict() and saved["config"]["allocation"] == "cfs"
 
@@ -223,16 +226,18 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tor
     return path, source_tensors(make_model(path))
 
 
-def shard_hashes(out: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.glob("model-block-*.safetensors"))}
+def file_hashes(out: Path) -> dict[str, str]:
+    """sha256 of every file of the artifact but the manifest (which holds wall-clock times)."""
+    files = [f for f in sorted(out.iterdir()) if f.name != MANIFEST_FILE]
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def test_deterministic(tmp_path: Path, llama: tuple[Path, dict[str, torch.Tensor]]) -> None:
     src, _ = llama
     compress_model(src, tmp_path / "a", config(), calib_ids())
     compress_model(src, tmp_path / "b", config(), calib_ids())
-    a, b = shard_hashes(tmp_path / "a"), shard_hashes(tmp_path / "b")
-    assert len(a) == 2 and a == b
+    a, b = file_hashes(tmp_path / "a"), file_hashes(tmp_path / "b")
+    assert len([n for n in a if n.startswith("pbs2p-block-")]) == 2 and a == b
 
 
 def test_skip_modules(tmp_path: Path, llama: tuple[Path, dict[str, torch.Tensor]]) -> None:
@@ -335,7 +340,7 @@ def test_cli_compress_then_eval(
     assert rc == 0, err
     assert stdout.strip() == str(out)
     assert "pattern 6:8" in err and "N per block" in err
-    report = json.loads((out / REPORT_FILE).read_text())
+    report = saved_report(out)
     assert report["calib_tokens"] == 4 * 16 and report["config"]["seqlen"] == 16
     assert (out / "tokenizer.json").is_file()
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,13 +19,13 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from pbs2p_core.artifact import MANIFEST_FILE, ArtifactWriter
 from pbs2p_core.bits import BitCount, count_bits
 from pbs2p_core.cfs import allocate, block_cosine, block_importance
-from pbs2p_core.config import CompressionConfig
+from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import Family, family_for
 from pbs2p_core.hessian import HessianAccumulator
@@ -39,7 +36,6 @@ from .checkpoint import WeightReader
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
-REPORT_FILE = "pbs2p.json"
 
 
 @dataclass
@@ -109,6 +105,11 @@ class BlockModel:
 
     def __init__(self, model_dir: Path, device: str = "cpu") -> None:
         self.dir = Path(model_dir)
+        if (self.dir / MANIFEST_FILE).is_file():
+            raise Pbs2pError(
+                f"{self.dir} is a compressed pbs2p artifact, not a source model; compress the original model "
+                f"(or turn the artifact into a plain checkpoint with `pbs2p export-dense`)"
+            )
         self.device = torch.device(device)
         self.config = AutoConfig.from_pretrained(self.dir)  # never trust_remote_code
         self.family: Family = family_for(self.config.model_type)
@@ -169,53 +170,6 @@ def _skipped(full_name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(full_name, p) for p in patterns)
 
 
-class DenseWriter:
-    """Writes the compressed model as a plain HF directory (one safetensors shard per block + an index),
-    into a temporary sibling directory renamed into place at the end: never a half output that looks done."""
-
-    def __init__(self, out_dir: Path, model_dir: Path) -> None:
-        self.out = Path(out_dir)
-        if self.out.exists() and not self.out.is_dir():
-            raise Pbs2pError(f"output {self.out} is a file; choose an empty or new directory")
-        if self.out.exists() and any(self.out.iterdir()) and not (self.out / REPORT_FILE).exists():
-            raise Pbs2pError(f"output {self.out} exists and is not a pbs2p output; choose an empty or new directory")
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.model_dir = Path(model_dir)
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
-
-    def write_block(self, index: int, tensors: dict[str, torch.Tensor], results: dict[str, LinearResult]) -> None:
-        """Block `index`: all its tensors by full name (compressed linears hold Ŵ); `results` by full weight
-        name for the compressed linears (their codes, for a packed format)."""
-        self._write_shard(f"model-block-{index:05d}.safetensors", tensors)
-
-    def write_rest(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._write_shard("model-rest.safetensors", tensors)
-
-    def _write_shard(self, fname: str, tensors: dict[str, torch.Tensor]) -> None:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, self.tmp / fname, metadata={"format": "pt"})
-        self.weight_map.update({k: fname for k in tensors})
-        self.total += sum(t.numel() * t.element_size() for t in tensors.values())
-
-    def finish(self, report: CompressReport) -> Path:
-        for f in sorted(self.model_dir.iterdir()):  # config, tokenizer, generation config, ...
-            if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")):
-                shutil.copy2(f, self.tmp / f.name)
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-        (self.tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))  # written last
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
-        return self.out
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def _collect_hessians(
     bm: BlockModel, index: int, block: nn.Module, xs: list[torch.Tensor], store: _Capture, linears: dict[str, nn.Linear]
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -234,8 +188,16 @@ def _collect_hessians(
 
 
 def coarse_stage(bm: BlockModel, store: _Capture, cfg: CompressionConfig, progress: ProgressFn) -> list[float]:
-    """CFS coarse stage on the FP model: c_l = mean over tokens of cos(h_in, h_out) of block l."""
-    xs = store.inputs
+    """CFS coarse stage on the FP model: c_l = mean over tokens of cos(h_in, h_out) of block l.
+
+    A mean cosine is a stable statistic: it is taken over the first `cfs_samples` calibration windows
+    (whole batches), which keeps this extra FP pass cheap."""
+    xs, windows = [], 0
+    for x in store.inputs:
+        if windows >= cfg.cfs_samples:
+            break
+        xs.append(x)
+        windows += x.shape[0]
     tokens = sum(x.shape[0] * x.shape[1] for x in xs)
     cosines = []
     for i in range(bm.num_blocks):
@@ -259,7 +221,7 @@ def compress_model(
     t0 = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     bm = BlockModel(model_dir, cfg.device)
-    writer = DenseWriter(out_dir, model_dir)
+    writer = ArtifactWriter(out_dir, model_dir, cfg)
     try:
         report = _run(bm, writer, cfg, calib, progress)
         report.seconds = time.perf_counter() - t0
@@ -271,7 +233,7 @@ def compress_model(
 
 
 def _run(
-    bm: BlockModel, writer: DenseWriter, cfg: CompressionConfig, calib: torch.Tensor, progress: ProgressFn
+    bm: BlockModel, writer: ArtifactWriter, cfg: CompressionConfig, calib: torch.Tensor, progress: ProgressFn
 ) -> CompressReport:
     store = bm.capture(calib, cfg.batch_size)
     progress("capture", 1, 1)
@@ -311,7 +273,9 @@ def _run(
                 res: LinearResult = compress_linear(lin.weight.data, hessians.pop(name), n_blocks[i], cfg)
                 lin.weight.data = res.weight.to(lin.weight.dtype)
                 results[f"{prefix}{name}.weight"] = res
-                bits = count_bits(res.blocks, res.n_keep, m, cfg.pattern.mask_bits_per_group)
+                # the mask costs what this linear's own N needs (CFS gives blocks different N), none when dense
+                mask_bits = NMPattern(res.n_keep, m).mask_bits_per_group if res.n_keep < m else 0
+                bits = count_bits(res.blocks, res.n_keep, m, mask_bits)
                 total_bits.add(bits)
                 shape = (lin.out_features, lin.in_features)
                 report.linears.append(
