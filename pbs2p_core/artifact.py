@@ -40,6 +40,7 @@ from .solver import LinearResult
 FORMAT_NAME = "pbs2p-artifact"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+TIMINGS_FILE = "timings.json"  # wall-clock timings of the run: not hashed, not part of the verified content
 LEGACY_REPORT_FILE = "pbs2p.json"  # marker of the dense outputs written before format v1
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 SEP = ":"  # packed tensor name = f"{weight name}{SEP}{field}", e.g. model.layers.0.mlp.up_proj.weight:sign
@@ -586,6 +587,10 @@ class ArtifactWriter:
                     continue
                 shutil.copyfile(f, self.tmp / f.name)
                 self._record(f.name)
+        # wall-clock timings differ from run to run: they go to timings.json (not hashed, not in the manifest),
+        # so the same config, model and calibration give a byte-identical artifact
+        rep, timings = _split_timings(rep)
+        (self.tmp / TIMINGS_FILE).write_text(json.dumps(timings, indent=1))
         manifest = build_manifest(rep, self.files, self.tensors, self.linears)
         (self.tmp / MANIFEST_FILE).write_text(dump_manifest(manifest))  # written last
         if self.out.exists():
@@ -630,6 +635,17 @@ def dump_manifest(manifest: Mapping[str, Any]) -> str:
         else:
             lines.append(f" {json.dumps(key)}: " + json.dumps(value, indent=1).replace("\n", "\n "))
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _split_timings(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the report without wall-clock fields, those fields)."""
+    rep = dict(report)
+    timings: dict[str, Any] = {"seconds": rep.pop("seconds", None)}
+    blocks = [dict(b) for b in rep.get("blocks", [])]
+    timings["block_seconds"] = [b.pop("seconds", None) for b in blocks]
+    if "blocks" in rep:
+        rep["blocks"] = blocks
+    return rep, timings
 
 
 def build_manifest(

@@ -141,7 +141,7 @@ class BlockCode:
                 Q[:, self.salient] = s["alpha_s"][:, None] * B[:, self.salient] + s["mu_s"][:, None]
             B2 = self.sign2.to(B.dtype) * 2 - 1
             Q[:, self.salient] += s["alpha_r"][:, None] * B2 + (s["mu_r"][:, None] if "mu_r" in s else 0.0)
-        return Q * self.mask
+        return torch.where(self.mask, Q, 0.0)  # pruned weights are +0.0 (no stored sign)
 
 
 def binarize_block(

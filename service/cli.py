@@ -135,7 +135,7 @@ def _summary(report: dict[str, Any]) -> str:
     return (
         f"method {cfg['method']} pattern {cfg['pattern']}  blocks {len(ns)}  N per block {ns}\n"
         f"mean layer error {report['mean_rel_error']:.4f}  paper bits {bits.get('paper_bits', 16):.3f}  "
-        f"true bits {bits.get('true_bits', 16):.3f}  time {report['seconds']:.1f} s"
+        f"true bits {bits.get('true_bits', 16):.3f}  time {report.get('seconds', 0):.1f} s"
     )
 
 

@@ -25,7 +25,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from pbs2p_core.artifact import MANIFEST_FILE, dense_state_dict, load_artifact
+from pbs2p_core.artifact import MANIFEST_FILE, TIMINGS_FILE, dense_state_dict, load_artifact
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import FAMILIES, family_for
@@ -227,8 +227,8 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tor
 
 
 def file_hashes(out: Path) -> dict[str, str]:
-    """sha256 of every file of the artifact but the manifest (which holds wall-clock times)."""
-    files = [f for f in sorted(out.iterdir()) if f.name != MANIFEST_FILE]
+    """sha256 of every file of the artifact, the manifest included (wall-clock times are in timings.json)."""
+    files = [f for f in sorted(out.iterdir()) if f.name != TIMINGS_FILE]
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
