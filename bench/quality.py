@@ -20,6 +20,16 @@ from bench.common import RESULTS, machine, run_cli, write_table  # noqa: E402
 
 MODEL = "smollm2-135m"
 
+LEAN = ["--scale-layout", "lean", "--block-size", "256"]
+# optional variants of ALGORITHM.md, measured with `--variants` (not the default table)
+VARIANTS: dict[str, list[str]] = {
+    "pbs2p 6:8 (default)": ["--method", "pbs2p", "--pattern", "6:8"],
+    "+ ARB-X (alpha, mu against r H_bb r^T)": ["--method", "pbs2p", "--arb-variant", "arb-x"],
+    "+ true sequential (a pass per group of linears)": ["--method", "pbs2p", "--true-sequential"],
+    "+ salient budget over the whole linear": ["--method", "pbs2p", "--salient-allocation", "linear"],
+    "+ per-column feedback inside a block": ["--method", "pbs2p", "--column-feedback"],
+}
+
 # name -> extra CLI options; all share the calibration windows (same seed, samples, seqlen)
 CONFIGS: dict[str, list[str]] = {
     "arb (dense 1-bit)": ["--method", "arb"],
@@ -31,6 +41,10 @@ CONFIGS: dict[str, list[str]] = {
     "pbs2p 6:8, tau = 1 (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-steps", "1"],
     "pbs2p 6:8, fixed split (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-mode", "fixed"],
     "pbs2p 6:8, uniform N (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--allocation", "uniform"],
+    "pbs2p 6:8, 16 salient columns / 128": ["--method", "pbs2p", "--pattern", "6:8", "--salient-columns", "16"],
+    # cheaper scales: alpha, mu per row per 256 columns, salient residual alpha only
+    "pbs2p 6:8, lean scales / 256 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],
+    "pbs2p 4:8, lean scales / 256 cols": ["--method", "pbs2p", "--pattern", "4:8", *LEAN],
 }
 
 
@@ -42,6 +56,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="substrings of config names to run")
     ap.add_argument("--name", default="quality", help="results file name")
     ap.add_argument("--extra", nargs="*", default=[], help="extra CLI options for every compression")
+    ap.add_argument("--variants", action="store_true", help="run the optional variants instead of the methods")
     ap.add_argument("--sweep-calib", nargs="*", type=int, help="instead: pbs2p 6:8 with these calibration sizes")
     a = ap.parse_args()
     if a.sweep_calib:
@@ -52,7 +67,7 @@ def main() -> None:
     rows, records = [], []
     rows.append(["fp32 baseline", f"{fp['ppl']:.2f}", "1.00", "0", "32", "32", "-", "-"])
     with tempfile.TemporaryDirectory() as tmp:
-        for name, opts in CONFIGS.items():
+        for name, opts in (VARIANTS if a.variants else CONFIGS).items():
             if a.only and not any(s in name for s in a.only):
                 continue
             out = str(Path(tmp) / "out")
