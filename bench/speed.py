@@ -20,7 +20,6 @@ from bench.common import machine, run_cli, write_table  # noqa: E402
 RUNS = {
     "arb": ["--method", "arb"],
     "pbs2p 6:8": ["--method", "pbs2p", "--pattern", "6:8"],
-    "pbs2p 4:8": ["--method", "pbs2p", "--pattern", "4:8"],
 }
 
 
