@@ -41,10 +41,8 @@ CONFIGS: dict[str, list[str]] = {
     "pbs2p 6:8, tau = 1 (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-steps", "1"],
     "pbs2p 6:8, fixed split (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-mode", "fixed"],
     "pbs2p 6:8, uniform N (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--allocation", "uniform"],
-    "pbs2p 6:8, 16 salient columns / 128": ["--method", "pbs2p", "--pattern", "6:8", "--salient-columns", "16"],
     # cheaper scales: alpha, mu per row per 256 columns, salient residual alpha only
     "pbs2p 6:8, lean scales / 256 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],
-    "pbs2p 4:8, lean scales / 256 cols": ["--method", "pbs2p", "--pattern", "4:8", *LEAN],
 }
 
 
