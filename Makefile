@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # prepared models (the GGUF turned into safetensors once) are cached here
 export PBS2P_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: venv demo test lint bench-quality bench-speed clean
+.PHONY: venv demo test lint bench-quality bench-speed bench-scaling bench-memory clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench-quality: venv
 
 bench-speed: venv
 	$(BIN)/python bench/speed.py
+
+bench-scaling: venv
+	$(BIN)/python bench/scaling.py --local
+
+bench-memory: venv
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -34,7 +34,8 @@ class _Progress:
         if stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="block" if total > 1 else "step", file=sys.stderr)
+            unit = {"eval": "window", "capture": "step"}.get(stage, "block")
+            self.bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr)
         assert self.bar is not None
         self.bar.update(done - self.bar.n)
 
@@ -76,24 +77,56 @@ def config_from_args(a: argparse.Namespace) -> CompressionConfig:
     )
 
 
-def run_compress(model: str, out: Path, cfg: CompressionConfig, progress: bool = True) -> dict[str, Any]:
-    """Resolve the model and the calibration text, compress, return the report as a dict."""
+def run_compress(
+    model: str, out: Path, cfg: CompressionConfig, progress: bool = True, ray: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Resolve the model and the calibration text, compress, return the report as a dict.
+
+    `ray`: run the job on Ray with these keyword arguments of `compress_model_ray` (address, workers, job_id,
+    checkpoint_url, ...); None runs it in this process."""
     from transformers import AutoTokenizer
 
     from workers.pipeline import compress_model
     from workers.sources import calibration_windows, load_documents, resolve_model
 
-    _check_device(cfg.device)
+    if ray is None:
+        _check_device(cfg.device)  # on Ray, the workers' resources decide the device
     model_dir = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     docs = load_documents(cfg.calib, "calib")
     calib = calibration_windows(tok, docs, cfg.calib_samples, cfg.seqlen, cfg.seed)
     bar = _Progress(progress)
     try:
-        report = compress_model(model_dir, out, cfg, calib, progress=bar)
+        if ray is None:
+            report = compress_model(model_dir, out, cfg, calib, progress=bar)
+        else:
+            from workers.distributed import compress_model_ray
+
+            report = compress_model_ray(model_dir, out, cfg, calib, progress=bar, **ray)
     finally:
         bar.close()
     return report.to_dict()
+
+
+def ray_options(a: argparse.Namespace) -> dict[str, Any] | None:
+    """compress_model_ray's keyword arguments from `compress --ray ...`, None without --ray."""
+    if a.ray is None:
+        for flag, value in (("--workers", a.workers), ("--job-id", a.job_id), ("--checkpoint", a.checkpoint)):
+            if value is not None:
+                raise Pbs2pError(f"{flag} applies to Ray jobs; add --ray (a local cluster) or --ray ADDRESS")
+        return None
+    if a.worker_memory is not None and a.worker_memory <= 0:
+        raise Pbs2pError(f"--worker-memory {a.worker_memory} must be a positive number of GiB, e.g. 16")
+    return {
+        "address": None if a.ray == "local" else a.ray,
+        "workers": a.workers,
+        "gpus_per_worker": a.gpus_per_worker,
+        "cpus_per_worker": a.cpus_per_worker,
+        "memory_per_worker": int(a.worker_memory * 2**30) if a.worker_memory else None,
+        "job_id": a.job_id,
+        "checkpoint_url": a.checkpoint,
+        "keep_checkpoint": a.keep_checkpoint,
+    }
 
 
 def run_eval(
@@ -173,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, type=Path)
     c.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
     _add_compress_args(c)
+    r = c.add_argument_group("Ray (a job spread over workers, checkpointed after every block)")
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: no ADDRESS starts a local cluster on 127.0.0.1 with every core; "
+        "'auto', HOST:PORT or ray://HOST:PORT joins one",
+    )
+    r.add_argument("--workers", type=int, default=None, help="workers of the job (default: GPUs, else CPUs)")
+    r.add_argument("--gpus-per-worker", type=float, default=None, help="default 1 when the cluster has GPUs, else 0")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0)
+    r.add_argument("--worker-memory", type=float, default=None, metavar="GIB", help="memory reserved per worker")
+    r.add_argument("--job-id", default=None, help="the job's name; started again with it, a job resumes")
+    r.add_argument(
+        "--checkpoint", default=None, metavar="DIR_OR_S3_URL", help="checkpoint storage (default: the cache dir)"
+    )
+    r.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoints once the artifact is written")
     e = sub.add_parser("eval", help="perplexity of a model or a compressed output")
     e.add_argument("model")
     e.add_argument("--data", default="wiki", help="'wiki' (held-out split) or a .txt/.jsonl file")
@@ -200,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:
         if args.cmd == "compress":
-            report = run_compress(args.model, args.out, config_from_args(args))
+            ray = ray_options(args)
+            if ray is not None:  # the job's own lines (resume, checkpointed blocks) are shown
+                logging.getLogger("workers.distributed").setLevel(logging.INFO)
+            report = run_compress(args.model, args.out, config_from_args(args), ray=ray)
             print(_summary(report), file=sys.stderr)
             print(json.dumps(report, indent=1) if args.json else args.out)
         elif args.cmd == "eval":
