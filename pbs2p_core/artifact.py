@@ -912,15 +912,15 @@ def load_artifact(
     modules that decode per forward call. Both compute with exactly the stored Ŵ."""
     if mode not in ("dense", "packed"):
         raise Pbs2pError(f"load mode {mode!r} is not known; use 'dense' or 'packed'")
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .skeleton import empty_causal_lm
 
     art = verify_artifact(path)
     path = art.path
     try:
         config = AutoConfig.from_pretrained(path)  # never trust_remote_code
-        with init_empty_weights():  # parameters on meta, no double allocation
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model: Any = empty_causal_lm(config, dtype)  # parameters on meta, no double allocation
     except (ValueError, OSError, KeyError) as exc:
         raise ArtifactError(f"{path / 'config.json'} does not describe a model transformers can build: {exc}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

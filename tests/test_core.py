@@ -219,3 +219,26 @@ def test_scale_layouts_cost_what_they_say(layout, block, scales):
     assert bits.true_bits == pytest.approx(expected)
     assert sum(len(c.scales) for c in res.blocks) == scales * (512 // block)
     assert torch.equal(torch.cat([c.dense() for c in res.blocks], 1), res.weight)
+
+
+def test_empty_models_built_in_threads_leave_nothing_patched():
+    """Two jobs in one process build skeletons at once: afterwards new modules get real parameters again
+    (accelerate's init_empty_weights patches torch.nn.Module for the whole process while active)."""
+    import threading
+
+    from transformers import LlamaConfig
+
+    from pbs2p_core.skeleton import empty_causal_lm
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)  # fmt: skip
+    built: list[torch.nn.Module] = []
+    threads = [threading.Thread(target=lambda: built.extend(empty_causal_lm(cfg) for _ in range(5))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 20 and all(p.is_meta for m in built for p in m.parameters())
+    assert torch.nn.Linear(4, 4).weight.device.type == "cpu"
+    rotary = built[0].model.rotary_emb.inv_freq
+    assert not rotary.is_meta and torch.isfinite(rotary).all()

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from pbs2p_core.artifact import MANIFEST_FILE, ArtifactWriter
 from pbs2p_core.bits import BitCount, count_bits
@@ -32,6 +31,7 @@ from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import Family, family_for
 from pbs2p_core.hessian import HessianAccumulator
+from pbs2p_core.skeleton import empty_causal_lm
 from pbs2p_core.solver import LinearResult, compress_linear
 
 from .checkpoint import WeightReader
@@ -116,8 +116,7 @@ class BlockModel:
         self.device = torch.device(device)
         self.config = AutoConfig.from_pretrained(self.dir)  # never trust_remote_code
         self.family: Family = family_for(self.config.model_type)
-        with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) real
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        self.model = empty_causal_lm(self.config)  # parameters on meta; buffers (rotary inv_freq) real
         self.reader = WeightReader(self.dir)
         self.base = getattr(self.model, self.family.base)
         self.blocks: list[nn.Module] = list(getattr(self.base, self.family.layers))
