@@ -28,6 +28,7 @@ VARIANTS: dict[str, list[str]] = {
     "+ true sequential (a pass per group of linears)": ["--method", "pbs2p", "--true-sequential"],
     "+ salient budget over the whole linear": ["--method", "pbs2p", "--salient-allocation", "linear"],
     "+ per-column feedback inside a block": ["--method", "pbs2p", "--column-feedback"],
+    "+ shared scales (salient columns share alpha, mu)": ["--method", "pbs2p", "--scale-layout", "shared"],
 }
 
 # name -> extra CLI options; all share the calibration windows (same seed, samples, seqlen)
