@@ -41,7 +41,6 @@ FORMAT_NAME = "pbs2p-artifact"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TIMINGS_FILE = "timings.json"  # wall-clock timings of the run: not hashed, not part of the verified content
-LEGACY_REPORT_FILE = "pbs2p.json"  # marker of the dense outputs written before format v1
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 SEP = ":"  # packed tensor name = f"{weight name}{SEP}{field}", e.g. model.layers.0.mlp.up_proj.weight:sign
 
@@ -496,12 +495,7 @@ class ArtifactWriter:
         self.out = Path(out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise Pbs2pError(f"output {self.out} is a file; choose an empty or new directory")
-        if (
-            self.out.exists()
-            and any(self.out.iterdir())
-            and not (self.out / MANIFEST_FILE).is_file()
-            and not (self.out / LEGACY_REPORT_FILE).is_file()
-        ):
+        if self.out.exists() and any(self.out.iterdir()) and not (self.out / MANIFEST_FILE).is_file():
             raise Pbs2pError(f"output {self.out} exists and is not a pbs2p output; choose an empty or new directory")
         if shard_bytes < 1:
             raise Pbs2pError(f"shard size limit {shard_bytes} must be positive, e.g. 2 GiB")
@@ -583,7 +577,7 @@ class ArtifactWriter:
         rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
         for f in sorted(self.model_dir.iterdir()):  # config, tokenizer, generation config, chat template
             if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES):
-                if f.name in (MANIFEST_FILE, LEGACY_REPORT_FILE):
+                if f.name == MANIFEST_FILE:
                     continue
                 shutil.copyfile(f, self.tmp / f.name)
                 self._record(f.name)
