@@ -20,7 +20,7 @@ from bench.common import RESULTS, machine, run_cli, write_table  # noqa: E402
 
 MODEL = "smollm2-135m"
 
-LEAN = ["--scale-layout", "lean", "--block-size", "256"]
+LEAN = ["--scale-layout", "lean", "--block-size", "512"]
 # optional variants of ALGORITHM.md, measured with `--variants` (not the default table)
 VARIANTS: dict[str, list[str]] = {
     "pbs2p 6:8 (default)": ["--method", "pbs2p", "--pattern", "6:8"],
@@ -28,7 +28,6 @@ VARIANTS: dict[str, list[str]] = {
     "+ true sequential (a pass per group of linears)": ["--method", "pbs2p", "--true-sequential"],
     "+ salient budget over the whole linear": ["--method", "pbs2p", "--salient-allocation", "linear"],
     "+ per-column feedback inside a block": ["--method", "pbs2p", "--column-feedback"],
-    "+ shared scales (salient columns share alpha, mu)": ["--method", "pbs2p", "--scale-layout", "shared"],
 }
 
 # name -> extra CLI options; all share the calibration windows (same seed, samples, seqlen)
@@ -42,8 +41,9 @@ CONFIGS: dict[str, list[str]] = {
     "pbs2p 6:8, tau = 1 (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-steps", "1"],
     "pbs2p 6:8, fixed split (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-mode", "fixed"],
     "pbs2p 6:8, uniform N (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--allocation", "uniform"],
-    # cheaper scales: alpha, mu per row per 256 columns, salient residual alpha only
-    "pbs2p 6:8, lean scales / 256 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],
+    "pbs2p 6:8, full scales (ablation: salient columns own alpha, mu)": ["--method", "pbs2p", "--scale-layout", "full"],
+    # cheaper scales: alpha, mu per row per 512 columns, salient residual alpha only
+    "pbs2p 6:8, lean scales / 512 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],
 }
 
 

