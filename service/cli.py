@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--salient-columns", type=int, default=8)
     p.add_argument("--column-feedback", action="store_true")
     p.add_argument("--salient-allocation", choices=("block", "linear"), default="block")
-    p.add_argument("--scale-layout", choices=("full", "shared", "lean"), default="shared", help="scales per row per block")
+    p.add_argument(
+        "--scale-layout", choices=("full", "shared", "lean"), default="shared", help="scales per row per block"
+    )
     p.add_argument("--damping", type=float, default=0.01, help="relative Hessian damping")
     p.add_argument("--block-size", type=int, default=128, help="column block (scales per block), e.g. 128 or 256")
     p.add_argument("--skip", action="append", metavar="GLOB", help="leave matching linears uncompressed")
@@ -239,11 +242,48 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-dense", help="write a plain transformers checkpoint (safetensors) of an artifact")
     x.add_argument("artifact", type=Path)
     x.add_argument("-o", "--out", required=True, type=Path)
-    d = sub.add_parser("demo", help="the main job: prepare the real model, compress, evaluate before/after")
-    d.add_argument("--out", type=Path, default=Path("out/demo"))
-    d.add_argument("--windows", type=int, default=40)
+    d = sub.add_parser(
+        "demo", help="the main job: start the service, submit the real model over HTTP, download and check the artifact"
+    )
+    d.add_argument("--out", type=Path, default=Path("out/demo"), help="service data and the downloaded artifact")
+    d.add_argument("--windows", type=int, default=40, help="held-out windows for perplexity before/after")
     _add_compress_args(d)
+    s = sub.add_parser("serve", help="run the API and the dispatcher (settings: PBS2P_* environment variables)")
+    s.add_argument("--host", default=None, help="default PBS2P_HOST or 127.0.0.1")
+    s.add_argument("--port", type=int, default=None, help="default PBS2P_PORT or 8000")
+    s.add_argument("--data-dir", type=Path, default=None, help="default PBS2P_DATA_DIR or ./pbs2p-data")
+    k = sub.add_parser("keys", help="API keys (in the service's database: PBS2P_DATABASE_URL / PBS2P_DATA_DIR)")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="create a key for a tenant; the key is printed once")
+    kc.add_argument("--tenant", required=True)
+    kr = ksub.add_parser("revoke", help="revoke a key by its prefix (the first 12 characters)")
+    kr.add_argument("prefix")
+    _add_jobs_parser(sub)
     return ap
+
+
+def _add_jobs_parser(sub: Any) -> None:
+    j = sub.add_parser("jobs", help="client of a running service: submit, status, list, wait, download, cancel")
+    j.add_argument("--url", default=os.environ.get("PBS2P_URL", "http://127.0.0.1:8000"), help="default $PBS2P_URL")
+    j.add_argument("--key", default=os.environ.get("PBS2P_API_KEY", ""), help="default $PBS2P_API_KEY")
+    jsub = j.add_subparsers(dest="jobs_cmd", required=True)
+    js = jsub.add_parser("submit", help="queue a compression job; prints its id")
+    js.add_argument("model", help="alias, Hugging Face id, s3://BUCKET/PREFIX or a path under the service's roots")
+    js.add_argument("--name", default=None)
+    js.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+    js.add_argument("--evaluate", action="store_true", help="measure perplexity before/after in the job")
+    js.add_argument("--eval-data", default="wiki")
+    js.add_argument("--eval-windows", type=int, default=40)
+    js.add_argument("--wait", action="store_true", help="follow the job until it is final")
+    _add_compress_args(js)
+    for name, text in (("status", "one job as JSON"), ("wait", "follow a job's progress until it is final"),
+                       ("cancel", "cancel a job")):  # fmt: skip
+        jsub.add_parser(name, help=text).add_argument("job_id")
+    jl = jsub.add_parser("list", help="your jobs, newest first")
+    jl.add_argument("--state", action="append", default=[])
+    jd = jsub.add_parser("download", help="download an artifact, verifying every file's sha256")
+    jd.add_argument("job_id")
+    jd.add_argument("-o", "--out", type=Path, required=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,33 +316,101 @@ def main(argv: list[str] | None = None) -> int:
             print(export_dense(args.artifact, args.out))
         elif args.cmd == "demo":
             return _demo(args)
+        elif args.cmd == "serve":
+            _serve(args)
+        elif args.cmd == "keys":
+            _keys(args)
+        elif args.cmd == "jobs":
+            _jobs(args)
     except Pbs2pError as exc:
         print(f"pbs2p: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Prepare the packaged SmolLM2-135M, compress it, evaluate FP and compressed on held-out Wikipedia."""
-    cfg = config_from_args(args)
-    t = time.perf_counter()
-    report = run_compress("smollm2-135m", args.out, cfg)
-    print(_summary(report), file=sys.stderr)
-    fp = run_eval("smollm2-135m", seqlen=cfg.seqlen, windows=args.windows)
-    q = run_eval(str(args.out), seqlen=cfg.seqlen, windows=args.windows)  # the packed artifact
-    from pbs2p_core.artifact import inspect_artifact
+def _serve(args: argparse.Namespace) -> None:
+    from .server import serve
+    from .settings import Settings
 
-    total = inspect_artifact(args.out)["total"]  # true bits from the bytes written
-    print(f"\n| model | wiki ppl (seqlen {cfg.seqlen}, {fp['windows']} windows) | paper bits | true bits |")
-    print("|---|---|---|---|")
-    print(f"| smollm2-135m fp32 | {fp['ppl']:.2f} | 32 | 32 |")
-    print(f"| {cfg.method} {cfg.pattern} | {q['ppl']:.2f} | {total['paper_bits']:.3f} | {total['true_bits']:.3f} |")
-    print(
-        f"\ncompressed artifact in {args.out} ({time.perf_counter() - t:.0f} s in all); "
-        f"per-layer bits: pbs2p inspect {args.out}",
-        file=sys.stderr,
-    )
-    return 0
+    overrides = {
+        k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None
+    }
+    serve(Settings(**overrides))
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from .settings import Settings
+    from .store import Store
+
+    store = Store(Settings().db_url)
+    if args.keys_cmd == "create":
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", args.tenant):
+            raise Pbs2pError(
+                f"tenant {args.tenant!r}: use 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+            )
+        print(store.create_key(args.tenant))
+        print(f"key for tenant {args.tenant!r}: shown once, only its hash is stored", file=sys.stderr)
+    else:
+        n = store.revoke_key(args.prefix)
+        print(f"revoked {n} key(s)", file=sys.stderr)
+
+
+class _JobBar:
+    """The progress of a job followed over HTTP, on stderr."""
+
+    def __init__(self) -> None:
+        self.bar = _Progress()
+        self.state = ""
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        p = job.get("progress") or {}
+        if job["state"] != self.state:
+            self.bar.close()
+            self.state = job["state"]
+            print(f"job {job['id']}: {self.state}", file=sys.stderr)
+        if p.get("stage") == "compress" and p.get("blocks"):
+            self.bar("compress", p["block"], p["blocks"])
+
+
+def _jobs(args: argparse.Namespace) -> None:
+    from .client import Client
+
+    client = Client(args.url, args.key)
+    cmd = args.jobs_cmd
+    if cmd == "submit":
+        ev = {"data": args.eval_data, "seqlen": args.seqlen, "windows": args.eval_windows} if args.evaluate else None
+        job = client.submit(args.model, config_from_args(args).to_dict(), ev, args.name, args.idempotency_key)
+        print(job["id"])
+        if args.wait:
+            job = client.wait(job["id"], _JobBar())
+            print(json.dumps(job, indent=1))
+    elif cmd == "status":
+        print(json.dumps(client.get(args.job_id), indent=1))
+    elif cmd == "list":
+        for job in client.list_jobs(tuple(args.state)):
+            p = job["progress"]
+            where = f"block {p['block']}/{p['blocks']}" if p.get("blocks") else (p.get("stage") or "")
+            print(f"{job['id']}  {job['state']:<10} {job['model']}  {job['config']['method']} "
+                  f"{job['config']['pattern']}  {where}")  # fmt: skip
+    elif cmd == "wait":
+        job = client.wait(args.job_id, _JobBar())
+        print(json.dumps(job, indent=1))
+        if job["state"] != "SUCCEEDED":
+            raise Pbs2pError(f"job {job['id']} ended {job['state']}: {job.get('error') or ''}")
+    elif cmd == "download":
+        files = client.download(args.job_id, args.out)
+        print(f"{len(files) + 1} files, sha256 verified", file=sys.stderr)
+        print(args.out)
+    elif cmd == "cancel":
+        print(json.dumps(client.cancel(args.job_id), indent=1))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The main job end to end: `pbs2p serve` in a child process, the packaged SmolLM2-135M submitted over HTTP,
+    progress followed, the artifact downloaded and verified, perplexity before/after printed."""
+    from .demo import run_demo
+
+    return run_demo(config_from_args(args), args.out, args.windows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""Service settings: every part switchable by a `PBS2P_*` environment variable (pydantic-settings).
+
+Embedded defaults need no set-up: a SQLite file, local storage and checkpoints under the data directory, and
+a local Ray started by the service. Production points `PBS2P_DATABASE_URL` at PostgreSQL, `PBS2P_STORAGE_URL`
+at `s3://bucket/prefix` and `PBS2P_RAY_ADDRESS` at a cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Settings read elsewhere, from the environment, by the layers below the service; documented here so that one
+# list (SETTINGS_DOC) covers every PBS2P_* variable the service image reads.
+WORKER_ENV = {
+    "PBS2P_CACHE_DIR": "prepared models (aliases, s3:// and Hugging Face downloads); default ~/.cache/pbs2p",
+    "PBS2P_S3_ENDPOINT_URL": "S3 endpoint for s3:// URLs (MinIO, R2, ...); unset for AWS",
+    "PBS2P_S3_REGION": "S3 region (default us-east-1)",
+    "PBS2P_S3_PATH_STYLE": "1 for path-style S3 addressing (MinIO)",
+    "PBS2P_S3_CHECKSUMS": "0 turns off sha256 checksums sent with S3 uploads (for stores that reject them)",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PBS2P_", extra="ignore")
+
+    data_dir: Path = Field(Path("pbs2p-data"), description="SQLite file, local artifacts and checkpoints")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///DATA_DIR/jobs.db")
+    storage_url: str = Field("", description="artifacts: a directory or s3://bucket/prefix; default DATA_DIR/artifacts")
+    checkpoint_url: str = Field("", description="per-block checkpoints of running jobs; default DATA_DIR/checkpoints")
+    ray_address: str = Field("local", description="'local' starts a Ray on 127.0.0.1; else auto, HOST:PORT, ray://")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+    dispatcher: bool = Field(True, description="run queued jobs in this process (false: API only)")
+    max_running_jobs: int = Field(1, ge=1, description="jobs this dispatcher runs at once")
+    job_workers: int | None = Field(None, ge=1, description="Ray workers per job (default: GPUs, else CPUs)")
+    gpus_per_worker: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs")
+    lease_seconds: float = Field(60.0, gt=0, description="a running job without a heartbeat this long is re-queued")
+    poll_seconds: float = Field(1.0, gt=0, description="dispatcher and event-stream poll interval")
+    model_roots: str = Field("", description="comma-separated directories local model paths must lie under")
+    max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
+    max_model_bytes: int = Field(200 * 2**30, ge=1, description="largest model downloaded from s3://")
+    presign_seconds: int = Field(3600, ge=60, description="lifetime of presigned artifact URLs")
+    host: str = Field("127.0.0.1", description="address `pbs2p serve` binds")
+    port: int = Field(8000, ge=0, le=65535, description="port `pbs2p serve` binds (0: any free port)")
+    log_level: str = Field("info", description="debug, info, warning, error")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("use debug, info, warning or error")
+        return v.lower()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def artifacts_url(self) -> str:
+        return self.storage_url or str((self.data_dir / "artifacts").resolve())
+
+    @property
+    def checkpoints_url(self) -> str:
+        return self.checkpoint_url or str((self.data_dir / "checkpoints").resolve())
+
+    @property
+    def roots(self) -> list[Path]:
+        return [Path(p.strip()).expanduser().resolve() for p in self.model_roots.split(",") if p.strip()]
+
+
+def settings_doc() -> dict[str, str]:
+    """Every PBS2P_* variable the service reads, with its meaning (checked against deploy/ by the tests)."""
+    doc = {f"PBS2P_{name.upper()}": f.description or "" for name, f in Settings.model_fields.items()}
+    return {**doc, **WORKER_ENV}

@@ -1,0 +1,416 @@
+"""The job store: jobs and API keys in SQL (SQLite file by default, PostgreSQL by URL; same SQLAlchemy code).
+
+Every state change is a compare-and-set (`UPDATE ... WHERE id = :id AND state IN (:expected)`): two
+dispatchers, or a dispatcher and a cancel request, can never both win. API keys are stored as sha256 hashes.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from pbs2p_core.errors import Pbs2pError
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    UPLOADING = "UPLOADING"
+    CANCELLING = "CANCELLING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+ACTIVE = (JobState.RUNNING, JobState.UPLOADING, JobState.CANCELLING)  # owned by a dispatcher
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with another request body."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings; the key itself is never stored
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency"),
+        Index("ix_jobs_tenant_seq", "tenant", "seq"),
+        Index("ix_jobs_state_seq", "state", "seq"),
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # creation order
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(Text)
+    config: Mapped[str] = mapped_column(Text)  # JSON of CompressionConfig.to_dict()
+    evaluate: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)  # dispatcher running it
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    progress: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: stage, block, blocks, eta_s
+    report: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: metrics, timings, per block N, bits
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    artifact: Mapped[str | None] = mapped_column(Text, nullable=True)  # storage prefix once SUCCEEDED
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as read from the store (a detached snapshot)."""
+
+    id: str
+    seq: int
+    tenant: str
+    name: str | None
+    state: JobState
+    model: str
+    config: dict[str, Any]
+    evaluate: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    owner: str | None
+    heartbeat_at: float | None
+    progress: dict[str, Any]
+    report: dict[str, Any]
+    error: str | None
+    artifact: str | None
+
+    @classmethod
+    def of(cls, r: JobRow) -> Job:
+        return cls(
+            id=r.id,
+            seq=r.seq,
+            tenant=r.tenant,
+            name=r.name,
+            state=JobState(r.state),
+            model=r.model,
+            config=json.loads(r.config),
+            evaluate=json.loads(r.evaluate) if r.evaluate else None,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+            attempts=r.attempts,
+            owner=r.owner,
+            heartbeat_at=r.heartbeat_at,
+            progress=json.loads(r.progress) if r.progress else {},
+            report=json.loads(r.report) if r.report else {},
+            error=r.error,
+            artifact=r.artifact,
+        )
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The seq a cursor points below; ValueError for anything this store did not hand out."""
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    if not raw.startswith("s") or not raw[1:].isdigit():
+        raise ValueError("not a cursor")
+    return int(raw[1:])
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=20)
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            if self.engine.url.database not in (None, "", ":memory:"):
+                Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            where = self.engine.url.render_as_string(hide_password=True)
+            raise Pbs2pError(f"cannot open the job store at {where}: {exc.orig}; check PBS2P_DATABASE_URL") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._session.begin() as s:
+            yield s
+
+    # -- API keys ---------------------------------------------------------------------------------------
+    def create_key(self, tenant: str) -> str:
+        """A new key for `tenant`; returned once, only its hash is stored."""
+        key = "pbs2p_" + secrets.token_urlsafe(32)
+        with self.session() as s:
+            s.add(ApiKeyRow(tenant=tenant, key_hash=hash_key(key), prefix=key[:12], created_at=time.time()))
+        return key
+
+    def tenant_for_key(self, key: str) -> str | None:
+        with self.session() as s:
+            row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == hash_key(key)))
+            return row.tenant if row is not None and row.revoked_at is None else None
+
+    def revoke_key(self, prefix: str) -> int:
+        with self.session() as s:
+            res = s.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.prefix == prefix, ApiKeyRow.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+            return int(res.rowcount)  # type: ignore[attr-defined]
+
+    # -- jobs -------------------------------------------------------------------------------------------
+    def create_job(
+        self,
+        tenant: str,
+        model: str,
+        config: dict[str, Any],
+        evaluate: dict[str, Any] | None = None,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """(job, created). With an idempotency key used before: the earlier job when the request is the same,
+        IdempotencyConflict when it differs."""
+        request_hash = hashlib.sha256(_dumps([model, config, evaluate, name]).encode()).hexdigest()
+        if idempotency_key is not None:
+            earlier = self._by_idempotency(tenant, idempotency_key)
+            if earlier is not None:
+                return self._same_request(earlier, request_hash), False
+        now = time.time()
+        row = JobRow(
+            id="job_" + secrets.token_hex(12),
+            tenant=tenant,
+            name=name,
+            state=JobState.QUEUED.value,
+            model=model,
+            config=_dumps(config),
+            evaluate=_dumps(evaluate) if evaluate is not None else None,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            created_at=now,
+            updated_at=now,
+            attempts=0,
+        )
+        try:
+            with self.session() as s:
+                s.add(row)
+                s.flush()
+                job = Job.of(row)
+        except IntegrityError:  # a concurrent request with the same key won the insert
+            if idempotency_key is None:
+                raise
+            earlier = self._by_idempotency(tenant, idempotency_key)
+            if earlier is None:
+                raise
+            return self._same_request(earlier, request_hash), False
+        return job, True
+
+    def _by_idempotency(self, tenant: str, key: str) -> JobRow | None:
+        with self.session() as s:
+            return s.scalar(select(JobRow).where(JobRow.tenant == tenant, JobRow.idempotency_key == key))
+
+    @staticmethod
+    def _same_request(row: JobRow, request_hash: str) -> Job:
+        if row.request_hash != request_hash:
+            raise IdempotencyConflict(row.id)
+        return Job.of(row)
+
+    def get(self, job_id: str, tenant: str | None = None) -> Job | None:
+        """The job; None when it does not exist or belongs to another tenant."""
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.id == job_id)
+            if tenant is not None:
+                q = q.where(JobRow.tenant == tenant)
+            row = s.scalar(q)
+            return Job.of(row) if row is not None else None
+
+    def list_jobs(
+        self, tenant: str, states: Iterable[JobState] = (), limit: int = 50, before: int | None = None
+    ) -> tuple[list[Job], int | None]:
+        """The tenant's jobs, newest first; (page, seq to pass as `before` for the next page or None)."""
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.tenant == tenant)
+            wanted = [st.value for st in states]
+            if wanted:
+                q = q.where(JobRow.state.in_(wanted))
+            if before is not None:
+                q = q.where(JobRow.seq < before)
+            rows = list(s.scalars(q.order_by(JobRow.seq.desc()).limit(limit + 1)))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [Job.of(r) for r in rows], (rows[-1].seq if more else None)
+
+    def transition(
+        self, job_id: str, expected: Iterable[JobState], new: JobState, owner: str | None = None, **values: Any
+    ) -> bool:
+        """Compare-and-set: move the job to `new` only if its state is one of `expected` (and, with `owner`,
+        only if that dispatcher still owns it). Extra columns in `values` (dicts are stored as JSON)."""
+        now = time.time()
+        cols: dict[str, Any] = {k: (_dumps(v) if isinstance(v, dict) else v) for k, v in values.items()}
+        cols.update(state=new.value, updated_at=now)
+        if new.terminal:
+            cols.setdefault("finished_at", now)
+        q = update(JobRow).where(JobRow.id == job_id, JobRow.state.in_([e.value for e in expected]))
+        if owner is not None:
+            q = q.where(JobRow.owner == owner)
+        with self.session() as s:
+            return bool(s.execute(q.values(**cols)).rowcount)  # type: ignore[attr-defined]
+
+    def claim(self, owner: str) -> Job | None:
+        """Take the oldest queued job for `owner` (QUEUED -> RUNNING); None when nothing is queued."""
+        for _ in range(5):  # another dispatcher may take the same job between the read and the CAS
+            with self.session() as s:
+                job_id = s.scalar(
+                    select(JobRow.id).where(JobRow.state == JobState.QUEUED.value).order_by(JobRow.seq).limit(1)
+                )
+            if job_id is None:
+                return None
+            now = time.time()
+            with self.session() as s:
+                won = s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id, JobRow.state == JobState.QUEUED.value)
+                    .values(
+                        state=JobState.RUNNING.value,
+                        owner=owner,
+                        heartbeat_at=now,
+                        updated_at=now,
+                        started_at=func.coalesce(JobRow.started_at, now),
+                        attempts=JobRow.attempts + 1,
+                        error=None,
+                    )
+                ).rowcount  # type: ignore[attr-defined]
+            if won:
+                return self.get(job_id)
+        return None
+
+    def heartbeat(self, owner: str, job_ids: Iterable[str]) -> None:
+        ids = list(job_ids)
+        if not ids:
+            return
+        with self.session() as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id.in_(ids), JobRow.owner == owner, JobRow.state.in_([a.value for a in ACTIVE]))
+                .values(heartbeat_at=time.time())
+            )
+
+    def set_progress(self, job_id: str, owner: str, progress: dict[str, Any]) -> JobState | None:
+        """Record progress if `owner` still runs the job; returns the job's state (CANCELLING asks the runner
+        to stop), None when the job is no longer this owner's."""
+        now = time.time()
+        with self.session() as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.owner == owner, JobRow.state.in_([a.value for a in ACTIVE]))
+                .values(progress=_dumps(progress), heartbeat_at=now, updated_at=now)
+            )
+            row = s.scalar(select(JobRow).where(JobRow.id == job_id))
+        if row is None or row.owner != owner or JobState(row.state) not in ACTIVE:
+            return None
+        return JobState(row.state)
+
+    def recover(self, lease_seconds: float, dead_owners: Iterable[str] = ()) -> list[str]:
+        """Jobs whose dispatcher is gone (no heartbeat for `lease_seconds`, or an owner known dead) go back to
+        the queue (they resume from their checkpoints); an orphaned cancel request completes. Returns the ids."""
+        limit = time.time() - lease_seconds
+        dead = list(dead_owners)
+        with self.session() as s:
+            stale = select(JobRow.id, JobRow.state).where(JobRow.state.in_([a.value for a in ACTIVE]))
+            rows = [
+                (r.id, r.state) for r in s.execute(stale.where((JobRow.heartbeat_at < limit) | JobRow.owner.in_(dead)))
+            ]
+        moved = []
+        for job_id, state in rows:
+            expected = [JobState(state)]
+            if state == JobState.CANCELLING.value:
+                ok = self.transition(job_id, expected, JobState.CANCELLED, owner=None)
+            else:
+                ok = self.transition(job_id, expected, JobState.QUEUED, owner=None, progress={"stage": "requeued"})
+            if ok:
+                moved.append(job_id)
+        return moved
+
+    def owners(self) -> list[str]:
+        with self.session() as s:
+            q = select(JobRow.owner).where(JobRow.state.in_([a.value for a in ACTIVE])).distinct()
+            return [o for o in s.scalars(q) if o is not None]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state (for /metrics)."""
+        with self.session() as s:
+            rows = s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
+        out = {st.value: 0 for st in JobState}
+        out.update({state: int(n) for state, n in rows})
+        return out
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the dispatcher's writes
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
