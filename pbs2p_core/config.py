@@ -92,6 +92,9 @@ class CompressionConfig:
     # columns of highest OBS score, wherever they are
     salient_allocation: SalientAllocation = "block"
     column_feedback: bool = False  # GPTQ per-column error feedback inside a column block
+    # report, per linear, the error one-shot prune-then-binarize gets on the same weights ("before SPBO");
+    # costs one extra fit per column block, changes nothing in the compressed weights
+    spbo_report: bool = False
     scale_dtype: ScaleDtype = "fp16"  # storage precision of alpha/mu (the model uses the rounded values)
     scale_layout: ScaleLayout = "shared"  # measured: ~0.27 bit/weight cheaper than "full" at no layer-error cost
     skip_modules: tuple[str, ...] = ()  # fnmatch patterns of linear names left uncompressed

@@ -153,6 +153,9 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
     candidates: list[torch.Tensor | int] = [min(k, cfg.block_size // 2) for k in cfg.salient_search]
     if cfg.salient_allocation == "linear":
         per_block = salient_per_block(W, torch.diag(U), spans, cfg.salient_columns)
+    # "before SPBO" (config spbo_report): one-shot prune-then-binarize of the same compensated block
+    oneshot = cfg.replace(method="prune-binarize", spbo_report=False) if cfg.spbo_report and cfg.prunes else None
+    loss_spbo = loss_oneshot = 0.0
     for b, (s, e) in enumerate(spans):
         Wb, Ubb = W[:, s:e], U[s:e, s:e]
         d = torch.diag(Ubb)
@@ -171,14 +174,21 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
             if best is None or loss < best[0]:
                 best = (loss, code, err)
         assert best is not None
-        _, code, err = best
+        loss, code, err = best
+        if oneshot is not None:
+            first = _code_block(Wb, d, hdiag[s:e], H[s:e, s:e], Ubb, n_keep, code.salient, oneshot)
+            loss_oneshot += float(_obs_loss(Wb - first.dense(), Ubb)[1])
+            loss_spbo += float(loss)
         Q[:, s:e] = code.dense()
         W[:, e:] -= err @ U[s:e, e:]  # push the block's error onto later columns (GPTQ)
         blocks.append(code)
     delta = Q - W0
     base = torch.einsum("rc,cd,rd->", W0, H, W0)
     rel = float(torch.einsum("rc,cd,rd->", delta, H, delta) / base.clamp_min(1e-30))
-    return LinearResult(Q, blocks, n_keep if cfg.prunes else m, rel, inv.damping, inv.retries)
+    stats = {}
+    if oneshot is not None:  # the exact error scaled by the blocks' OBS-loss ratio (same weights, same H)
+        stats["rel_error_oneshot"] = rel * loss_oneshot / max(loss_spbo, 1e-30)
+    return LinearResult(Q, blocks, n_keep if cfg.prunes else m, rel, inv.damping, inv.retries, stats)
 
 
 def _column_feedback(Wb: torch.Tensor, Ubb: torch.Tensor, code: BlockCode) -> tuple[BlockCode, torch.Tensor]:

@@ -246,7 +246,7 @@ class Dispatcher:
                     "cosine": b["cosine"],
                     "seconds": round(b["seconds"], 2),
                     "linears": [
-                        {"name": lr["name"], "shape": lr["shape"], "rel_error": lr["rel_error"], "bits": lr["bits"]}
+                        {k: lr[k] for k in ("name", "shape", "rel_error", "rel_error_oneshot", "bits")}
                         for lr in b["linears"]
                     ],
                 }

@@ -242,3 +242,14 @@ def test_empty_models_built_in_threads_leave_nothing_patched():
     assert torch.nn.Linear(4, 4).weight.device.type == "cpu"
     rotary = built[0].model.rotary_emb.inv_freq
     assert not rotary.is_meta and torch.isfinite(rotary).all()
+
+
+def test_spbo_report_measures_before_spbo_without_changing_the_weights():
+    W, H = _problem(rows=64, cols=256, seed=3)
+    plain = compress_linear(W, H, 6, CompressionConfig(method="pbs2p"))
+    reported = compress_linear(W, H, 6, CompressionConfig(method="pbs2p", spbo_report=True))
+    assert torch.equal(plain.weight, reported.weight) and "rel_error_oneshot" not in plain.stats
+    # SPBO's loss is <= one-shot prune-binarize block by block (test above), so the estimate is >= the error
+    assert reported.stats["rel_error_oneshot"] >= reported.rel_error > 0
+    arb = compress_linear(W, H, 8, CompressionConfig(method="arb", spbo_report=True))
+    assert "rel_error_oneshot" not in arb.stats  # nothing is pruned: there is no "before SPBO"

@@ -50,6 +50,7 @@ class LinearReport:
     damping: float
     retries: int
     bits: dict[str, float]
+    rel_error_oneshot: float | None = None  # one-shot prune-binarize on the same weights (config spbo_report)
 
 
 @dataclass
@@ -333,7 +334,16 @@ def compress_block(
             bits = count_bits(res.blocks, res.n_keep, m, mask_bits)
             shape = (lin.out_features, lin.in_features)
             report.linears.append(
-                LinearReport(prefix + name, shape, res.n_keep, res.rel_error, res.damping, res.retries, bits.to_dict())
+                LinearReport(
+                    prefix + name,
+                    shape,
+                    res.n_keep,
+                    res.rel_error,
+                    res.damping,
+                    res.retries,
+                    bits.to_dict(),
+                    res.stats.get("rel_error_oneshot"),
+                )
             )
             if res.retries:
                 log.warning("%s: Hessian needed damping %g (%d retries)", prefix + name, res.damping, res.retries)
