@@ -24,7 +24,7 @@ WORKER_ENV = {
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PBS2P_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PBS2P_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path("pbs2p-data"), description="SQLite file, local artifacts and checkpoints")
     database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///DATA_DIR/jobs.db")
