@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # prepared models (the GGUF turned into safetensors once) are cached here
 export PBS2P_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: venv demo test lint bench-quality bench-speed bench-scaling bench-memory clean
+.PHONY: venv browser demo test lint bench-quality bench-speed bench-scaling bench-memory bench-service-load clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+# the dashboard's browser tests drive Debian's chromium (Playwright, no browser download)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
 demo: venv
 	$(BIN)/pbs2p demo
 
@@ -28,7 +32,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: venv lint
+test: venv browser lint
 	$(BIN)/python -m pytest -q
 
 bench-quality: venv
@@ -42,6 +46,9 @@ bench-scaling: venv
 
 bench-memory: venv
 	$(BIN)/python bench/memory.py
+
+bench-service-load: venv
+	$(BIN)/python bench/service_load.py
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -3,7 +3,6 @@
 Routes are thin: they validate, call the store / storage given to `create_app`, and map domain errors to HTTP.
 """
 
-
 import asyncio
 import json
 import logging
@@ -15,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
@@ -25,8 +25,9 @@ from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
 from workers.storage import LocalStorage, ObjectNotFound, Storage, StorageError, check_key, join_key
 
+from .dashboard import mount_dashboard
 from .models import check_model, check_text
-from .schemas import ArtifactFile, ArtifactPublic, JobCreate, JobList, JobPublic
+from .schemas import ArtifactFile, ArtifactPublic, JobCreate, JobList, JobPublic, ProblemDetails
 from .settings import Settings
 from .store import IdempotencyConflict, Job, JobState, Store, decode_cursor, encode_cursor
 
@@ -62,31 +63,34 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await self._too_large(scope, send)
+        if declared is not None or b"transfer-encoding" not in headers:
+            return await self.app(scope, receive, send)  # the server reads exactly Content-Length bytes (or none)
+        # A streamed (chunked) body is read here, up to the limit, before the app sees it. (Raising from inside
+        # the app's `receive` does not work: the http middleware wraps the error in an ExceptionGroup and FastAPI
+        # answers any error while it reads the body with a 400.)
+        messages: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return msg
+            messages.append(msg)
+            if msg["type"] != "http.request":
+                break
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                return await self._too_large(scope, send)
+            if not msg.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._too_large(scope, send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, send: Send) -> None:
         resp = problem_response(
             413, "Request body too large", f"the body exceeds {self.limit} bytes (PBS2P_MAX_BODY_BYTES)", scope["path"]
         )
         await resp(scope, _no_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _no_receive() -> Message:
@@ -153,7 +157,7 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
-            {"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]} for e in exc.errors()
+            {"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": _fix_hint(e)} for e in exc.errors()
         ]
         detail = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors)
         return problem_response(422, "Invalid request", detail, request.url.path, errors=errors)
@@ -175,11 +179,13 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     # -- auth -----------------------------------------------------------------------------------------
-    def tenant(authorization: Annotated[str | None, Header()] = None) -> str:
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+    bearer = HTTPBearer(auto_error=False, description="an API key (create one: pbs2p keys create TENANT)")
+
+    def tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        key = credentials.credentials.strip() if credentials is not None else ""
+        if not key:
             raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <key>' (create one: pbs2p keys create)")
-        found = store.tenant_for_key(key.strip())
+        found = store.tenant_for_key(key)
         if found is None:
             raise Problem(401, "Unauthorized", "the API key is not valid (unknown or revoked)")
         return found
@@ -203,7 +209,16 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/jobs", status_code=201, response_model=JobPublic, tags=["jobs"])
+    @app.post(
+        "/v1/jobs",
+        status_code=201,
+        response_model=JobPublic,
+        tags=["jobs"],
+        responses={
+            200: {"model": JobPublic, "description": "Replayed: the job of an earlier request with this key"},
+            **_errors(400, 401, 409, 413, 422),
+        },
+    )
     def submit(
         body: JobCreate,
         who: Tenant,
@@ -218,10 +233,13 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
         given = body.config.model_dump(exclude_none=True)
         try:
             cfg = CompressionConfig.from_dict(given)
-            if cfg.calib != "wiki":
-                check_text(cfg.calib, roots)
         except Pbs2pError as exc:
             raise _invalid_field(_field_named(str(exc), given, "config"), str(exc)) from None
+        if cfg.calib != "wiki":
+            try:
+                check_text(cfg.calib, roots)
+            except Pbs2pError as exc:
+                raise _invalid_field("config.calib", str(exc)) from None
         evaluate = body.evaluate.model_dump() if body.evaluate is not None else None
         if evaluate is not None:
             try:
@@ -243,7 +261,7 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return JobPublic.of(job)
 
-    @app.get("/v1/jobs", response_model=JobList, tags=["jobs"])
+    @app.get("/v1/jobs", response_model=JobList, tags=["jobs"], responses=_errors(401, 422))
     def list_jobs(
         who: Tenant,
         state: Annotated[list[JobState] | None, Query()] = None,
@@ -262,11 +280,13 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
         jobs, last = store.list_jobs(who, state or (), limit, before)
         return JobList(jobs=[JobPublic.of(j) for j in jobs], next_cursor=encode_cursor(last) if last else None)
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}", response_model=JobPublic, tags=["jobs"], responses=_errors(401, 404, 422))
     def get_job(job_id: JobId, who: Tenant) -> JobPublic:
         return JobPublic.of(own_job(job_id, who))
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobPublic, tags=["jobs"])
+    @app.post(
+        "/v1/jobs/{job_id}/cancel", response_model=JobPublic, tags=["jobs"], responses=_errors(401, 404, 409, 422)
+    )
     def cancel(job_id: JobId, who: Tenant) -> JobPublic:
         """A queued job is cancelled at once; a running one stops at its next block (CANCELLING)."""
         job = own_job(job_id, who)
@@ -281,7 +301,15 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
             return JobPublic.of(job)
         raise Problem(409, "Job already finished", f"job {job.id} is {job.state.value}; it cannot be cancelled")
 
-    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse)
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        tags=["jobs"],
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
+            **_errors(401, 404, 422),
+        },
+    )
     async def events(job_id: JobId, who: Tenant, request: Request) -> StreamingResponse:
         """Server-sent events: a `job` event with the job each time its state or progress changes; the stream
         ends after the job reaches a final state."""
@@ -322,7 +350,12 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
             log.error("job %s: artifact manifest unreadable: %s", job.id, exc)
             raise Problem(500, "Artifact unavailable", f"the artifact of job {job.id} cannot be read: {exc}") from None
 
-    @app.get("/v1/jobs/{job_id}/artifact", response_model=ArtifactPublic, tags=["artifacts"])
+    @app.get(
+        "/v1/jobs/{job_id}/artifact",
+        response_model=ArtifactPublic,
+        tags=["artifacts"],
+        responses=_errors(401, 404, 409, 422),
+    )
     def artifact(job_id: JobId, who: Tenant) -> ArtifactPublic:
         """Every file of the artifact with its size, sha256 and download URL (manifest.json last)."""
         job = own_job(job_id, who)
@@ -336,7 +369,16 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
             job=job.id, format_version=manifest.get("format_version"), files=files, manifest_url=f"{base}/{MANIFEST}"
         )
 
-    @app.get("/v1/jobs/{job_id}/artifact/{name:path}", tags=["artifacts"], response_class=Response)
+    @app.get(
+        "/v1/jobs/{job_id}/artifact/{name:path}",
+        tags=["artifacts"],
+        response_class=Response,
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "The file (local storage)"},
+            307: {"description": "Redirect to a presigned URL of the file (S3 storage)"},
+            **_errors(401, 404, 409, 422),
+        },
+    )
     def artifact_file(job_id: JobId, name: str, who: Tenant) -> Response:
         """One file: a redirect to a presigned URL (S3) or the bytes (local storage)."""
         job = own_job(job_id, who)
@@ -352,7 +394,51 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
             raise Problem(500, "No download URL", f"the storage backend gives no URL for {name}")
         return RedirectResponse(url, status_code=307)
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's spec, with every error response as what it is: application/problem+json, ProblemDetails."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = default_openapi()  # FastAPI keeps it as app.openapi_schema: this runs once
+        problem_schema = ProblemDetails.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(problem_schema.pop("$defs", {}))
+        schemas["ProblemDetails"] = problem_schema
+        for item in spec.get("paths", {}).values():
+            for operation in item.values():
+                for code, response in operation.get("responses", {}).items():
+                    if code[:1] in ("4", "5"):
+                        response["content"] = {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+        for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, not ours
+            schemas.pop(unused, None)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    mount_dashboard(app)  # the web UI at /ui/ (and / redirects there); its data comes from /v1
     return app
+
+
+_ERRORS = {
+    400: "The body cannot be read (not UTF-8 JSON)",
+    401: "No valid API key (header WWW-Authenticate: Bearer)",
+    404: "No such job for this API key (another tenant's job looks the same)",
+    409: "Conflict with the job's state, or an Idempotency-Key reused with another body",
+    413: "Request body above PBS2P_MAX_BODY_BYTES",
+    422: "Invalid request: `errors` names each field and what to change",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries of error responses (their content is set in `create_app`'s openapi())."""
+    return {code: {"description": _ERRORS[code]} for code in codes}
+
+
+def _fix_hint(error: Any) -> str:
+    """pydantic's message, with what to do where it does not say."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field; remove it or check its spelling (the fields are listed at /docs)"
+    return str(error["msg"])
 
 
 def _invalid_field(field: str, message: str) -> Problem:

@@ -35,10 +35,14 @@ class Client:
         self.http.close()
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            resp = self.http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            raise Pbs2pError(f"cannot reach the service at {self.http.base_url}: {exc}") from exc
+        for attempt in range(3 if method == "GET" else 1):  # a GET is safe to repeat after a dropped connection
+            try:
+                resp = self.http.request(method, path, **kw)
+                break
+            except httpx.TransportError as exc:
+                if attempt == (2 if method == "GET" else 0):
+                    raise Pbs2pError(f"cannot reach the service at {self.http.base_url}: {exc}") from exc
+                time.sleep(0.2 * (attempt + 1))
         if resp.status_code >= 400:
             try:
                 detail = resp.json().get("detail") or resp.text

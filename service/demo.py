@@ -32,7 +32,9 @@ def start_service(
     full_env.update(env or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "service.log", "ab") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=full_env, stdout=log, stderr=log)
+        proc = subprocess.Popen(  # its own process group: the service and its local Ray stop together
+            [sys.executable, "-m", "service.cli", "serve"], env=full_env, stdout=log, stderr=log, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

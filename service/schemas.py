@@ -148,3 +148,19 @@ class ArtifactPublic(BaseModel):
     format_version: int | None
     files: list[ArtifactFile]
     manifest_url: str
+
+
+class ProblemField(BaseModel):
+    field: str = Field(description="the request field, dotted (config.pattern, query.limit, ...)")
+    message: str = Field(description="what is wrong and what to change")
+
+
+class ProblemDetails(BaseModel):
+    """An error, as RFC 9457 problem details (sent as application/problem+json)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str = ""
+    errors: list[ProblemField] | None = Field(None, description="422 only: each invalid field")

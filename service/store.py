@@ -169,7 +169,10 @@ def decode_cursor(cursor: str) -> int:
     raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     if not raw.startswith("s") or not raw[1:].isdigit():
         raise ValueError("not a cursor")
-    return int(raw[1:])
+    seq = int(raw[1:])
+    if seq > 2**63 - 1:  # no row has it; the database would refuse the number (a 500 instead of a 422)
+        raise ValueError("not a cursor")
+    return seq
 
 
 class Store:

@@ -1,0 +1,423 @@
+// pbs2p dashboard: plain ES module, no dependencies. Data comes only from the /v1 API with the key the user
+// typed, kept in sessionStorage (gone when the tab closes). Everything from the API is inserted as text.
+
+const KEY = "pbs2p.key";
+const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+let page = new AbortController(); // aborted when the page changes: closes its event streams
+
+// ---------------------------------------------------------------------------------------------- helpers
+
+function h(tag, attrs = {}, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "text") el.textContent = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const kid of kids.flat()) if (kid !== null && kid !== undefined) el.append(kid);
+  return el;
+}
+
+function s(tag, attrs = {}, ...kids) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  for (const kid of kids) el.append(kid);
+  return el;
+}
+
+const num = (x, d = 2) => (x === null || x === undefined ? "n/a" : Number(x).toFixed(d));
+const secs = (x) => (x === null || x === undefined ? "n/a" : x < 90 ? `${Math.round(x)} s` : `${Math.round(x / 60)} min`);
+const bytes = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
+const when = (t) => (t ? new Date(t).toLocaleString() : "");
+const badge = (state) => h("span", { class: `badge ${state.toLowerCase()}`, "data-state": state, text: state });
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super(problem.detail || problem.title || `HTTP ${status}`);
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+async function api(path, { method = "GET", body, signal, raw = false, key } = {}) {
+  key = key ?? sessionStorage.getItem(KEY);
+  if (!key) throw new ApiError(401, { detail: "sign in with an API key" });
+  const headers = { Authorization: `Bearer ${key}`, Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const res = await fetch(path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (!res.ok) {
+    let problem = {};
+    try { problem = await res.json(); } catch { problem = { detail: `${res.status} ${res.statusText}` }; }
+    const err = new ApiError(res.status, problem);
+    if (res.status === 401 && key === sessionStorage.getItem(KEY)) signOut(err.message);
+    throw err;
+  }
+  return raw ? res : res.json();
+}
+
+// Server-sent events over fetch (EventSource cannot send the Authorization header): calls onJob with every
+// `job` event until `end`; reconnects after a dropped connection unless `signal` aborts.
+async function follow(job, onJob, signal) {
+  while (!signal.aborted) {
+    try {
+      const res = await api(job.links.events, { signal, raw: true });
+      const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf = (buf + value).replace(/\r\n?/g, "\n");
+        let cut;
+        while ((cut = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, cut);
+          buf = buf.slice(cut + 2);
+          let event = "message";
+          const data = [];
+          for (const line of block.split("\n")) {
+            const i = line.indexOf(":");
+            if (i === 0) continue; // a comment (keep-alive)
+            const field = i < 0 ? line : line.slice(0, i);
+            const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+            if (field === "event") event = val;
+            else if (field === "data") data.push(val);
+          }
+          if (event === "job") onJob(JSON.parse(data.join("\n")));
+          else if (event === "end") return;
+        }
+      }
+    } catch (err) {
+      if (signal.aborted || (err instanceof ApiError && err.status !== 503)) return;
+    }
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+function progressBar(job) {
+  const p = job.progress || {};
+  const pct = job.state === "SUCCEEDED" ? 100 : p.percent ?? 0;
+  const parts = [];
+  if (p.stage && !TERMINAL.has(job.state)) parts.push(p.stage);
+  if (p.blocks) parts.push(`block ${p.block} of ${p.blocks}`);
+  if (p.eta_seconds !== null && p.eta_seconds !== undefined && !TERMINAL.has(job.state)) parts.push(`ETA ${secs(p.eta_seconds)}`);
+  const fill = h("div", { class: "fill" });
+  fill.style.width = `${Math.max(0, Math.min(100, pct))}%`;
+  return h("div", { class: "progress" },
+    h("div", { class: `bar ${job.state.toLowerCase()}`, role: "progressbar", "aria-valuenow": pct, "aria-valuemin": 0, "aria-valuemax": 100 }, fill),
+    h("span", { class: "ptext", title: job.error, text: parts.join(" · ") || (job.error ? job.error.split("\n")[0].slice(0, 80) : TERMINAL.has(job.state) ? "" : "waiting") }));
+}
+
+function errorBox(err) {
+  const box = h("div", { class: "alert", role: "alert", text: err.message });
+  const list = err.problem?.errors;
+  if (list?.length > 1) box.append(h("ul", {}, list.map((e) => h("li", { text: `${e.field || "body"}: ${e.message}` }))));
+  return box;
+}
+
+// Downloads need the auth header: fetch as a blob and save it through an object URL.
+async function download(job, file, button) {
+  button.disabled = true;
+  try {
+    const blob = await (await api(file.url, { raw: true })).blob();
+    const url = URL.createObjectURL(blob);
+    h("a", { href: url, download: file.name }).click();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (err) {
+    alert(`${file.name}: ${err.message} (presigned S3 downloads: use \`pbs2p download ${job.id}\`)`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function filesPanel(job) {
+  const box = h("div", { class: "files" }, h("p", { class: "muted", text: "loading files…" }));
+  try {
+    const art = await api(job.links.artifact);
+    box.replaceChildren(h("table", { class: "files" },
+      h("thead", {}, h("tr", {}, h("th", { text: "file" }), h("th", { text: "size" }), h("th", { text: "sha256" }), h("th"))),
+      h("tbody", {}, art.files.map((f) => {
+        const btn = h("button", { type: "button", text: "Download" });
+        btn.addEventListener("click", () => download(job, f, btn));
+        return h("tr", {}, h("td", { text: f.name }), h("td", { class: "num", text: bytes(f.size) }),
+          h("td", { class: "mono", title: f.sha256, text: `${f.sha256.slice(0, 16)}…` }), h("td", {}, btn));
+      }))));
+  } catch (err) {
+    box.replaceChildren(errorBox(err));
+  }
+  return box;
+}
+
+function actions(job, onChange, extra) {
+  const out = [];
+  if (!TERMINAL.has(job.state) && job.state !== "CANCELLING") {
+    out.push(h("button", { type: "button", class: "danger", text: "Cancel", onclick: async (ev) => {
+      ev.target.disabled = true;
+      try { onChange(await api(`${job.links.self}/cancel`, { method: "POST" })); } catch (err) { alert(err.message); }
+    } }));
+  }
+  if (job.state === "SUCCEEDED") {
+    out.push(h("button", { type: "button", text: "Files", onclick: async () => extra.replaceChildren(await filesPanel(job)) }));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------- pages
+
+function signInPage(message) {
+  nav.hidden = true;
+  const input = h("input", { type: "password", id: "key", name: "key", autocomplete: "off", required: true, placeholder: "pbs2p_…" });
+  const err = h("div", { id: "signin-error" });
+  if (message) err.append(h("div", { class: "alert", role: "alert", text: message }));
+  const form = h("form", { id: "signin", class: "card narrow" },
+    h("h2", { text: "Sign in" }),
+    h("p", { class: "muted", text: "Paste an API key (create one with `pbs2p keys create`). It is kept in this tab only." }),
+    h("label", { for: "key", text: "API key" }), input, err,
+    h("button", { type: "submit", class: "primary", text: "Sign in" }));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const key = input.value.trim();
+    try {
+      await api("/v1/jobs?limit=1", { key });
+      sessionStorage.setItem(KEY, key);
+      route();
+    } catch (e) {
+      err.replaceChildren(h("div", { class: "alert", role: "alert", text: e.message }));
+    }
+  });
+  main.replaceChildren(form);
+  input.focus();
+}
+
+async function jobsPage() {
+  const body = h("tbody");
+  const more = h("button", { type: "button", hidden: true, text: "Older jobs" });
+  const table = h("table", { id: "jobs" },
+    h("thead", {}, h("tr", {}, ["job", "state", "model", "method", "pattern", "progress", "created", ""].map((t) => h("th", { text: t })))),
+    body);
+  main.replaceChildren(h("section", {},
+    h("div", { class: "titlebar" }, h("h2", { text: "Jobs" }),
+      h("button", { type: "button", text: "Refresh", onclick: () => route() }),
+      h("a", { class: "button primary", href: "#/new", text: "New job" })),
+    table, more));
+  const signal = page.signal;
+
+  function row(job) {
+    const extra = h("td", { colspan: 8 });
+    const tr = h("tr", { "data-job": job.id });
+    const sub = h("tr", { class: "sub" }, extra);
+    const render = (j) => tr.replaceChildren(
+      h("td", {}, h("a", { href: `#/jobs/${j.id}`, text: j.name || j.id }), j.name ? h("div", { class: "muted mono", text: j.id }) : null),
+      h("td", {}, badge(j.state)), h("td", { class: "model", title: j.model, text: j.model }),
+      h("td", { text: j.config.method }), h("td", { text: j.config.pattern }), h("td", {}, progressBar(j)),
+      h("td", { class: "muted", text: when(j.created_at) }), h("td", { class: "actions" }, actions(j, render, extra)));
+    render(job);
+    if (!TERMINAL.has(job.state)) follow(job, render, signal);
+    return [tr, sub];
+  }
+
+  async function load(cursor) {
+    const q = cursor ? `?cursor=${encodeURIComponent(cursor)}` : "";
+    const list = await api(`/v1/jobs${q}`, { signal });
+    body.append(...list.jobs.flatMap(row));
+    if (!cursor && !list.jobs.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted", text: "No jobs yet." })));
+    more.hidden = !list.next_cursor;
+    more.onclick = () => load(list.next_cursor).catch(show);
+  }
+  const show = (err) => { if (!signal.aborted) main.append(errorBox(err)); };
+  await load().catch(show);
+}
+
+function nChart(blocks, pattern) {
+  const m = Number(String(pattern).split(":")[1]) || Math.max(...blocks.map((b) => b.n_keep));
+  const target = Number(String(pattern).split(":")[0]);
+  const W = Math.max(320, 28 * blocks.length + 60), H = 200, L = 36, B = 28, T = 10;
+  const bw = (W - L - 10) / blocks.length;
+  const y = (v) => T + (H - T - B) * (1 - v / m);
+  const svg = s("svg", { id: "nchart", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "kept weights N per block" });
+  for (let v = 0; v <= m; v += m > 8 ? 2 : 1) {
+    svg.append(s("line", { x1: L, x2: W - 10, y1: y(v), y2: y(v), class: "grid" }),
+      s("text", { x: L - 6, y: y(v) + 4, class: "tick", "text-anchor": "end" }, String(v)));
+  }
+  blocks.forEach((b, i) => {
+    const x = L + i * bw + bw * 0.15;
+    svg.append(s("rect", { class: "bar", x, y: y(b.n_keep), width: bw * 0.7, height: y(0) - y(b.n_keep), "data-block": b.index },
+      s("title", {}, `block ${b.index}: N = ${b.n_keep} of ${m}, cosine ${num(b.cosine, 4)}, ${secs(b.seconds)}`)));
+    if (blocks.length <= 48 || b.index % 4 === 0) {
+      svg.append(s("text", { x: x + bw * 0.35, y: H - B + 16, class: "tick", "text-anchor": "middle" }, String(b.index)));
+    }
+  });
+  if (target) svg.append(s("line", { x1: L, x2: W - 10, y1: y(target), y2: y(target), class: "target" }));
+  return svg;
+}
+
+function layerTable(blocks) {
+  const rows = blocks.flatMap((b) => b.linears.map((lr) => ({ block: b.index, n: b.n_keep, ...lr })));
+  const max = Math.max(1e-9, ...rows.flatMap((r) => [r.rel_error ?? 0, r.rel_error_oneshot ?? 0]));
+  const bar = (v, cls) => {
+    if (v === null || v === undefined) return null;
+    const el = h("span", { class: `ebar ${cls}` });
+    el.style.width = `${(100 * (v ?? 0)) / max}%`;
+    return h("div", { class: "etrack" }, el);
+  };
+  return h("table", { id: "layers" },
+    h("thead", {}, h("tr", {}, ["block", "N", "linear", "shape", "error before SPBO", "error after SPBO", "change", "paper bits", "true bits"].map((t) => h("th", { text: t })))),
+    h("tbody", {}, rows.map((r) => {
+      const before = r.rel_error_oneshot, after = r.rel_error;
+      const change = before ? `${(100 * (after / before - 1)).toFixed(1)}%` : "n/a";
+      return h("tr", { class: "layer" },
+        h("td", { class: "num", text: r.block }), h("td", { class: "num", text: r.n }),
+        h("td", { class: "mono", title: r.name, text: r.name.replace(/^.*layers\.\d+\./, "") }),
+        h("td", { class: "mono", text: (r.shape || []).join("×") }),
+        h("td", { class: "num" }, num(before, 4), bar(before, "before")), h("td", { class: "num" }, num(after, 4), bar(after, "after")),
+        h("td", { class: "num", text: change }), h("td", { class: "num", text: num(r.bits?.paper_bits, 3) }),
+        h("td", { class: "num", text: num(r.bits?.true_bits, 3) }));
+    })));
+}
+
+const stat = (label, value, id) => h("div", { class: "stat", id }, h("div", { class: "label", text: label }), h("div", { class: "value", text: value }));
+
+async function jobPage(id) {
+  const signal = page.signal;
+  const root = h("section", { id: "job" });
+  main.replaceChildren(root);
+  let job;
+  try {
+    job = await api(`/v1/jobs/${encodeURIComponent(id)}`, { signal });
+  } catch (err) {
+    if (!signal.aborted) root.replaceChildren(h("a", { href: "#/jobs", text: "← Jobs" }), errorBox(err));
+    return;
+  }
+  const render = (j) => {
+    const m = j.metrics || {}, t = j.timings || {}, blocks = j.report?.blocks || [];
+    const extra = h("div");
+    root.replaceChildren(h("div", {},
+      h("a", { href: "#/jobs", text: "← Jobs" }),
+      h("div", { class: "titlebar" }, h("h2", { text: j.name || j.id }), badge(j.state), actions(j, render, extra)),
+      h("p", { class: "muted mono", text: `${j.id} · ${j.model}` }),
+      progressBar(j), extra,
+      j.error ? h("div", { class: "alert", id: "job-error", role: "alert" }, h("strong", { text: "Error: " }), j.error) : null,
+      h("div", { class: "stats" },
+        stat("perplexity before", num(m.ppl_before), "ppl-before"), stat("perplexity after", num(m.ppl_after), "ppl-after"),
+        stat("paper bits / weight", num(m.paper_bits, 3), "paper-bits"), stat("true bits / weight", num(m.true_bits, 3), "true-bits"),
+        stat("mean rel. error", num(m.mean_rel_error, 4)),
+        stat("timings", `prepare ${secs(t.prepare_s)} · compress ${secs(t.compress_s)} · evaluate ${secs(t.evaluate_s)}`, "timings")),
+      blocks.length ? h("div", { class: "card" }, h("h3", { text: `Kept weights N per block (coarse stage, ${j.config.pattern} target dashed)` }), h("div", { class: "chart" }, nChart(blocks, j.config.pattern))) : null,
+      blocks.length ? h("div", { class: "card" }, h("h3", { text: "Per-layer reconstruction error" }),
+        j.config.spbo_report ? null : h("p", { class: "muted", text: "“Before SPBO” needs the config field spbo_report: true." }),
+        h("div", { class: "scroll" }, layerTable(blocks))) : null,
+      h("details", { class: "card", open: !blocks.length },
+        h("summary", { text: "Config" }),
+        h("dl", { id: "config" }, Object.entries({ ...j.config, ...(j.evaluate ? { evaluate: j.evaluate } : {}) })
+          .flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { class: "mono", text: typeof v === "object" ? JSON.stringify(v) : String(v) })])))));
+  };
+  render(job);
+  if (!TERMINAL.has(job.state)) follow(job, render, signal);
+}
+
+function field(label, name, input, hint) {
+  input.name = name;
+  input.id = `f-${name}`;
+  return h("div", { class: "field", "data-field": name }, h("label", { for: input.id, text: label }), input,
+    hint ? h("small", { class: "muted", text: hint }) : null, h("div", { class: "ferror" }));
+}
+
+function newJobPage() {
+  const i = (attrs) => h("input", attrs);
+  const form = h("form", { id: "submit", class: "card", novalidate: true },
+    h("h2", { text: "New compression job" }),
+    h("div", { id: "form-error" }),
+    h("div", { class: "grid" },
+      field("Model", "model", i({ required: true, placeholder: "smollm2-135m, a local path, s3://… or hf:org/name" })),
+      field("Name (optional)", "name", i({})),
+      field("Method", "config.method", h("select", {}, ["pbs2p", "prune-binarize", "arb", "fp"].map((m) => h("option", { text: m })))),
+      field("Pattern N:M", "config.pattern", i({ value: "6:8" })),
+      field("Calibration text", "config.calib", i({ placeholder: "wiki" }), "'wiki' or a text file"),
+      field("Calibration samples", "config.calib_samples", i({ type: "number", min: 1, placeholder: "64" })),
+      field("Sequence length", "config.seqlen", i({ type: "number", min: 8, placeholder: "512" })),
+      field("Error before SPBO", "config.spbo_report", h("select", {}, h("option", { value: "", text: "not reported" }), h("option", { value: "true", text: "report (slower)" }))),
+      field("Evaluate on", "evaluate.data", i({ placeholder: "no evaluation" }), "'wiki' or a text file; empty: no perplexity"),
+      field("Evaluate windows", "evaluate.windows", i({ type: "number", min: 1, placeholder: "40" })),
+      field("Evaluate sequence length", "evaluate.seqlen", i({ type: "number", min: 8, placeholder: "512" }))),
+    field("Other config fields (JSON)", "config", h("textarea", { rows: 3, placeholder: '{"block_size": 128, "salient_columns": 8}' })),
+    h("button", { type: "submit", class: "primary", text: "Submit" }));
+  const val = (name) => form.elements[name].value.trim();
+  const int = (name) => (val(name) === "" ? undefined : Number(val(name)));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    form.querySelectorAll(".ferror").forEach((e) => e.replaceChildren());
+    form.querySelectorAll(".field.invalid").forEach((e) => e.classList.remove("invalid"));
+    const formError = form.querySelector("#form-error");
+    formError.replaceChildren();
+    let config;
+    try {
+      config = val("config") ? JSON.parse(val("config")) : {};
+      if (typeof config !== "object" || Array.isArray(config) || config === null) throw new Error("not a JSON object");
+    } catch (e) {
+      return showErrors(form, new ApiError(0, { detail: `config: ${e.message}`, errors: [{ field: "config", message: e.message }] }));
+    }
+    for (const k of ["method", "pattern", "calib"]) if (val(`config.${k}`)) config[k] = val(`config.${k}`);
+    for (const k of ["calib_samples", "seqlen"]) if (int(`config.${k}`) !== undefined) config[k] = int(`config.${k}`);
+    if (val("config.spbo_report")) config.spbo_report = true;
+    const body = { model: val("model"), config };
+    if (val("name")) body.name = val("name");
+    if (val("evaluate.data")) {
+      body.evaluate = { data: val("evaluate.data") };
+      for (const k of ["windows", "seqlen"]) if (int(`evaluate.${k}`) !== undefined) body.evaluate[k] = int(`evaluate.${k}`);
+    }
+    const button = form.querySelector("button[type=submit]");
+    button.disabled = true;
+    try {
+      await api("/v1/jobs", { method: "POST", body });
+      location.hash = "#/jobs";
+    } catch (err) {
+      showErrors(form, err);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  main.replaceChildren(form);
+}
+
+// The problem's detail above the form, each errors[] message next to its field (the closest enclosing name).
+function showErrors(form, err) {
+  form.querySelector("#form-error").replaceChildren(errorBox(err));
+  for (const e of err.problem?.errors || []) {
+    const names = [...form.querySelectorAll(".field")].map((f) => f.dataset.field);
+    const parts = (e.field || "").split(".");
+    while (parts.length && !names.includes(parts.join("."))) parts.pop();
+    const box = parts.length && form.querySelector(`.field[data-field="${parts.join(".")}"]`);
+    if (box) {
+      box.classList.add("invalid");
+      box.querySelector(".ferror").append(h("div", { text: e.message }));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- routing
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY);
+  page.abort();
+  page = new AbortController();
+  signInPage(message);
+}
+
+function route() {
+  page.abort();
+  page = new AbortController();
+  if (!sessionStorage.getItem(KEY)) return signInPage();
+  nav.hidden = false;
+  const [, name, id] = location.hash.split("/");
+  if (name === "new") return newJobPage();
+  if (name === "jobs" && id) return jobPage(decodeURIComponent(id));
+  return jobsPage();
+}
+
+document.getElementById("signout").addEventListener("click", () => {
+  history.replaceState(null, "", location.pathname); // no hashchange: the message below stays
+  signOut("Signed out.");
+});
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,451 @@
+"""The HTTP API (service/app.py) over real HTTP: uvicorn on 127.0.0.1 in a background thread, httpx as the client,
+a SQLite store and local artifact storage; no dispatcher (jobs are moved through their states with the store)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from service_helpers import Service, running_service
+from test_pipeline import make_model, save_tokenizer
+
+from pbs2p_core.config import CompressionConfig
+from service.store import JobState, encode_cursor
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(allowed model root, a directory outside it), with a tiny model, text files and traps."""
+    base = tmp_path_factory.mktemp("api")
+    root, outside = base / "root", base / "outside"
+    make_model(root / "model", layers=2)
+    save_tokenizer(root / "model")
+    (root / "calib.txt").write_text("w1 w2 w3\n\nw4 w5 w6\n")
+    (root / "eval.jsonl").write_text(json.dumps({"text": "w1 w2"}) + "\n")
+    (root / "pickled").mkdir()
+    (root / "pickled" / "config.json").write_text("{}")
+    (root / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    shutil.copytree(root / "model", outside / "model")
+    (outside / "calib.txt").write_text("w1 w2\n")
+    (root / "escape").symlink_to(outside / "model", target_is_directory=True)
+    return root, outside
+
+
+@pytest.fixture(scope="module")
+def svc(dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with running_service(tmp_path_factory.mktemp("data"), dirs[0]) as service:
+        yield service
+
+
+@pytest.fixture
+def client(svc: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=svc.url, timeout=20) as c:
+        yield c
+
+
+_tenants = iter(range(10**6))
+
+
+@pytest.fixture
+def auth(svc: Service) -> dict[str, str]:
+    """Headers of a fresh tenant (tests share one server; a new tenant sees only its own jobs)."""
+    return svc.key(f"tenant-{next(_tenants)}")
+
+
+def problem(resp: httpx.Response, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith(PROBLEM)
+    body = resp.json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    return body
+
+
+def model_path(svc: Service) -> str:
+    return str(svc.root / "model")
+
+
+def submit(client: httpx.Client, auth: dict[str, str], svc: Service, **body: Any) -> dict[str, Any]:
+    resp = client.post("/v1/jobs", json={"model": model_path(svc), **body}, headers=auth)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+# -- auth and tenants -----------------------------------------------------------------------------------------
+def test_unauthenticated_requests_get_401_problems(svc: Service, client: httpx.Client) -> None:
+    revoked = svc.store.create_key("gone")
+    assert svc.store.revoke_key(revoked[:12]) == 1
+    for headers in (
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer pbs2p_not-a-real-key"},
+        {"Authorization": f"Bearer {revoked}"},
+    ):
+        for method, path in (("GET", "/v1/jobs"), ("GET", "/v1/jobs/job_x"), ("POST", "/v1/jobs/job_x/cancel")):
+            resp = client.request(method, path, headers=headers)
+            body = problem(resp, 401)
+            assert resp.headers["www-authenticate"] == "Bearer"
+            assert "Bearer" in body["detail"] or "not valid" in body["detail"]
+        resp = client.post("/v1/jobs", json={"model": model_path(svc)}, headers=headers)
+        problem(resp, 401)
+    assert svc.store.list_jobs("gone") == ([], None)
+
+
+def test_another_tenants_job_looks_missing(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
+    job = submit(client, auth, svc)
+    other = svc.key("someone-else")
+    missing = "job_" + "0" * 24
+    for suffix, method in (("", "GET"), ("/cancel", "POST"), ("/artifact", "GET"), ("/events", "GET")):
+        theirs = problem(client.request(method, f"/v1/jobs/{job['id']}{suffix}", headers=other), 404)
+        nothing = problem(client.request(method, f"/v1/jobs/{missing}{suffix}", headers=other), 404)
+        assert json.dumps(theirs).replace(job["id"], "ID") == json.dumps(nothing).replace(missing, "ID")
+    assert client.get("/v1/jobs", headers=other).json()["jobs"] == []
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["state"] == "QUEUED"  # untouched
+
+
+# -- body size ------------------------------------------------------------------------------------------------
+def test_oversized_bodies_get_413(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
+    limit = svc.settings.max_body_bytes
+    big = json.dumps({"model": model_path(svc), "name": "x" * (limit + 10)}).encode()
+    problem(client.post("/v1/jobs", content=big, headers={**auth, "Content-Type": "application/json"}), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent with Transfer-Encoding: chunked
+        for i in range(0, len(big), 4096):
+            yield big[i : i + 4096]
+
+    resp = client.post("/v1/jobs", content=chunks(), headers={**auth, "Content-Type": "application/json"})
+    assert resp.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in resp.request.headers
+    body = problem(resp, 413)
+    assert str(limit) in body["detail"] and "PBS2P_MAX_BODY_BYTES" in body["detail"]
+    assert client.get("/v1/jobs", headers=auth).json()["jobs"] == []  # nothing was created
+    # a body just under the limit is read normally (and refused for its content, not its size)
+    small = json.dumps({"model": model_path(svc), "name": "x" * 150}).encode()
+    assert client.post("/v1/jobs", content=small, headers={**auth, "Content-Type": "application/json"}).status_code in (
+        201,
+        422,
+    )
+
+
+# -- validation -----------------------------------------------------------------------------------------------
+Case = Callable[[Path, Path], dict[str, Any]]
+M = "ROOT/model"  # replaced by the real path
+INVALID: list[tuple[str, dict[str, Any], str, str]] = [
+    # (case id, body (ROOT / OUTSIDE replaced), field named, words of the message that say what to do)
+    ("unknown-config-field", {"model": M, "config": {"colour": "red"}}, "config.colour", "remove it"),
+    ("pattern-9:8", {"model": M, "config": {"pattern": "9:8"}}, "config.pattern", "use N < M"),
+    ("pattern-abc", {"model": M, "config": {"pattern": "abc"}}, "config.pattern", "pattern"),
+    ("pattern-1:17", {"model": M, "config": {"pattern": "1:17"}}, "config.pattern", "between 2 and 16"),
+    ("spbo-steps-too-large", {"model": M, "config": {"spbo_steps": 99}}, "config.spbo_steps", "less than or equal"),
+    ("spbo-steps-above-m-n", {"model": M, "config": {"spbo_steps": 5}}, "config.spbo_steps", "between 1 and M - N"),
+    ("block-size", {"model": M, "config": {"block_size": 100}}, "config.block_size", "multiple of M=8"),
+    ("method", {"model": M, "config": {"method": "gptq"}}, "config.method", "'pbs2p'"),
+    ("model-outside-roots", {"model": "OUTSIDE/model"}, "model", "not under an allowed root"),
+    ("model-dotdot", {"model": "ROOT/../outside/model"}, "model", "give a plain path under an allowed root"),
+    ("model-symlink-escape", {"model": "ROOT/escape"}, "model", "not under an allowed root"),
+    ("model-missing", {"model": "ROOT/nothing-here"}, "model", "does not exist"),
+    ("model-pickle-only", {"model": "ROOT/pickled"}, "model", "convert to safetensors"),
+    ("model-unknown", {"model": "not a model!"}, "model", "use an alias"),
+    ("model-relative", {"model": "./model"}, "model", "use an alias"),
+    ("model-s3-no-prefix", {"model": "s3://bucket"}, "model", "s3://BUCKET/PREFIX"),
+    ("model-empty", {"model": ""}, "model", "at least 1 character"),
+    ("model-absent", {}, "model", "Field required"),
+    ("calib-outside-roots", {"model": M, "config": {"calib": "OUTSIDE/calib.txt"}}, "config.calib", "allowed root"),
+    ("calib-not-text", {"model": M, "config": {"calib": "ROOT/model/config.json"}}, "config.calib", ".txt"),
+    ("calib-relative", {"model": M, "config": {"calib": "calib.txt"}}, "config.calib", "must be absolute"),
+    ("evaluate-data-outside", {"model": M, "evaluate": {"data": "OUTSIDE/calib.txt"}}, "evaluate.data", "allowed"),
+    ("evaluate-data-missing", {"model": M, "evaluate": {"data": "ROOT/none.txt"}}, "evaluate.data", "does not exist"),
+    ("evaluate-seqlen", {"model": M, "evaluate": {"seqlen": 1}}, "evaluate.seqlen", "greater than or equal to 8"),
+    ("evaluate-extra", {"model": M, "evaluate": {"windowz": 3}}, "evaluate.windowz", "remove it"),
+    ("extra-top-level", {"model": M, "colour": "red"}, "colour", "remove it"),
+    ("config-not-object", {"model": M, "config": "6:8"}, "config", "valid dictionary"),
+]
+
+
+def _fill(value: Any, root: Path, outside: Path) -> Any:
+    if isinstance(value, dict):
+        return {k: _fill(v, root, outside) for k, v in value.items()}
+    if isinstance(value, str):
+        return value.replace("ROOT", str(root)).replace("OUTSIDE", str(outside))
+    return value
+
+
+@pytest.mark.parametrize(("body", "field", "hint"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_submissions_get_422_naming_the_field_and_the_fix(
+    svc: Service,
+    dirs: tuple[Path, Path],
+    client: httpx.Client,
+    auth: dict[str, str],
+    body: dict[str, Any],
+    field: str,
+    hint: str,
+) -> None:
+    resp = client.post("/v1/jobs", json=_fill(body, svc.root, dirs[1].resolve()), headers=auth)
+    got = problem(resp, 422)
+    assert field in [e["field"] for e in got["errors"]], got
+    assert hint in got["detail"], got
+    assert got["detail"].startswith(field) or f"; {field}:" in got["detail"], got
+    assert client.get("/v1/jobs", headers=auth).json()["jobs"] == []
+
+
+def test_malformed_json_gets_422(client: httpx.Client, auth: dict[str, str]) -> None:
+    resp = client.post("/v1/jobs", content=b'{"model": ', headers={**auth, "Content-Type": "application/json"})
+    problem(resp, 422)
+    problem(client.post("/v1/jobs", json=["a list"], headers=auth), 422)
+
+
+# -- submit ---------------------------------------------------------------------------------------------------
+def test_submit_returns_201_with_location_and_the_resolved_config(
+    svc: Service, client: httpx.Client, auth: dict[str, str]
+) -> None:
+    config = {"pattern": "5:8", "calib": str(svc.root / "calib.txt"), "seqlen": 64, "salient_search": [0, 4]}
+    evaluate = {"data": str(svc.root / "eval.jsonl"), "seqlen": 32, "windows": 2}
+    body = {"model": model_path(svc), "config": config, "evaluate": evaluate, "name": "first job"}
+    resp = client.post("/v1/jobs", json=body, headers=auth)
+    assert resp.status_code == 201, resp.text
+    job = resp.json()
+    assert resp.headers["location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
+    assert job["state"] == "QUEUED" and job["name"] == "first job" and job["model"] == model_path(svc)
+    full = CompressionConfig.from_dict(config).to_dict()
+    assert job["config"] == full and job["config"]["allocation"] == "cfs"  # every field, defaults resolved
+    assert set(job["config"]) == set(CompressionConfig.__dataclass_fields__)
+    assert job["evaluate"] == evaluate
+    assert job["attempts"] == 0 and job["started_at"] is None and job["error"] is None
+    got = client.get(resp.headers["location"], headers=auth)
+    assert got.status_code == 200 and got.json() == job
+    stored = svc.store.get(job["id"])
+    assert stored is not None and stored.config == full
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "s3://bucket/models/x/"])
+def test_other_model_references_are_accepted_without_fetching(
+    client: httpx.Client, auth: dict[str, str], model: str
+) -> None:
+    resp = client.post("/v1/jobs", json={"model": model, "config": {"method": "arb"}}, headers=auth)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["model"] == model.rstrip("/")
+    assert resp.json()["config"]["allocation"] == "uniform"
+
+
+def test_idempotency_key(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
+    body = {"model": model_path(svc), "config": {"pattern": "4:8"}}
+    headers = {**auth, "Idempotency-Key": "order-1"}
+    first = client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+    again = client.post("/v1/jobs", json=body, headers=headers)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"] and again.headers["location"] == first.headers["location"]
+    conflict = problem(client.post("/v1/jobs", json={**body, "name": "other"}, headers=headers), 409)
+    assert "order-1" in conflict["detail"] and "new key" in conflict["detail"]
+    assert len(client.get("/v1/jobs", headers=auth).json()["jobs"]) == 1
+    problem(client.post("/v1/jobs", json=body, headers={**auth, "Idempotency-Key": "k" * 201}), 422)
+
+
+# -- listing --------------------------------------------------------------------------------------------------
+def test_list_newest_first_with_cursor_and_state_filter(
+    svc: Service, client: httpx.Client, auth: dict[str, str]
+) -> None:
+    ids = [submit(client, auth, svc, name=f"j{i}")["id"] for i in range(5)]
+    submit(client, svc.key("noise"), svc)
+    assert client.post(f"/v1/jobs/{ids[1]}/cancel", headers=auth).json()["state"] == "CANCELLED"
+
+    seen, cursor, pages = [], None, 0
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        resp = client.get("/v1/jobs", params=params, headers=auth)
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        seen += [j["id"] for j in page["jobs"]]
+        cursor, pages = page["next_cursor"], pages + 1
+        if cursor is None:
+            break
+    assert seen == ids[::-1] and pages == 3
+
+    def listed(**params: Any) -> list[str]:
+        resp = client.get("/v1/jobs", params=params, headers=auth)
+        assert resp.status_code == 200, resp.text
+        return [j["id"] for j in resp.json()["jobs"]]
+
+    assert listed(state="CANCELLED") == [ids[1]]
+    assert listed(state="QUEUED") == [i for i in ids[::-1] if i != ids[1]]
+    assert listed(state=["CANCELLED", "QUEUED"]) == ids[::-1]
+    assert listed(state="SUCCEEDED") == []
+
+    for params, field in (
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"cursor": encode_cursor(10**40)}, "cursor"),  # decodes, but no row id is that large
+        ({"state": "BOGUS"}, "query.state.0"),
+        ({"limit": 0}, "query.limit"),
+        ({"limit": 201}, "query.limit"),
+    ):
+        body = problem(client.get("/v1/jobs", params=params, headers=auth), 422)
+        assert field in [e["field"] for e in body["errors"]], body
+
+
+# -- cancel ---------------------------------------------------------------------------------------------------
+def test_cancel(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
+    queued, running, done = (submit(client, auth, svc)["id"] for _ in range(3))
+    first = client.post(f"/v1/jobs/{queued}/cancel", headers=auth)
+    assert first.status_code == 200 and first.json()["state"] == "CANCELLED"
+    assert first.json()["finished_at"] is not None
+    again = client.post(f"/v1/jobs/{queued}/cancel", headers=auth)
+    assert again.status_code == 200 and again.json()["state"] == "CANCELLED"
+
+    assert svc.store.transition(running, [JobState.QUEUED], JobState.RUNNING)
+    resp = client.post(f"/v1/jobs/{running}/cancel", headers=auth)
+    assert resp.status_code == 200 and resp.json()["state"] == "CANCELLING"  # the runner stops at its next block
+    assert client.post(f"/v1/jobs/{running}/cancel", headers=auth).json()["state"] == "CANCELLING"
+
+    assert svc.store.transition(done, [JobState.QUEUED], JobState.SUCCEEDED)
+    body = problem(client.post(f"/v1/jobs/{done}/cancel", headers=auth), 409)
+    assert "SUCCEEDED" in body["detail"]
+    assert client.get(f"/v1/jobs/{done}", headers=auth).json()["state"] == "SUCCEEDED"
+
+
+# -- artifacts ------------------------------------------------------------------------------------------------
+def fake_artifact(svc: Service, tenant_headers: dict[str, str], client: httpx.Client, tmp: Path) -> tuple[str, dict]:
+    """A SUCCEEDED job whose artifact (a few files and a manifest) is in the service's storage."""
+    job = submit(client, tenant_headers, svc)
+    stored = svc.store.get(job["id"])
+    assert stored is not None
+    files = {
+        "config.json": b'{"model_type": "llama"}',
+        "pbs2p.safetensors": os.urandom(5000),
+        "tokenizer/tokenizer.json": b'{"version": "1.0"}',
+    }
+    art = tmp / "artifact"
+    for name, data in files.items():
+        (art / name).parent.mkdir(parents=True, exist_ok=True)
+        (art / name).write_bytes(data)
+    table = {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()}
+    (art / "manifest.json").write_text(json.dumps({"format_version": 1, "files": table}))
+    prefix = f"{stored.tenant}/{stored.id}"
+    svc.storage.upload_dir(art, prefix)
+    assert svc.store.transition(stored.id, [JobState.QUEUED], JobState.SUCCEEDED, artifact=prefix)
+    return stored.id, files
+
+
+def test_artifact_listing_and_download(
+    svc: Service, client: httpx.Client, auth: dict[str, str], tmp_path: Path
+) -> None:
+    pending = submit(client, auth, svc)["id"]
+    body = problem(client.get(f"/v1/jobs/{pending}/artifact", headers=auth), 409)
+    assert "QUEUED" in body["detail"]
+    problem(client.get(f"/v1/jobs/{pending}/artifact/config.json", headers=auth), 409)
+
+    job_id, files = fake_artifact(svc, auth, client, tmp_path)
+    resp = client.get(f"/v1/jobs/{job_id}/artifact", headers=auth)
+    assert resp.status_code == 200, resp.text
+    listing = resp.json()
+    assert listing["job"] == job_id and listing["format_version"] == 1
+    assert listing["manifest_url"] == f"/v1/jobs/{job_id}/artifact/manifest.json"
+    assert [f["name"] for f in listing["files"]] == sorted(files)
+    for entry in listing["files"]:
+        data = files[entry["name"]]
+        assert entry["size"] == len(data) and entry["url"] == f"/v1/jobs/{job_id}/artifact/{entry['name']}"
+        got = client.get(entry["url"], headers=auth)
+        assert got.status_code == 200 and got.headers["content-type"] == "application/octet-stream"
+        assert hashlib.sha256(got.content).hexdigest() == entry["sha256"] == hashlib.sha256(data).hexdigest()
+    manifest = client.get(listing["manifest_url"], headers=auth)
+    assert manifest.status_code == 200 and json.loads(manifest.content)["format_version"] == 1
+
+    # names outside the manifest, and anything that tries to leave the artifact, are not found
+    secret = svc.settings.data_dir / "jobs.db"
+    assert secret.exists()
+    for name in (
+        "missing.bin",
+        "..%2F..%2Fjobs.db",
+        "%2E%2E/%2E%2E/jobs.db",
+        "tokenizer/..%2Fconfig.json",
+        "%2Fetc%2Fpasswd",
+    ):
+        resp = client.get(f"/v1/jobs/{job_id}/artifact/{name}", headers=auth)
+        assert resp.status_code in (404, 422), (name, resp.status_code)
+        assert resp.headers["content-type"].startswith(PROBLEM)
+        assert b"SQLite" not in resp.content
+    problem(client.get(f"/v1/jobs/{job_id}/artifact", headers=svc.key("stranger")), 404)
+    problem(client.get(f"/v1/jobs/{job_id}/artifact/config.json", headers=svc.key("stranger")), 404)
+
+
+# -- events ---------------------------------------------------------------------------------------------------
+def read_events(resp: httpx.Response, out: list[tuple[str, dict[str, Any]]], got_one: threading.Event) -> None:
+    event, data = "", ""
+    for line in resp.iter_lines():
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+        elif line == "" and event:
+            out.append((event, json.loads(data)))
+            got_one.set()
+            event, data = "", ""
+
+
+def test_events_stream_until_the_job_ends(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
+    job_id = submit(client, auth, svc)["id"]
+    events: list[tuple[str, dict[str, Any]]] = []
+    got_one = threading.Event()
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth, timeout=20) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        reader = threading.Thread(target=read_events, args=(resp, events, got_one), daemon=True)
+        reader.start()
+        assert got_one.wait(10)
+        assert events[0][0] == "job" and events[0][1]["id"] == job_id and events[0][1]["state"] == "QUEUED"
+        progress = {"stage": "block", "block": 1, "blocks": 2}
+        assert svc.store.transition(job_id, [JobState.QUEUED], JobState.RUNNING, progress=progress)
+        deadline = time.monotonic() + 10
+        while not any(e[1].get("state") == "RUNNING" for e in events) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert svc.store.transition(job_id, [JobState.RUNNING], JobState.SUCCEEDED, artifact="x/y")
+        reader.join(10)
+        assert not reader.is_alive(), "the stream did not close after the job ended"
+    kinds = [e[0] for e in events]
+    assert kinds[-1] == "end" and events[-1][1] == {"state": "SUCCEEDED"}
+    assert set(kinds[:-1]) == {"job"}
+    states = [e[1]["state"] for e in events[:-1]]
+    assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    running = next(e[1] for e in events if e[1].get("state") == "RUNNING")
+    assert running["progress"]["block"] == 1 and running["progress"]["blocks"] == 2
+
+
+def test_events_of_a_finished_job_end_at_once(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
+    job_id = submit(client, auth, svc)["id"]
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 200
+    resp = client.get(f"/v1/jobs/{job_id}/events", headers=auth, timeout=10)
+    assert resp.status_code == 200
+    assert "event: job" in resp.text and resp.text.rstrip().endswith('event: end\ndata: {"state": "CANCELLED"}')
+
+
+# -- operations -----------------------------------------------------------------------------------------------
+def test_healthz_metrics_and_docs(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok", "dispatcher": False}
+    submit(client, auth, svc)
+    client.get("/v1/jobs", headers=auth)
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    queued = svc.store.counts()["QUEUED"]
+    assert f'pbs2p_jobs{{state="QUEUED"}} {float(queued)}' in text
+    assert 'pbs2p_jobs{state="SUCCEEDED"}' in text
+    assert 'pbs2p_http_requests_total{method="GET",route="/v1/jobs",status="200"}' in text
+    assert 'pbs2p_http_requests_total{method="POST",route="/v1/jobs",status="201"}' in text
+    assert "pbs2p_http_request_seconds_bucket" in text
+
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = client.get("/openapi.json")
+    assert spec.status_code == 200
+    paths = spec.json()["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events"} <= set(paths)
+    problem(client.get("/no/such/route"), 404)
