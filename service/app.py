@@ -29,10 +29,11 @@ from .dashboard import mount_dashboard
 from .models import check_model, check_text
 from .schemas import ArtifactFile, ArtifactPublic, JobCreate, JobList, JobPublic, ProblemDetails
 from .settings import Settings
-from .store import IdempotencyConflict, Job, JobState, Store, decode_cursor, encode_cursor
+from .store import IdempotencyConflict, Job, JobState, Store, decode_cursor, encode_cursor, hash_key
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+KEY_CACHE_S = 5.0
 PROBLEM = "application/problem+json"
 
 
@@ -181,13 +182,25 @@ def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: A
     # -- auth -----------------------------------------------------------------------------------------
     bearer = HTTPBearer(auto_error=False, description="an API key (create one: pbs2p keys create TENANT)")
 
-    def tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    known: dict[str, tuple[str, float]] = {}  # sha256 of a valid key -> (tenant, when checked)
+
+    async def tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        """The caller's tenant. Valid keys are remembered for KEY_CACHE_S (a revocation applies within that
+        time), which spares a database read per request under load."""
         key = credentials.credentials.strip() if credentials is not None else ""
         if not key:
             raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <key>' (create one: pbs2p keys create)")
-        found = store.tenant_for_key(key)
+        digest, now = hash_key(key), time.monotonic()
+        hit = known.get(digest)
+        if hit is not None and now - hit[1] < KEY_CACHE_S:
+            return hit[0]
+        found = await run_in_threadpool(store.tenant_for_key, key)
         if found is None:
+            known.pop(digest, None)
             raise Problem(401, "Unauthorized", "the API key is not valid (unknown or revoked)")
+        if len(known) > 10000:
+            known.clear()
+        known[digest] = (found, now)
         return found
 
     Tenant = Annotated[str, Depends(tenant)]

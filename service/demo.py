@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,12 +53,15 @@ def start_service(
 
 
 def stop_service(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """SIGTERM (running jobs go back to the queue), then whatever is left of its process group is killed."""
     proc.terminate()
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_demo(cfg: CompressionConfig, out: Path, windows: int) -> int:

@@ -107,6 +107,10 @@ class Dispatcher:
         if self.thread is not None:
             self.thread.join(timeout)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # a local Ray started by this process stops with it (its agents would linger)
 
     def _loop(self) -> None:
         try:

@@ -101,12 +101,15 @@ function progressBar(job) {
   const parts = [];
   if (p.stage && !TERMINAL.has(job.state)) parts.push(p.stage);
   if (p.blocks) parts.push(`block ${p.block} of ${p.blocks}`);
-  if (p.eta_seconds !== null && p.eta_seconds !== undefined && !TERMINAL.has(job.state)) parts.push(`ETA ${secs(p.eta_seconds)}`);
+  if (p.eta_seconds && p.block < p.blocks && !TERMINAL.has(job.state)) parts.push(`ETA ${secs(p.eta_seconds)}`);
+  let text = parts.join(" · ");
+  if (!text && job.error) text = job.error.split("\n")[0].slice(0, 80);
+  else if (!text && !TERMINAL.has(job.state)) text = "waiting";
   const fill = h("div", { class: "fill" });
   fill.style.width = `${Math.max(0, Math.min(100, pct))}%`;
   return h("div", { class: "progress" },
     h("div", { class: `bar ${job.state.toLowerCase()}`, role: "progressbar", "aria-valuenow": pct, "aria-valuemin": 0, "aria-valuemax": 100 }, fill),
-    h("span", { class: "ptext", title: job.error, text: parts.join(" · ") || (job.error ? job.error.split("\n")[0].slice(0, 80) : TERMINAL.has(job.state) ? "" : "waiting") }));
+    h("span", { class: "ptext", title: job.error, text }));
 }
 
 function errorBox(err) {
@@ -132,15 +135,15 @@ async function download(job, file, button) {
 }
 
 async function filesPanel(job) {
-  const box = h("div", { class: "files" }, h("p", { class: "muted", text: "loading files…" }));
+  const box = h("div", { class: "card files" }, h("p", { class: "muted", text: "loading files…" }));
   try {
     const art = await api(job.links.artifact);
-    box.replaceChildren(h("table", { class: "files" },
+    box.replaceChildren(h("h3", { text: `Artifact (format ${art.format_version ?? "?"})` }), h("table", { class: "files" },
       h("thead", {}, h("tr", {}, h("th", { text: "file" }), h("th", { text: "size" }), h("th", { text: "sha256" }), h("th"))),
       h("tbody", {}, art.files.map((f) => {
         const btn = h("button", { type: "button", text: "Download" });
         btn.addEventListener("click", () => download(job, f, btn));
-        return h("tr", {}, h("td", { text: f.name }), h("td", { class: "num", text: bytes(f.size) }),
+        return h("tr", { "data-file": f.name }, h("td", { text: f.name }), h("td", { class: "num", text: bytes(f.size) }),
           h("td", { class: "mono", title: f.sha256, text: `${f.sha256.slice(0, 16)}…` }), h("td", {}, btn));
       }))));
   } catch (err) {

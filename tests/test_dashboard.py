@@ -1,0 +1,336 @@
+"""The web dashboard (service/static) in a real headless browser: Debian's chromium driven by Playwright.
+
+One `pbs2p serve` child process on a seeded tiny Llama; the browser signs in, submits a job through the form,
+follows it live to SUCCEEDED and opens its report. Where chromium is missing the tests skip (fail under CI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_pipeline import make_model, save_tokenizer, write_text
+
+from service.demo import start_service, stop_service
+from service.schemas import ConfigIn
+from service.settings import Settings
+from service.store import Store
+
+CHROMIUM = Path(os.environ.get("PBS2P_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+LAYERS = 2
+TIMEOUT_MS = 30_000
+
+
+def _need(ok: bool, why: str) -> None:
+    if ok:
+        return
+    msg = f"DASHBOARD TESTS NOT RUN: {why}"
+    if os.environ.get("CI"):
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    _need(CHROMIUM.is_file(), f"no chromium at {CHROMIUM} (apt-get install -y chromium; make venv does it)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need(False, "playwright is not installed (pip install -e .[dev])")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dashboard_models")
+    make_model(root / "tiny", layers=LAYERS)
+    save_tokenizer(root / "tiny")
+    return {"root": root, "model": (root / "tiny").resolve(), "calib": write_text(root / "calib.txt", docs=8).resolve()}
+
+
+@pytest.fixture(scope="module")
+def service(browser: Any, files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    data = tmp_path_factory.mktemp("dashboard_service")
+    key = Store(Settings(data_dir=data).db_url).create_key("tenant")
+    env = {
+        "PBS2P_MODEL_ROOTS": str(files["root"]),
+        "PBS2P_POLL_SECONDS": "0.3",
+        "PBS2P_RAY_NUM_CPUS": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc, url = start_service(data, env)
+    try:
+        yield {"url": url, "key": key, "log": str(data / "service.log")}
+    finally:
+        stop_service(proc)
+        kill_leftovers(data)
+
+
+def kill_leftovers(data: Path) -> None:
+    """SIGKILL what this service left running: Ray's agents outlive a terminated `pbs2p serve` (re-parented to
+    init, deaf to SIGTERM). They are found by the PBS2P_DATA_DIR they inherited, unique to this test."""
+    mark = f"PBS2P_DATA_DIR={data}".encode()
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (proc_dir / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+
+
+@pytest.fixture
+def page(browser: Any, service: dict[str, str]) -> Iterator[Any]:
+    """A fresh context (empty sessionStorage); `page.api` lists (method, url, status) of every /v1 response."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.api = []
+    pg.errors = []
+    pg.on("response", lambda r: "/v1/" in r.url and pg.api.append((r.request.method, r.url, r.status)))
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not pg.errors, pg.errors  # no uncaught JavaScript error on any page
+
+
+def headers(service: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {service['key']}"}
+
+
+def job_body(files: dict[str, Path], **config: Any) -> dict[str, Any]:
+    cfg = {"calib": str(files["calib"]), "calib_samples": 4, "seqlen": 32, "block_size": 32, "salient_columns": 2}
+    return {"model": str(files["model"]), "config": {**cfg, **config}}
+
+
+@pytest.fixture(scope="module")
+def other_job(service: dict[str, str], files: dict[str, Path]) -> str:
+    """A job submitted over the API and cancelled at once: its id must never reach a page without a key."""
+    r = httpx.post(f"{service['url']}/v1/jobs", json=job_body(files), headers=headers(service))
+    assert r.status_code == 201, r.text
+    job = r.json()["id"]
+    httpx.post(f"{service['url']}/v1/jobs/{job}/cancel", headers=headers(service)).raise_for_status()
+    return str(job)
+
+
+def sign_in(page: Any, service: dict[str, str], key: str | None = None) -> None:
+    page.goto(f"{service['url']}/")
+    page.fill("#key", key or service["key"])
+    page.click("#signin button[type=submit]")
+
+
+def all_job_ids(service: dict[str, str]) -> list[str]:
+    r = httpx.get(f"{service['url']}/v1/jobs", headers=headers(service))
+    return [j["id"] for j in r.json()["jobs"]]
+
+
+def assert_no_job_data(page: Any, ids: list[str]) -> None:
+    html = page.content()
+    assert ids and not [i for i in ids if i in html]
+    assert page.locator("#jobs, #job").count() == 0
+    assert all(status == 401 for _, _, status in page.api), page.api
+
+
+def wait_terminal(service: dict[str, str], job_id: str, timeout: float = 600.0) -> dict[str, Any]:
+    """The job once it is final (over the API); fails early, with the log's tail, if the dispatcher died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = httpx.get(f"{service['url']}/v1/jobs/{job_id}", headers=headers(service)).json()
+        if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            return job
+        if not httpx.get(f"{service['url']}/healthz").json()["dispatcher"]:
+            log = Path(service["log"]).read_text(errors="replace")[-3000:]
+            pytest.fail(f"the service's dispatcher is not running; {service['log']} ends:\n{log}")
+        time.sleep(1.0)
+    pytest.fail(f"job {job_id} not final after {timeout:.0f} s; see {service['log']}")
+
+
+def test_without_a_key_the_page_shows_no_data(page: Any, service: dict[str, str], other_job: str) -> None:
+    ids = all_job_ids(service)
+    assert other_job in ids
+    page.goto(f"{service['url']}/")  # / redirects to the dashboard
+    assert page.url.endswith("/ui/")
+    page.wait_for_selector("#signin")
+    page.goto(f"{service['url']}/ui/#/jobs/{other_job}")  # a deep link without a key: still only the sign-in
+    page.wait_for_selector("#signin")
+    page.wait_for_load_state("networkidle")
+    assert page.is_hidden("#nav")
+    assert_no_job_data(page, ids)
+    assert page.api == []  # without a key the page calls no API at all
+
+    page.fill("#key", "pbs2p_not-a-key")
+    page.click("#signin button[type=submit]")
+    page.wait_for_selector("#signin-error .alert")
+    assert "not valid" in page.inner_text("#signin-error")
+    assert page.evaluate("sessionStorage.length") == 0
+    assert page.api and all(status == 401 for _, _, status in page.api)
+    assert_no_job_data(page, ids)
+
+
+def test_the_key_stays_in_the_tab_and_sign_out_clears_it(page: Any, service: dict[str, str], other_job: str) -> None:
+    sign_in(page, service)
+    page.wait_for_selector(f'#jobs tr[data-job="{other_job}"]')
+    assert page.evaluate("sessionStorage.getItem('pbs2p.key')") == service["key"]
+    assert page.evaluate("localStorage.length") == 0 and page.context.cookies() == []
+    page.click("#signout")
+    page.wait_for_selector("#signin")
+    assert "Signed out" in page.inner_text("#signin")
+    assert page.evaluate("sessionStorage.length") == 0
+    assert other_job not in page.content()
+    page.reload()
+    page.wait_for_selector("#signin")
+    assert other_job not in page.content()
+
+
+def test_the_form_shows_the_validation_problem(page: Any, service: dict[str, str], files: dict[str, Path]) -> None:
+    sign_in(page, service)
+    page.wait_for_selector("#jobs")
+    page.click("a.button[href='#/new']")
+    page.fill("[name=model]", str(files["model"]))
+    page.fill("[name='config.pattern']", "9:8")
+    page.click("#submit button[type=submit]")
+    page.wait_for_selector("#form-error .alert")
+    assert "9:8" in page.inner_text("#form-error")
+    beside = page.inner_text('.field[data-field="config.pattern"] .ferror')
+    assert "N < M" in beside
+    assert ("POST", f"{service['url']}/v1/jobs", 422) in page.api
+    assert page.url.endswith("#/new")  # still on the form, the values kept
+    assert page.input_value("[name=model]") == str(files["model"])
+
+    page.fill("[name='config.pattern']", "6:8")  # a config JSON that is no JSON: refused before any request
+    page.fill("[name=config]", "{block_size: 32")
+    sent = len(page.api)
+    page.click("#submit button[type=submit]")
+    page.wait_for_selector('.field[data-field="config"].invalid')
+    assert len(page.api) == sent
+
+
+def test_submit_follow_and_report(page: Any, service: dict[str, str], files: dict[str, Path]) -> None:
+    t0 = time.perf_counter()
+    spbo = "spbo_report" in ConfigIn.model_fields  # "error before SPBO" exists once the config has the field
+    sign_in(page, service)
+    page.wait_for_selector("#jobs")
+    page.click("a.button[href='#/new']")
+    page.fill("[name=model]", str(files["model"]))
+    page.fill("[name=name]", "dashboard-e2e")
+    page.fill("[name='config.pattern']", "6:8")
+    page.fill("[name='config.calib']", str(files["calib"]))
+    page.fill("[name='config.calib_samples']", "4")
+    page.fill("[name='config.seqlen']", "32")
+    if spbo:
+        page.select_option("[name='config.spbo_report']", "true")
+    page.fill("[name='evaluate.data']", str(files["calib"]))
+    page.fill("[name='evaluate.windows']", "2")
+    page.fill("[name='evaluate.seqlen']", "32")
+    page.fill("[name=config]", '{"block_size": 32, "salient_columns": 2}')
+    page.click("#submit button[type=submit]")
+
+    # back on the jobs page: the new row follows the event stream; record every text it shows
+    row = page.locator("#jobs tr[data-job]", has_text="dashboard-e2e")
+    row.wait_for()
+    job_id = row.get_attribute("data-job")
+    page.evaluate(
+        """(id) => { window.seen = [];
+        const tr = document.querySelector(`tr[data-job="${id}"]`);
+        const text = () => `${tr.querySelector(".badge").textContent} ${tr.querySelector(".ptext").textContent}`;
+        new MutationObserver(() => window.seen.push(text())).observe(tr, {childList: true, subtree: true}); }""",
+        job_id,
+    )
+    job = wait_terminal(service, job_id)
+    assert job["state"] == "SUCCEEDED", job["error"]
+    page.wait_for_selector(f'tr[data-job="{job_id}"] .badge[data-state="SUCCEEDED"]')  # the page follows
+    seen: list[str] = page.evaluate("window.seen")
+    assert any("RUNNING" in t for t in seen), seen  # live: QUEUED/RUNNING -> SUCCEEDED without a reload
+    assert any(stage in t for t in seen for stage in ("prepare", "capture", "coarse", "compress", "evaluate"))
+    assert [u for m, u, s in page.api if u.endswith(f"/{job_id}/events")]
+    assert len([u for m, u, s in page.api if m == "GET" and ("/v1/jobs?" in u or u.endswith("/v1/jobs"))]) <= 3
+    print(f"\nprogress seen in the page: {list(dict.fromkeys(seen))}")
+
+    # the report
+    page.click(f'tr[data-job="{job_id}"] a[href="#/jobs/{job_id}"]')
+    page.wait_for_selector("#nchart")
+    blocks = job["report"]["blocks"]
+    assert len(blocks) == LAYERS
+    bars = page.locator("#nchart rect.bar")
+    assert bars.count() == LAYERS
+    for i, b in enumerate(blocks):
+        assert f"N = {b['n_keep']} of 8" in (bars.nth(i).text_content() or "")
+    linears = [lr for b in blocks for lr in b["linears"]]
+    rows = page.locator("#layers tbody tr")
+    assert rows.count() == len(linears) == LAYERS * 7
+    before = page.locator("#layers tbody tr td:nth-child(5)").all_inner_texts()
+    if spbo and all(lr.get("rel_error_oneshot") is not None for lr in linears):
+        assert not [t for t in before if "n/a" in t]
+    else:
+        assert all("n/a" in t for t in before)
+    m = job["metrics"]
+    assert page.inner_text("#ppl-before .value") == f"{m['ppl_before']:.2f}"
+    assert page.inner_text("#ppl-after .value") == f"{m['ppl_after']:.2f}"
+    assert page.inner_text("#true-bits .value") == f"{m['true_bits']:.3f}"
+    assert page.inner_text("#paper-bits .value") == f"{m['paper_bits']:.3f}"
+    assert "compress" in page.inner_text("#timings")
+
+    # the artifact: the listing with sha256s, one file downloaded through the page (a blob, with the key)
+    page.click("#job button:has-text('Files')")
+    page.wait_for_selector("table.files tbody tr")
+    listing = httpx.get(f"{service['url']}/v1/jobs/{job_id}/artifact", headers=headers(service)).json()["files"]
+    assert page.locator("table.files tbody tr").count() == len(listing)
+    want = next(f for f in listing if f["name"] == "config.json")
+    with page.expect_download() as dl:
+        page.click('table.files tr[data-file="config.json"] button')
+    got = Path(dl.value.path()).read_bytes()
+    assert dl.value.suggested_filename == "config.json"
+    assert hashlib.sha256(got).hexdigest() == want["sha256"]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dashboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot} (job {job_id} in {time.perf_counter() - t0:.0f} s)")
+
+
+def test_a_failed_job_shows_its_error(page: Any, service: dict[str, str]) -> None:
+    """The job page of a FAILED job (the API's answer stubbed in the browser): the error, the config, no report."""
+    job_id = "job_failed_in_the_browser"
+    base = f"/v1/jobs/{job_id}"
+    job = {
+        "id": job_id,
+        "name": None,
+        "state": "FAILED",
+        "model": "smollm2-135m",
+        "config": {"method": "pbs2p", "pattern": "6:8", "calib": "wiki"},
+        "evaluate": None,
+        "created_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:01:00Z",
+        "started_at": "2026-01-01T00:00:01Z",
+        "finished_at": "2026-01-01T00:01:00Z",
+        "attempts": 1,
+        "progress": {"stage": "compress", "block": 3, "blocks": 30, "percent": 10.0, "eta_seconds": 80.0},
+        "metrics": {},
+        "timings": {},
+        "report": {},
+        "error": "Pbs2pError: <b>calibration</b> text has too few tokens",
+        "links": {"self": base, "events": f"{base}/events", "artifact": f"{base}/artifact"},
+    }
+    page.route(f"**{base}", lambda route: route.fulfill(json=job))
+    sign_in(page, service)
+    page.wait_for_selector("#jobs")
+    page.goto(f"{service['url']}/ui/#/jobs/{job_id}")
+    page.wait_for_selector("#job-error")
+    assert "<b>calibration</b> text has too few tokens" in page.inner_text("#job-error")  # as text, not HTML
+    assert page.locator("#job-error b").count() == 0
+    assert page.locator("#nchart, #layers").count() == 0
+    assert page.inner_text("#ppl-after .value") == "n/a"
+    text = page.inner_text("#job .ptext")
+    assert "block 3 of 30" in text and "ETA" not in text  # where it stopped; no ETA for a final job
+    assert page.locator("#config dt", has_text="pattern").count() == 1
+    assert not [u for _, u, _ in page.api if u.endswith("/events")]  # nothing to follow
