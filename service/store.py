@@ -178,11 +178,11 @@ def decode_cursor(cursor: str) -> int:
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs: dict[str, Any]
+        if url.startswith("sqlite"):  # a local file: no stale connections; one per API thread (anyio's 40)
+            kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 40}
         else:
-            kwargs.update(pool_size=10, max_overflow=20)
+            kwargs = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
