@@ -90,13 +90,13 @@ class CompressionConfig:
     salient_search: tuple[int, ...] = ()  # candidates searched per block by block error; () = fixed
     # "block": salient_columns in every column block; "linear": the same budget spread over the linear's
     # columns of highest OBS score, wherever they are
-    salient_allocation: SalientAllocation = "block"
+    salient_allocation: SalientAllocation | None = None  # None -> "linear" ("block" with salient_search)
     column_feedback: bool = False  # GPTQ per-column error feedback inside a column block
     # report, per linear, the error one-shot prune-then-binarize gets on the same weights ("before SPBO");
     # costs one extra fit per column block, changes nothing in the compressed weights
     spbo_report: bool = False
     scale_dtype: ScaleDtype = "fp16"  # storage precision of alpha/mu (the model uses the rounded values)
-    scale_layout: ScaleLayout = "shared"  # measured: ~0.27 bit/weight cheaper than "full" at no layer-error cost
+    scale_layout: ScaleLayout = "full"
     skip_modules: tuple[str, ...] = ()  # fnmatch patterns of linear names left uncompressed
     propagation: Propagation = "sequential"
     true_sequential: bool = False  # within a block, calibrate each group of linears on the compressed earlier ones
@@ -121,6 +121,8 @@ class CompressionConfig:
         prune = self.pattern.m - self.pattern.n
         if self.spbo_steps is not None and not 1 <= self.spbo_steps <= prune:
             fail(f"spbo_steps={self.spbo_steps} must be between 1 and M - N = {prune} for pattern {self.pattern}")
+        if self.salient_allocation is None:
+            object.__setattr__(self, "salient_allocation", "block" if self.salient_search else "linear")
         if self.allocation is None:
             object.__setattr__(self, "allocation", "cfs" if self.method == "pbs2p" else "uniform")
         for name, allowed in (

@@ -185,9 +185,11 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--salient-columns", type=int, default=8)
     p.add_argument("--column-feedback", action="store_true")
     p.add_argument("--spbo-report", action="store_true", help="also report each layer's error before SPBO")
-    p.add_argument("--salient-allocation", choices=("block", "linear"), default="block")
     p.add_argument(
-        "--scale-layout", choices=("full", "shared", "lean"), default="shared", help="scales per row per block"
+        "--salient-allocation", choices=("block", "linear"), default=None, help="default linear (block with a search)"
+    )
+    p.add_argument(
+        "--scale-layout", choices=("full", "shared", "lean"), default="full", help="scales per row per block"
     )
     p.add_argument("--damping", type=float, default=0.01, help="relative Hessian damping")
     p.add_argument("--block-size", type=int, default=128, help="column block (scales per block), e.g. 128 or 256")

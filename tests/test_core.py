@@ -209,7 +209,7 @@ def test_scale_layouts_cost_what_they_say(layout, block, scales):
     """signs 0.75 + residual plane (kept salient weights) + rank-coded mask 0.625 + fp16 scales per row per
     block + one byte per salient column index."""
     W, H = _problem(rows=64, cols=512)
-    cfg = CompressionConfig(scale_layout=layout, block_size=block, allocation="uniform")
+    cfg = CompressionConfig(scale_layout=layout, block_size=block, allocation="uniform", salient_allocation="block")
     res = compress_linear(W, H, 6, cfg)
     bits = count_bits(res.blocks, 6, 8, cfg.pattern.mask_bits_per_group)
     weights = 64 * 512
