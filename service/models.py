@@ -53,6 +53,7 @@ def check_model(ref: str, roots: list[Path]) -> str:
         resolve_model(str(confined(ref, roots, "model")))  # config.json and safetensors present, no pickles
         return ref
     if HF_ID.match(ref):
+        _fetch_hf(ref)  # only resolves: the model must already be in the local hub cache
         return ref
     raise Pbs2pError(
         f"model {ref!r} is not known: use an alias ({', '.join(sorted(MODEL_ALIASES))}), a Hugging Face id "

@@ -152,10 +152,12 @@ def pg_url() -> Iterator[str]:
 
 
 def test_s3_artifacts_and_postgres_store(
-    roots: Path, tmp_path: Path, s3_endpoint: str, bucket: str, pg_url: str
+    roots: Path, tmp_path: Path, s3_endpoint: str, s3_client: Any, bucket: str, pg_url: str
 ) -> None:
-    """Production wiring: artifacts uploaded to S3 over HTTP, downloads redirected to presigned URLs, jobs in
-    PostgreSQL."""
+    """Production wiring: the model read from an s3:// prefix, artifacts uploaded to S3 over HTTP, downloads
+    redirected to presigned URLs, jobs in PostgreSQL."""
+    for f in sorted((roots / "tiny").iterdir()):
+        s3_client.upload_file(str(f), bucket, f"models/tiny/{f.name}")
     env = {
         "PBS2P_DATABASE_URL": pg_url,
         "PBS2P_STORAGE_URL": f"s3://{bucket}/artifacts",
@@ -168,7 +170,7 @@ def test_s3_artifacts_and_postgres_store(
     proc, url, key = service(tmp_path / "svc", roots, **env)
     try:
         client = Client(url, key)
-        job = client.wait(client.submit(str(roots / "tiny"), tiny_config(roots))["id"])
+        job = client.wait(client.submit(f"s3://{bucket}/models/tiny", tiny_config(roots))["id"])
         assert job["state"] == "SUCCEEDED", job["error"]
         listing = client.http.get(f"/v1/jobs/{job['id']}/artifact").json()
         first = listing["files"][0]
