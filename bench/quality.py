@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40, help="held-out evaluation windows")
-    ap.add_argument("--only", nargs="*", help="substrings of config names to run")
+    ap.add_argument("--only", nargs="*", help="substrings of config names to run ('=NAME': exactly that one)")
     ap.add_argument("--name", default="quality", help="results file name")
     ap.add_argument("--extra", nargs="*", default=[], help="extra CLI options for every compression")
     ap.add_argument("--variants", action="store_true", help="run the optional variants instead of the methods")
@@ -67,7 +67,7 @@ def main() -> None:
     rows.append(["fp32 baseline", f"{fp['ppl']:.2f}", "1.00", "0", "32", "32", "-", "-"])
     with tempfile.TemporaryDirectory() as tmp:
         for name, opts in (VARIANTS if a.variants else CONFIGS).items():
-            if a.only and not any(s in name for s in a.only):
+            if a.only and not any(name == s[1:] if s.startswith("=") else s in name for s in a.only):
                 continue
             out = str(Path(tmp) / "out")
             rep, secs, rss = run_cli(["compress", MODEL, "-o", out, *opts, *common])
