@@ -35,3 +35,28 @@ def allocate(importance: list[float], n_target: int, m: int, spread: int = 1) ->
         j = max((l for l in range(len(n)) if n[l] < hi), key=lambda l: (ideal[l] - n[l], -l))
         n[j] += 1
     return n
+
+
+def allocate_by_error(errors: list[dict[int, float]], n_target: int) -> list[int]:
+    """N_l minimising Σ_l e_l(N_l) with Σ N_l = L · N_t exactly, each N_l among block l's measured candidates
+    (`errors[l]`: N -> error). From N_t everywhere, one kept weight per group moves from the block that loses
+    least to the block that gains most, while that lowers the sum (optimal when each e_l is convex in N).
+    Deterministic: ties go to the lower block index."""
+    n = [n_target] * len(errors)
+    while True:
+        best: tuple[float, int, int] | None = None
+        for a, ea in enumerate(errors):  # a gains one kept weight per group
+            if n[a] + 1 not in ea:
+                continue
+            gain = ea[n[a]] - ea[n[a] + 1]
+            for b, eb in enumerate(errors):  # b gives one
+                if b == a or n[b] - 1 not in eb:
+                    continue
+                net = gain - (eb[n[b] - 1] - eb[n[b]])
+                if net > 1e-12 and (best is None or net > best[0]):
+                    best = (net, a, b)
+        if best is None:
+            return n
+        _, a, b = best
+        n[a] += 1
+        n[b] -= 1

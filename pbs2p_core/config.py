@@ -18,6 +18,7 @@ CONFIG_VERSION = 1
 Method = Literal["fp", "arb", "prune-binarize", "pbs2p"]
 METHODS: tuple[str, ...] = ("fp", "arb", "prune-binarize", "pbs2p")
 Allocation = Literal["cfs", "uniform"]
+CfsScore = Literal["cosine", "error"]
 SpboMode = Literal["aware", "fixed"]
 MaskScore = Literal["obs", "wanda"]
 # arb-x: α, μ against the calibration-weighted error r H_bb rᵀ; arb-obs: against the block's OBS loss ‖Err‖²
@@ -79,6 +80,9 @@ class CompressionConfig:
     spbo_mode: SpboMode = "aware"
     # CFS coarse stage; None -> "cfs" for pbs2p, "uniform" for the other methods.
     allocation: Allocation | None = None
+    # block importance: "cosine" (1 / cos(h_in, h_out), the paper's) or "error" (each block's measured output
+    # error under a quick one-shot compression at every candidate N; N_l chosen to minimise their sum)
+    cfs_score: CfsScore = "cosine"
     cfs_spread: int = 1  # N_l in [N_t - spread, N_t + spread]
     cfs_samples: int = 16  # calibration windows the coarse stage's FP pass uses
     mask_score: MaskScore = "obs"  # prune-binarize mask (and the fixed-split ablation)
@@ -127,6 +131,7 @@ class CompressionConfig:
             object.__setattr__(self, "allocation", "cfs" if self.method == "pbs2p" else "uniform")
         for name, allowed in (
             ("allocation", ("cfs", "uniform")),
+            ("cfs_score", ("cosine", "error")),
             ("spbo_mode", ("aware", "fixed")),
             ("mask_score", ("obs", "wanda")),
             ("arb_variant", ("arb", "arb-x", "arb-obs", "arb-rc")),

@@ -191,6 +191,29 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
     return LinearResult(Q, blocks, n_keep if cfg.prunes else m, rel, inv.damping, inv.retries, stats)
 
 
+def oneshot_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: CompressionConfig) -> torch.Tensor:
+    """A quick Ŵ for the CFS error score: one-shot prune-then-binarize of every column block with no error
+    compensation between blocks (no GPTQ loop): a cheap, consistent estimate of how a block's error moves
+    with N, not the compressed weights."""
+    R, C = W.shape
+    W = W.to(torch.float32).clone()
+    H = H.to(W.device, torch.float32)
+    inv = inverse_cholesky(H, cfg.damping)
+    W[:, inv.dead] = 0.0
+    hdiag = torch.diag(H)
+    spans = column_blocks(C, cfg.block_size)
+    if cfg.salient_allocation == "linear":
+        salient: list[torch.Tensor | int] = list(salient_per_block(W, torch.diag(inv.U), spans, cfg.salient_columns))
+    else:
+        salient = [min(cfg.salient_columns, (e - s) // 2) for s, e in spans]
+    quick = cfg.replace(method="prune-binarize", spbo_report=False)
+    Q = torch.empty_like(W)
+    for (s, e), k in zip(spans, salient, strict=True):
+        Ubb = inv.U[s:e, s:e]
+        Q[:, s:e] = _code_block(W[:, s:e], torch.diag(Ubb), hdiag[s:e], H[s:e, s:e], Ubb, n_keep, k, quick).dense()
+    return Q
+
+
 def _column_feedback(Wb: torch.Tensor, Ubb: torch.Tensor, code: BlockCode) -> tuple[BlockCode, torch.Tensor]:
     """GPTQ's per-column feedback inside the block: mask and scales fixed, signs re-chosen column by column
     on the compensated weights. Returns the new code and Err (R, C) with Err · U_bb = W_b − Q_b."""

@@ -58,6 +58,7 @@ def config_from_args(a: argparse.Namespace) -> CompressionConfig:
         spbo_steps=a.spbo_steps,
         spbo_mode=a.spbo_mode,
         allocation=a.allocation,
+        cfs_score=a.cfs_score,
         mask_score=a.mask_score,
         arb_variant=a.arb_variant,
         salient_columns=a.salient_columns,
@@ -180,6 +181,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spbo-steps", type=int, default=None, help="SPBO steps tau (default M - N)")
     p.add_argument("--spbo-mode", choices=("aware", "fixed"), default="aware")
     p.add_argument("--allocation", choices=("cfs", "uniform"), default=None, help="default: cfs for pbs2p")
+    p.add_argument(
+        "--cfs-score", choices=("cosine", "error"), default="cosine", help="CFS block importance (default cosine)"
+    )
     p.add_argument("--mask-score", choices=("obs", "wanda"), default="obs")
     p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-obs", "arb-rc"), default="arb")
     p.add_argument("--salient-columns", type=int, default=8)

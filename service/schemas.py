@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pbs2p_core.config import (
     Allocation,
     ArbVariant,
+    CfsScore,
     MaskScore,
     Method,
     Propagation,
@@ -33,6 +34,7 @@ class ConfigIn(BaseModel):
     spbo_steps: int | None = Field(None, ge=1, le=16)
     spbo_mode: SpboMode | None = None
     allocation: Allocation | None = None
+    cfs_score: CfsScore | None = None
     cfs_spread: int | None = Field(None, ge=0, le=16)
     cfs_samples: int | None = Field(None, ge=1, le=4096)
     mask_score: MaskScore | None = None

@@ -1,14 +1,24 @@
 """Unit tests of the algorithm on hand-made tensors: masks, ARB, SPBO, CFS, numerics."""
 
+import itertools
+
 import pytest
 import torch
 
 from pbs2p_core.binarize import ArbFit, arb, arb_error, binarize_block
 from pbs2p_core.bits import count_bits
-from pbs2p_core.cfs import allocate, block_importance
+from pbs2p_core.cfs import allocate, allocate_by_error, block_importance
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.solver import _code_block, column_blocks, compress_linear, nm_mask, salient_per_block, split_steps
+from pbs2p_core.solver import (
+    _code_block,
+    column_blocks,
+    compress_linear,
+    nm_mask,
+    oneshot_linear,
+    salient_per_block,
+    split_steps,
+)
 
 
 def _problem(rows: int = 64, cols: int = 256, tokens: int = 1024, seed: int = 0):
@@ -133,6 +143,37 @@ def test_cfs_keeps_average_exactly_and_favours_important_end_blocks():
     assert imp[0] == max(imp)
     n = allocate(imp, 7, 8, spread=3)
     assert sum(n) == 28 and max(n) <= 7
+
+
+def test_cfs_error_allocation_minimises_the_sum_exactly():
+    # block 0 loses much from fewer weights, block 2 gains much from more, block 1 is flat
+    errors = [{5: 0.30, 6: 0.10, 7: 0.09}, {5: 0.11, 6: 0.10, 7: 0.095}, {5: 0.5, 6: 0.4, 7: 0.1}]
+    n = allocate_by_error(errors, 6)
+    assert sum(n) == 18 and n == [6, 5, 7]
+    total = sum(e[k] for e, k in zip(errors, n, strict=True))
+    # brute force over every assignment with the same average: nothing is lower
+    best = min(
+        sum(e[k] for e, k in zip(errors, ks, strict=True))
+        for ks in itertools.product((5, 6, 7), repeat=3)
+        if sum(ks) == 18
+    )
+    assert total == pytest.approx(best)
+    # equal curves: nothing moves; a single block cannot trade with itself
+    assert allocate_by_error([{5: 0.2, 6: 0.1, 7: 0.05}] * 4, 6) == [6] * 4
+    assert allocate_by_error([{5: 0.2, 6: 0.1, 7: 0.0}], 6) == [6]
+
+
+def test_oneshot_linear_is_n_of_m_and_no_better_than_compensated():
+    """The CFS error score's quick code: N:M holds, and without GPTQ compensation its error is never below the
+    compensated one-shot prune-binarize of the same linear (random Gaussian weights: e(N) need not fall with N)."""
+    W, H = _problem(cols=256)
+    cfg = CompressionConfig(pattern=NMPattern(6, 8))
+    for n in (5, 6, 7):
+        Q = oneshot_linear(W, H, n, cfg)
+        assert ((Q != 0).view(W.shape[0], -1, 8).sum(-1) <= n).all()
+        d = Q - W
+        err = float(torch.einsum("rc,cd,rd->", d, H, d) / torch.einsum("rc,cd,rd->", W, H, W))
+        assert compress_linear(W, H, n, cfg.replace(method="prune-binarize")).rel_error <= err < 1
 
 
 def test_dead_columns_and_singular_hessian_do_not_crash():

@@ -288,6 +288,18 @@ def test_cfs_allocation(tmp_path: Path) -> None:
     assert all(lr.n_keep == b.n_keep for b in report.blocks for lr in b.linears)
 
 
+def test_cfs_error_score(tmp_path: Path) -> None:
+    """cfs_score="error": each block's output error is measured at N_t - 1, N_t, N_t + 1 on FP inputs, N per
+    block minimises their sum with the exact average; the block weights written are the real compression's."""
+    make_model(tmp_path / "src", layers=4)
+    report = compress_model(tmp_path / "src", tmp_path / "out", config(cfs_score="error"), calib_ids())
+    ns = [b.n_keep for b in report.blocks]
+    assert sum(ns) == 4 * 6 and all(5 <= n <= 7 for n in ns)
+    assert all(lr.n_keep == b.n_keep for b in report.blocks for lr in b.linears)
+    again = compress_model(tmp_path / "src", tmp_path / "again", config(cfs_score="error"), calib_ids())
+    assert [b.n_keep for b in again.blocks] == ns and file_hashes(tmp_path / "out") == file_hashes(tmp_path / "again")
+
+
 def test_in_features_not_divisible_by_m(tmp_path: Path) -> None:
     make_model(tmp_path / "src", hidden=36)
     with pytest.raises(Pbs2pError, match=r"in_features=36 .*M=8"):

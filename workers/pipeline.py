@@ -26,13 +26,13 @@ from transformers import AutoConfig
 
 from pbs2p_core.artifact import MANIFEST_FILE, ArtifactWriter
 from pbs2p_core.bits import BitCount, count_bits
-from pbs2p_core.cfs import allocate, block_cosine, block_importance
+from pbs2p_core.cfs import allocate, allocate_by_error, block_cosine, block_importance
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import Family, family_for
 from pbs2p_core.hessian import HessianAccumulator
 from pbs2p_core.skeleton import empty_causal_lm
-from pbs2p_core.solver import LinearResult, compress_linear
+from pbs2p_core.solver import LinearResult, compress_linear, oneshot_linear
 
 from .checkpoint import WeightReader
 
@@ -191,6 +191,16 @@ def _skipped(full_name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(full_name, p) for p in patterns)
 
 
+def block_linears(bm: BlockModel, index: int, block: nn.Module, cfg: CompressionConfig) -> dict[str, nn.Linear]:
+    """The linears of block `index` that the config compresses, by name within the block."""
+    prefix = f"{bm.layer_root}{index}."
+    return {
+        name: block.get_submodule(name)  # type: ignore[misc]
+        for name in bm.family.linears
+        if cfg.method != "fp" and not _skipped(prefix + name, cfg.skip_modules)
+    }
+
+
 def _collect_hessians(
     bm: BlockModel, index: int, block: nn.Module, xs: list[torch.Tensor], store: _Capture, linears: dict[str, nn.Linear]
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -208,11 +218,14 @@ def _collect_hessians(
     return ys, {name: acc.H for name, acc in accs.items()}
 
 
-def coarse_stage(bm: BlockModel, store: _Capture, cfg: CompressionConfig, progress: ProgressFn) -> list[float]:
-    """CFS coarse stage on the FP model: c_l = mean over tokens of cos(h_in, h_out) of block l.
+def coarse_stage(
+    bm: BlockModel, store: _Capture, cfg: CompressionConfig, progress: ProgressFn
+) -> tuple[list[float], list[dict[int, float]]]:
+    """CFS coarse stage on the FP model: c_l = mean over tokens of cos(h_in, h_out) of block l, and with
+    cfs_score "error" also e_l(N) for every candidate N (see `block_errors`).
 
-    A mean cosine is a stable statistic: it is taken over the first `cfs_samples` calibration windows
-    (whole batches), which keeps this extra FP pass cheap."""
+    Both are taken over the first `cfs_samples` calibration windows (whole batches), which keeps this
+    extra FP pass cheap."""
     xs, windows = [], 0
     for x in store.inputs:
         if windows >= cfg.cfs_samples:
@@ -220,16 +233,55 @@ def coarse_stage(bm: BlockModel, store: _Capture, cfg: CompressionConfig, progre
         xs.append(x)
         windows += x.shape[0]
     tokens = sum(x.shape[0] * x.shape[1] for x in xs)
-    cosines = []
+    cosines: list[float] = []
+    errors: list[dict[int, float]] = []
     for i in range(bm.num_blocks):
         block = bm.load_block(i)
-        ys = bm.run_block(i, block, xs, store)
+        if cfg.cfs_score == "error":
+            linears = block_linears(bm, i, block, cfg)
+            ys, hessians = _collect_hessians(bm, i, block, xs, store, linears)
+            errors.append(block_errors(bm, i, block, xs, ys, store, linears, hessians, cfg))
+        else:
+            ys = bm.run_block(i, block, xs, store)
         cosines.append(float(sum(block_cosine(x, y) for x, y in zip(xs, ys, strict=True)) / tokens))
         bm.unload_block(i)
         release_memory()
         xs = ys
         progress("coarse", i + 1, bm.num_blocks)
-    return cosines
+    return cosines, errors
+
+
+def block_errors(
+    bm: BlockModel,
+    index: int,
+    block: nn.Module,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    store: _Capture,
+    linears: dict[str, nn.Linear],
+    hessians: dict[str, torch.Tensor],
+    cfg: CompressionConfig,
+) -> dict[int, float]:
+    """e_l(N) for N in [N_t - spread, N_t + spread]: the block's output error when all its linears get a quick
+    one-shot code at N (`oneshot_linear`), as the mean over tokens of ||y' - y||^2 / ||y||^2 on FP inputs.
+    The block's FP weights are restored afterwards."""
+    n_t, m = cfg.pattern.n, cfg.pattern.m
+    fp = {name: lin.weight.data for name, lin in linears.items()}
+    out: dict[int, float] = {}
+    try:
+        for n in range(max(1, n_t - cfg.cfs_spread), min(m - 1, n_t + cfg.cfs_spread) + 1):
+            for name, lin in linears.items():
+                lin.weight.data = oneshot_linear(fp[name], hessians[name], n, cfg).to(fp[name].dtype)
+            yq = bm.run_block(index, block, xs, store)
+            rel = [
+                ((a - b).double().pow(2).sum(-1) / b.double().pow(2).sum(-1).clamp_min(1e-30))
+                for a, b in zip(yq, ys, strict=True)
+            ]
+            out[n] = float(torch.cat([r.flatten() for r in rel]).mean())
+    finally:
+        for name, lin in linears.items():
+            lin.weight.data = fp[name]
+    return out
 
 
 def compress_model(
@@ -276,8 +328,12 @@ def plan_blocks(
     """(cosine per block or None, N per block): the CFS coarse stage, or N_t everywhere."""
     L = bm.num_blocks
     if cfg.method != "fp" and cfg.prunes and cfg.allocation == "cfs":
-        cos = coarse_stage(bm, store, cfg, progress)
-        n_blocks = allocate(block_importance(cos), cfg.pattern.n, cfg.pattern.m, cfg.cfs_spread)
+        cos, errors = coarse_stage(bm, store, cfg, progress)
+        if cfg.cfs_score == "error":
+            n_blocks = allocate_by_error(errors, cfg.pattern.n)
+            log.info("CFS block errors per N: %s", [{n: round(e, 5) for n, e in d.items()} for d in errors])
+        else:
+            n_blocks = allocate(block_importance(cos), cfg.pattern.n, cfg.pattern.m, cfg.cfs_spread)
         log.info("CFS kept counts per block: %s", n_blocks)
         return list(cos), n_blocks
     return [None] * L, [cfg.pattern.n] * L
@@ -307,11 +363,7 @@ def compress_block(
     i, m = index, cfg.pattern.m
     block = bm.load_block(i)
     prefix = f"{bm.layer_root}{i}."
-    linears: dict[str, nn.Linear] = {
-        name: block.get_submodule(name)  # type: ignore[misc]
-        for name in bm.family.linears
-        if cfg.method != "fp" and not _skipped(prefix + name, cfg.skip_modules)
-    }
+    linears = block_linears(bm, i, block, cfg)
     report = BlockReport(i, n_keep if cfg.prunes else m, cosine, 0.0)
     results: dict[str, LinearResult] = {}
     # one calibration pass collects every H of the block; "true sequential" makes one pass per group
