@@ -10,6 +10,7 @@ import argparse
 import datetime
 import json
 import math
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -55,7 +56,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40, help="held-out evaluation windows")
     ap.add_argument("--only", nargs="*", help="substrings of config names to run ('=NAME': exactly that one)")
     ap.add_argument("--name", default="quality", help="results file name")
-    ap.add_argument("--extra", nargs="*", default=[], help="extra CLI options for every compression")
+    ap.add_argument("--extra", type=shlex.split, default=[], help="extra CLI options for every compression, one string")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds: each row runs with each")
     ap.add_argument("--variants", action="store_true", help="run the optional variants instead of the methods")
     ap.add_argument("--sweep-calib", nargs="*", type=int, help="instead: pbs2p 6:8 with these calibration sizes")
     a = ap.parse_args()
@@ -66,28 +68,31 @@ def main() -> None:
     fp, _, _ = run_cli(["eval", MODEL, *ev])
     rows, records = [], []
     rows.append(["fp32 baseline", f"{fp['ppl']:.2f}", "1.00", "0", "32", "32", "-", "-"])
+    runs = [(name, opts, seed) for name, opts in (VARIANTS if a.variants else CONFIGS).items() for seed in a.seeds]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, opts in (VARIANTS if a.variants else CONFIGS).items():
+        for name, opts, seed in runs:
             if a.only and not any(name == s[1:] if s.startswith("=") else s in name for s in a.only):
                 continue
             out = str(Path(tmp) / "out")
-            rep, secs, rss = run_cli(["compress", MODEL, "-o", out, *opts, *common])
+            rep, secs, rss = run_cli(["compress", MODEL, "-o", out, *opts, *common, "--seed", str(seed)])
             q, _, _ = run_cli(["eval", out, *ev])
             info, _, _ = run_cli(["inspect", out])
             bits = info["total"]  # counted from the bytes the artifact holds
-            rec = dict(name=name, ppl=q["ppl"], fp_ppl=fp["ppl"], layer_error=rep["mean_rel_error"],
+            rec = dict(name=name, seed=seed, ppl=q["ppl"], fp_ppl=fp["ppl"], layer_error=rep["mean_rel_error"],
                        paper_bits=bits["paper_bits"], true_bits=bits["true_bits"], seconds=secs, peak_mib=rss,
                        n_per_block=[b["n_keep"] for b in rep["blocks"]], config=rep["config"])  # fmt: skip
             records.append(rec)
             ratio, err = q["ppl"] / fp["ppl"], rep["mean_rel_error"]
-            rows.append([name, f"{q['ppl']:.1f}", f"{ratio:.1f}", f"{err:.4f}", f"{bits['paper_bits']:.3f}",
+            label = name if len(a.seeds) == 1 else f"{name}, seed {seed}"
+            rows.append([label, f"{q['ppl']:.1f}", f"{ratio:.1f}", f"{err:.4f}", f"{bits['paper_bits']:.3f}",
                          f"{bits['true_bits']:.3f}", f"{secs:.0f}", f"{rss:.0f}"])  # fmt: skip
             print(rows[-1], flush=True)
     assert all(math.isfinite(r["ppl"]) for r in records)
     header = ["method", "wiki ppl", "ratio to FP", "layer error", "paper bits", "true bits", "time (s)", "peak MiB"]
     notes = [
         f"Model {MODEL} (fp32, dequantized Q4_1 = the full-precision baseline). Calibration: {a.calib_samples} "
-        f"windows x {a.seqlen} tokens, seed 0, Wikipedia calibration split. Perplexity: first {a.windows} "
+        f"windows x {a.seqlen} tokens, seed {', '.join(map(str, a.seeds))}, Wikipedia calibration split. "
+        f"Perplexity: first {a.windows} "
         f"held-out windows x {a.seqlen} tokens ({fp['tokens']} predicted tokens, no BOS).",
         "Layer error: mean over compressed linears of ||WX - W'X||^2 / ||WX||^2 on their calibration inputs.",
         "True bits: bytes of the compressed linears in the artifact x 8 / their weights (`pbs2p inspect`: signs, "
@@ -95,8 +100,22 @@ def main() -> None:
         "Time and peak memory: the compress process.",
         f"Measured {datetime.date.today()} on {machine()}; written by bench/quality.py, not edited by hand.",
     ]
+    if len(a.seeds) > 1:
+        notes.insert(0, seed_summary(records))
     write_table(a.name, "Quality on the real model", header, rows, notes)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(records, indent=1))
+
+
+def seed_summary(records: list[dict]) -> str:
+    """Per config over its seeds: geometric mean perplexity (and range), mean layer error."""
+    parts = []
+    for name in dict.fromkeys(r["name"] for r in records):
+        rs = [r for r in records if r["name"] == name]
+        geo = math.exp(sum(math.log(r["ppl"]) for r in rs) / len(rs))
+        lo, hi = min(r["ppl"] for r in rs), max(r["ppl"] for r in rs)
+        err = sum(r["layer_error"] for r in rs) / len(rs)
+        parts.append(f"{name}: geometric mean ppl {geo:.0f} ({lo:.0f}-{hi:.0f}), layer error {err:.4f}")
+    return f"Over {len(records) // len(parts)} calibration seeds: " + "; ".join(parts) + "."
 
 
 def sweep_calib(a: argparse.Namespace) -> None:
