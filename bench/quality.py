@@ -1,7 +1,8 @@
 """Quality benchmark: every method and ablation on the real model, same calibration, held-out perplexity.
 
 Writes bench/results/quality.md (and .json). Each compression runs in its own process, so its wall time
-and peak memory (max RSS) are its own. Usage: python bench/quality.py [--calib-samples 64] [--only NAME ...]
+and peak memory (max RSS) are its own. Usage:
+  python bench/quality.py [--calib-samples 32] [--only NAME ...] [--seeds 0 1 2] [--append]
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ CONFIGS: dict[str, list[str]] = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40, help="held-out evaluation windows")
     ap.add_argument("--only", nargs="*", help="substrings of config names to run ('=NAME': exactly that one)")
     ap.add_argument("--name", default="quality", help="results file name")
     ap.add_argument("--extra", type=shlex.split, default=[], help="extra CLI options for every compression, one string")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds: each row runs with each")
+    ap.add_argument("--append", action="store_true", help="keep the other rows of an earlier run of this table")
     ap.add_argument("--variants", action="store_true", help="run the optional variants instead of the methods")
     ap.add_argument("--sweep-calib", nargs="*", type=int, help="instead: pbs2p 6:8 with these calibration sizes")
     a = ap.parse_args()
@@ -65,14 +67,14 @@ def main() -> None:
         return sweep_calib(a)
     common = ["--calib-samples", str(a.calib_samples), "--seqlen", str(a.seqlen), *a.extra]
     ev = ["--seqlen", str(a.seqlen), "--windows", str(a.windows)]
+    setting = dict(calib_samples=a.calib_samples, seqlen=a.seqlen, windows=a.windows, extra=a.extra)
     fp, _, _ = run_cli(["eval", MODEL, *ev])
-    rows, records = [], []
-    rows.append(["fp32 baseline", f"{fp['ppl']:.2f}", "1.00", "0", "32", "32", "-", "-"])
-    runs = [(name, opts, seed) for name, opts in (VARIANTS if a.variants else CONFIGS).items() for seed in a.seeds]
+    table = VARIANTS if a.variants else CONFIGS
+    runs = [(name, opts, seed) for name, opts in table.items() for seed in a.seeds]
+    runs = [r for r in runs if not a.only or any(r[0] == s[1:] if s.startswith("=") else s in r[0] for s in a.only)]
+    records = earlier(a.name, setting, {(n, s) for n, _, s in runs}) if a.append else []
     with tempfile.TemporaryDirectory() as tmp:
         for name, opts, seed in runs:
-            if a.only and not any(name == s[1:] if s.startswith("=") else s in name for s in a.only):
-                continue
             out = str(Path(tmp) / "out")
             rep, secs, rss = run_cli(["compress", MODEL, "-o", out, *opts, *common, "--seed", str(seed)])
             q, _, _ = run_cli(["eval", out, *ev])
@@ -80,30 +82,47 @@ def main() -> None:
             bits = info["total"]  # counted from the bytes the artifact holds
             rec = dict(name=name, seed=seed, ppl=q["ppl"], fp_ppl=fp["ppl"], layer_error=rep["mean_rel_error"],
                        paper_bits=bits["paper_bits"], true_bits=bits["true_bits"], seconds=secs, peak_mib=rss,
-                       n_per_block=[b["n_keep"] for b in rep["blocks"]], config=rep["config"])  # fmt: skip
+                       n_per_block=[b["n_keep"] for b in rep["blocks"]], config=rep["config"],
+                       measured=str(datetime.date.today()), **setting)  # fmt: skip
             records.append(rec)
-            ratio, err = q["ppl"] / fp["ppl"], rep["mean_rel_error"]
-            label = name if len(a.seeds) == 1 else f"{name}, seed {seed}"
-            rows.append([label, f"{q['ppl']:.1f}", f"{ratio:.1f}", f"{err:.4f}", f"{bits['paper_bits']:.3f}",
-                         f"{bits['true_bits']:.3f}", f"{secs:.0f}", f"{rss:.0f}"])  # fmt: skip
-            print(rows[-1], flush=True)
+            print(name, seed, f"ppl {q['ppl']:.1f} layer error {rep['mean_rel_error']:.4f}", flush=True)
+    order = {name: i for i, name in enumerate(table)}
+    records.sort(key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
     assert all(math.isfinite(r["ppl"]) for r in records)
+    seeds = sorted({r["seed"] for r in records})
+    rows = [["fp32 baseline", f"{fp['ppl']:.2f}", "1.00", "0", "32", "32", "-", "-"]]
+    for r in records:
+        label = r["name"] if len(seeds) == 1 else f"{r['name']}, seed {r['seed']}"
+        rows.append([label, f"{r['ppl']:.1f}", f"{r['ppl'] / fp['ppl']:.1f}", f"{r['layer_error']:.4f}",
+                     f"{r['paper_bits']:.3f}", f"{r['true_bits']:.3f}", f"{r['seconds']:.0f}",
+                     f"{r['peak_mib']:.0f}"])  # fmt: skip
     header = ["method", "wiki ppl", "ratio to FP", "layer error", "paper bits", "true bits", "time (s)", "peak MiB"]
     notes = [
         f"Model {MODEL} (fp32, dequantized Q4_1 = the full-precision baseline). Calibration: {a.calib_samples} "
-        f"windows x {a.seqlen} tokens, seed {', '.join(map(str, a.seeds))}, Wikipedia calibration split. "
+        f"windows x {a.seqlen} tokens, seed {', '.join(map(str, seeds))}, Wikipedia calibration split. "
         f"Perplexity: first {a.windows} "
         f"held-out windows x {a.seqlen} tokens ({fp['tokens']} predicted tokens, no BOS).",
         "Layer error: mean over compressed linears of ||WX - W'X||^2 / ||WX||^2 on their calibration inputs.",
         "True bits: bytes of the compressed linears in the artifact x 8 / their weights (`pbs2p inspect`: signs, "
         "residual plane, N:M mask as rank code, scales, salient indices); paper bits: sign planes only. "
         "Time and peak memory: the compress process.",
-        f"Measured {datetime.date.today()} on {machine()}; written by bench/quality.py, not edited by hand.",
+        f"Measured {', '.join(sorted({r.get('measured', '?') for r in records}))} on {machine()}; written by "
+        "bench/quality.py, not edited by hand.",
     ]
-    if len(a.seeds) > 1:
+    if len(seeds) > 1:
         notes.insert(0, seed_summary(records))
     write_table(a.name, "Quality on the real model", header, rows, notes)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(records, indent=1))
+
+
+def earlier(name: str, setting: dict, redo: set[tuple[str, int]]) -> list[dict]:
+    """--append: the rows of an earlier run of this table (same calibration and evaluation), minus those redone."""
+    path = RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    for r in old:
+        if any(r.get(k, setting[k]) != v for k, v in setting.items()):
+            raise SystemExit(f"{path} was measured with other settings than {setting}; run without --append")
+    return [{"seed": 0, **r} for r in old if (r["name"], r.get("seed", 0)) not in redo]
 
 
 def seed_summary(records: list[dict]) -> str:
@@ -114,8 +133,10 @@ def seed_summary(records: list[dict]) -> str:
         geo = math.exp(sum(math.log(r["ppl"]) for r in rs) / len(rs))
         lo, hi = min(r["ppl"] for r in rs), max(r["ppl"] for r in rs)
         err = sum(r["layer_error"] for r in rs) / len(rs)
-        parts.append(f"{name}: geometric mean ppl {geo:.0f} ({lo:.0f}-{hi:.0f}), layer error {err:.4f}")
-    return f"Over {len(records) // len(parts)} calibration seeds: " + "; ".join(parts) + "."
+        parts.append(
+            f"{name} ({len(rs)} seeds): geometric mean ppl {geo:.0f} ({lo:.0f}-{hi:.0f}), layer error {err:.4f}"
+        )
+    return "Over calibration seeds: " + "; ".join(parts) + "."
 
 
 def sweep_calib(a: argparse.Namespace) -> None:
