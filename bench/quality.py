@@ -42,8 +42,9 @@ CONFIGS: dict[str, list[str]] = {
     "pbs2p 5:8": ["--method", "pbs2p", "--pattern", "5:8"],
     "pbs2p 4:8": ["--method", "pbs2p", "--pattern", "4:8"],
     "pbs2p 6:8, tau = 1 (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-steps", "1"],
-    "pbs2p 6:8, uniform N (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--allocation", "uniform"],
-    "pbs2p 6:8, CFS by block error": ["--method", "pbs2p", "--pattern", "6:8", "--cfs-score", "error"],
+    "pbs2p 6:8, fixed split (ablation)": ["--method", "pbs2p", "--spbo-mode", "fixed"],
+    "pbs2p 6:8, CFS 1/cos (the paper's coarse stage)": ["--method", "pbs2p", "--allocation", "cfs"],
+    "pbs2p 6:8, CFS by block error": ["--method", "pbs2p", "--allocation", "cfs", "--cfs-score", "error"],
     "pbs2p 6:8, salient columns per block (ablation)": ["--method", "pbs2p", "--salient-allocation", "block"],
     # cheaper scales: alpha, mu per row per 512 columns, salient residual alpha only
     "pbs2p 6:8, lean scales / 512 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],

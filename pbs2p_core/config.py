@@ -78,8 +78,9 @@ class CompressionConfig:
     # step by the binarization-aware cost, "fixed" is the ablation (OBS prune set split into steps).
     spbo_steps: int | None = None
     spbo_mode: SpboMode = "aware"
-    # CFS coarse stage; None -> "cfs" for pbs2p, "uniform" for the other methods.
-    allocation: Allocation | None = None
+    # N per transformer block: "uniform" (N_t everywhere, the default: measured better than CFS on the real
+    # model, README) or "cfs" (the coarse stage of the paper: N_l in N_t ± cfs_spread, average kept exactly)
+    allocation: Allocation = "uniform"
     # block importance: "cosine" (1 / cos(h_in, h_out), the paper's) or "error" (each block's measured output
     # error under a quick one-shot compression at every candidate N; N_l chosen to minimise their sum)
     cfs_score: CfsScore = "cosine"
@@ -127,8 +128,6 @@ class CompressionConfig:
             fail(f"spbo_steps={self.spbo_steps} must be between 1 and M - N = {prune} for pattern {self.pattern}")
         if self.salient_allocation is None:
             object.__setattr__(self, "salient_allocation", "block" if self.salient_search else "linear")
-        if self.allocation is None:
-            object.__setattr__(self, "allocation", "cfs" if self.method == "pbs2p" else "uniform")
         for name, allowed in (
             ("allocation", ("cfs", "uniform")),
             ("cfs_score", ("cosine", "error")),

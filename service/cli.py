@@ -180,7 +180,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", default="6:8", help="N:M, N weights kept per group of M (default 6:8)")
     p.add_argument("--spbo-steps", type=int, default=None, help="SPBO steps tau (default M - N)")
     p.add_argument("--spbo-mode", choices=("aware", "fixed"), default="aware")
-    p.add_argument("--allocation", choices=("cfs", "uniform"), default=None, help="default: cfs for pbs2p")
+    p.add_argument("--allocation", choices=("cfs", "uniform"), default="uniform", help="N per block (default uniform)")
     p.add_argument(
         "--cfs-score", choices=("cosine", "error"), default="cosine", help="CFS block importance (default cosine)"
     )

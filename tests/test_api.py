@@ -218,7 +218,7 @@ def test_submit_returns_201_with_location_and_the_resolved_config(
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
     assert job["state"] == "QUEUED" and job["name"] == "first job" and job["model"] == model_path(svc)
     full = CompressionConfig.from_dict(config).to_dict()
-    assert job["config"] == full and job["config"]["allocation"] == "cfs"  # every field, defaults resolved
+    assert job["config"] == full and job["config"]["allocation"] == "uniform"  # every field, defaults resolved
     assert set(job["config"]) == set(CompressionConfig.__dataclass_fields__)
     assert job["evaluate"] == evaluate
     assert job["attempts"] == 0 and job["started_at"] is None and job["error"] is None

@@ -214,7 +214,7 @@ def test_pbs2p_keeps_n_of_m(tmp_path: Path, family: str) -> None:
     assert torch.equal(dense, packed)  # the packed modules compute with exactly the stored weights
     saved = saved_report(tmp_path / "out")
     assert saved["blocks"][0]["n_keep"] == report.blocks[0].n_keep
-    assert saved["config"] == config().to_dict() and saved["config"]["allocation"] == "cfs"
+    assert saved["config"] == config().to_dict() and saved["config"]["allocation"] == "uniform"
 
 
 # ------------------------------------------------------------------------------------ pipeline options

@@ -306,7 +306,7 @@ async function jobPage(id) {
         stat("paper bits / weight", num(m.paper_bits, 3), "paper-bits"), stat("true bits / weight", num(m.true_bits, 3), "true-bits"),
         stat("mean rel. error", num(m.mean_rel_error, 4)),
         stat("timings", `prepare ${secs(t.prepare_s)} · compress ${secs(t.compress_s)} · evaluate ${secs(t.evaluate_s)}`, "timings")),
-      blocks.length ? h("div", { class: "card" }, h("h3", { text: `Kept weights N per block (coarse stage, ${j.config.pattern} target dashed)` }), h("div", { class: "chart" }, nChart(blocks, j.config.pattern))) : null,
+      blocks.length ? h("div", { class: "card" }, h("h3", { text: `Kept weights N per block (${j.config.allocation} allocation, ${j.config.pattern} target dashed)` }), h("div", { class: "chart" }, nChart(blocks, j.config.pattern))) : null,
       blocks.length ? h("div", { class: "card" }, h("h3", { text: "Per-layer reconstruction error" }),
         j.config.spbo_report ? null : h("p", { class: "muted", text: "“Before SPBO” needs the config field spbo_report: true." }),
         h("div", { class: "scroll" }, layerTable(blocks))) : null,
