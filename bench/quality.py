@@ -38,6 +38,10 @@ CONFIGS: dict[str, list[str]] = {
     "arb (dense 1-bit)": ["--method", "arb"],
     "prune-binarize 6:8": ["--method", "prune-binarize", "--pattern", "6:8"],
     "prune-binarize 4:8": ["--method", "prune-binarize", "--pattern", "4:8"],
+    # the baselines as BiLLM / STBLLM do it: salient columns in every column block (the default spreads the
+    # same budget over the linear)
+    "arb, salient columns per block": ["--method", "arb", "--salient-allocation", "block"],
+    "prune-binarize 6:8, salient columns per block": ["--method", "prune-binarize", "--salient-allocation", "block"],
     "pbs2p 6:8": ["--method", "pbs2p", "--pattern", "6:8"],
     "pbs2p 5:8": ["--method", "pbs2p", "--pattern", "5:8"],
     "pbs2p 4:8": ["--method", "pbs2p", "--pattern", "4:8"],
