@@ -78,8 +78,8 @@ class CompressionConfig:
     # step by the binarization-aware cost, "fixed" is the ablation (OBS prune set split into steps).
     spbo_steps: int | None = None
     spbo_mode: SpboMode = "aware"
-    # N per transformer block: "uniform" (N_t everywhere, the default: measured better than CFS on the real
-    # model, README) or "cfs" (the coarse stage of the paper: N_l in N_t ± cfs_spread, average kept exactly)
+    # N per transformer block: "uniform" (N_t everywhere, the default: CFS measured no better on the real model
+    # over three seeds, README) or "cfs" (the paper's coarse stage: N_l in N_t ± cfs_spread, average kept exactly)
     allocation: Allocation = "uniform"
     # block importance: "cosine" (1 / cos(h_in, h_out), the paper's) or "error" (each block's measured output
     # error under a quick one-shot compression at every candidate N; N_l chosen to minimise their sum)
