@@ -78,12 +78,12 @@ def main() -> None:
     table = VARIANTS if a.variants else CONFIGS
     runs = [(name, opts, seed) for name, opts in table.items() for seed in a.seeds]
     runs = [r for r in runs if not a.only or any(r[0] == s[1:] if s.startswith("=") else s in r[0] for s in a.only)]
-    redo = set() if a.merge else {(n, s) for n, _, s in runs}
-    records = earlier(a.name, setting, redo) if a.append or a.merge else []
+    if a.merge:
+        runs = []  # run nothing: the rows are this table's and those of the tables merged in
+    records = earlier(a.name, setting, {(n, s) for n, _, s in runs}) if a.append or a.merge else []
     for other in a.merge or []:  # rows measured in another run (another worktree, in parallel) of this table
         have = {(r["name"], r["seed"]) for r in records}
         records += [r for r in earlier(other, setting, set()) if (r["name"], r["seed"]) not in have]
-    runs = [] if a.merge else runs
     with tempfile.TemporaryDirectory() as tmp:
         for name, opts, seed in runs:
             out = str(Path(tmp) / "out")

@@ -21,10 +21,15 @@ def block_importance(cosines: list[float]) -> list[float]:
     return [v / mean for v in inv]
 
 
+def n_bounds(n_target: int, m: int, spread: int) -> tuple[int, int]:
+    """The kept counts a block may get: [N_t − spread, N_t + spread] within [1, M − 1]."""
+    return max(1, n_target - spread), min(m - 1, n_target + spread)
+
+
 def allocate(importance: list[float], n_target: int, m: int, spread: int = 1) -> list[int]:
     """N_l = clip(round(N_t · I_l), N_t − spread, N_t + spread) within [1, M − 1], then repaired greedily so
     that Σ N_l = L · N_t exactly (the average bits equal the target's). Deterministic."""
-    lo, hi = max(1, n_target - spread), min(m - 1, n_target + spread)
+    lo, hi = n_bounds(n_target, m, spread)
     ideal = [n_target * i for i in importance]
     n = [min(hi, max(lo, round(x))) for x in ideal]
     target = n_target * len(n)

@@ -26,7 +26,7 @@ from transformers import AutoConfig
 
 from pbs2p_core.artifact import MANIFEST_FILE, ArtifactWriter
 from pbs2p_core.bits import BitCount, count_bits
-from pbs2p_core.cfs import allocate, allocate_by_error, block_cosine, block_importance
+from pbs2p_core.cfs import allocate, allocate_by_error, block_cosine, block_importance, n_bounds
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import Family, family_for
@@ -265,11 +265,11 @@ def block_errors(
     """e_l(N) for N in [N_t - spread, N_t + spread]: the block's output error when all its linears get a quick
     one-shot code at N (`oneshot_linear`), as the mean over tokens of ||y' - y||^2 / ||y||^2 on FP inputs.
     The block's FP weights are restored afterwards."""
-    n_t, m = cfg.pattern.n, cfg.pattern.m
+    lo, hi = n_bounds(cfg.pattern.n, cfg.pattern.m, cfg.cfs_spread)
     fp = {name: lin.weight.data for name, lin in linears.items()}
     out: dict[int, float] = {}
     try:
-        for n in range(max(1, n_t - cfg.cfs_spread), min(m - 1, n_t + cfg.cfs_spread) + 1):
+        for n in range(lo, hi + 1):
             for name, lin in linears.items():
                 lin.weight.data = oneshot_linear(fp[name], hessians[name], n, cfg).to(fp[name].dtype)
             yq = bm.run_block(index, block, xs, store)
