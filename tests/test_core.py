@@ -206,6 +206,7 @@ def test_in_features_not_divisible_by_m_is_a_clear_error():
         (dict(block_size=100), "multiple of M"),
         (dict(arb_variant="arb-rc"), "salient_columns=0"),
         (dict(device="tpu"), "use cpu or cuda"),
+        (dict(cfs_score="cos"), "cfs_score='cos' is not known; use one of cosine, error"),
     ],
 )
 def test_bad_config_says_what_to_change(kw, match):
