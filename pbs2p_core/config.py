@@ -97,6 +97,9 @@ class CompressionConfig:
     # columns of highest OBS score, wherever they are
     salient_allocation: SalientAllocation | None = None  # None -> "linear" ("block" with salient_search)
     column_feedback: bool = False  # GPTQ per-column error feedback inside a column block
+    # once masks and signs are chosen, solve every scale of the linear jointly against ||(W - W')X||^2
+    # (pbs2p_core/refit.py): no extra bits; False is the ablation (each block's ARB scales as fitted)
+    scale_refit: bool = True
     # report, per linear, the error one-shot prune-then-binarize gets on the same weights ("before SPBO");
     # costs one extra fit per column block, changes nothing in the compressed weights
     spbo_report: bool = False

@@ -63,6 +63,7 @@ def config_from_args(a: argparse.Namespace) -> CompressionConfig:
         arb_variant=a.arb_variant,
         salient_columns=a.salient_columns,
         column_feedback=a.column_feedback,
+        scale_refit=not a.no_scale_refit,
         spbo_report=a.spbo_report,
         scale_layout=a.scale_layout,
         salient_allocation=a.salient_allocation,
@@ -188,6 +189,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-obs", "arb-rc"), default="arb")
     p.add_argument("--salient-columns", type=int, default=8)
     p.add_argument("--column-feedback", action="store_true")
+    p.add_argument(
+        "--no-scale-refit", action="store_true", help="keep each block's ARB scales (ablation of the joint refit)"
+    )
     p.add_argument("--spbo-report", action="store_true", help="also report each layer's error before SPBO")
     p.add_argument(
         "--salient-allocation", choices=("block", "linear"), default=None, help="default linear (block with a search)"

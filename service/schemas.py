@@ -46,6 +46,7 @@ class ConfigIn(BaseModel):
     salient_search: list[int] | None = Field(None, max_length=16)
     salient_allocation: SalientAllocation | None = None
     column_feedback: bool | None = None
+    scale_refit: bool | None = None
     spbo_report: bool | None = None
     scale_dtype: ScaleDtype | None = None
     scale_layout: ScaleLayout | None = None

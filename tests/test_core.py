@@ -1,5 +1,6 @@
 """Unit tests of the algorithm on hand-made tensors: masks, ARB, SPBO, CFS, numerics."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -10,6 +11,7 @@ from pbs2p_core.bits import count_bits
 from pbs2p_core.cfs import allocate, allocate_by_error, block_importance
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.refit import layer_error, refit_scales
 from pbs2p_core.solver import (
     _code_block,
     column_blocks,
@@ -295,3 +297,44 @@ def test_spbo_report_measures_before_spbo_without_changing_the_weights():
     assert reported.stats["rel_error_oneshot"] >= reported.rel_error > 0
     arb = compress_linear(W, H, 8, CompressionConfig(method="arb", spbo_report=True))
     assert "rel_error_oneshot" not in arb.stats  # nothing is pruned: there is no "before SPBO"
+
+
+@pytest.mark.parametrize("layout", ["full", "shared", "lean"])
+def test_scale_refit_is_the_joint_least_squares_optimum(layout):
+    """Masks and signs kept; per row, the refit's error equals a direct least-squares solve over every scale's
+    ±1/0 pattern (up to fp16 rounding of the scales), and is never above the per-block ARB scales'."""
+    cfg = CompressionConfig(scale_layout=layout, salient_allocation="block", scale_refit=False, block_size=64)
+    W, H = _problem(rows=6, cols=192)
+    res = compress_linear(W, H, 6, cfg)
+    spans = column_blocks(192, 64)
+    new = refit_scales(W, H, res.blocks, spans, 0.01, "fp16")
+    assert all(
+        torch.equal(a.mask, b.mask) and torch.equal(a.sign, b.sign) for a, b in zip(res.blocks, new, strict=True)
+    )
+    Q = torch.cat([b.dense() for b in new], 1)
+    assert layer_error(W, Q, H) < layer_error(W, res.weight, H)
+    Hd = (H + 0.01 * torch.diag(H).mean() * torch.eye(192)).double()
+    for r in range(W.shape[0]):
+        cols = []
+        for (s, e), code in zip(spans, res.blocks, strict=True):
+            for name in code.scales:
+                one = dataclasses.replace(code, scales={k: torch.zeros_like(v) for k, v in code.scales.items()})
+                one.scales[name] = torch.ones_like(code.scales[name])
+                v = torch.zeros(192, dtype=torch.float64)
+                v[s:e] = one.dense()[r].double()
+                cols.append(v)
+        D = torch.stack(cols, 1)  # (C, P): the row's Ŵ is D @ scales
+        w = W[r].double()
+        best = D @ torch.linalg.pinv(D.T @ Hd @ D) @ (D.T @ Hd @ w)  # D may be rank-deficient (mu_s, mu_r)
+        opt, got = float((best - w) @ Hd @ (best - w)), float((Q[r].double() - w) @ Hd @ (Q[r].double() - w))
+        assert opt <= got <= opt * 1.001 + 1e-12
+
+
+def test_scale_refit_is_on_by_default_and_lowers_the_error():
+    W, H = _problem(cols=256)
+    on = compress_linear(W, H, 6, CompressionConfig())
+    off = compress_linear(W, H, 6, CompressionConfig(scale_refit=False))
+    assert on.rel_error < off.rel_error
+    assert all(
+        torch.equal(a.mask, b.mask) and torch.equal(a.sign, b.sign) for a, b in zip(on.blocks, off.blocks, strict=True)
+    )

@@ -1,0 +1,94 @@
+"""Scale refit: with every mask and sign plane of a linear fixed, its scales solved jointly against the layer's
+own objective ‖(W − Ŵ) X‖² = tr(ΔW H ΔWᵀ).
+
+Ŵ is linear in the scales (α, μ, α_s, μ_s, α_r, μ_r of every column block), so per output row this is a small
+least-squares problem (6 unknowns per column block at most) with an exact solution. The column-block loop fits
+each block's scales to the error-compensated weights in the plain (unweighted) norm, one block at a time; the
+refit replaces them by the joint optimum for the original weights under H. Storage and bits do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .binarize import BlockCode, round_scale
+
+# the scales whose coefficient is a fixed ±1/0 pattern; "mu_r" duplicates "mu_s" (both multiply the salient
+# kept set) in the full layout, so there it is folded into mu_s and stored as 0
+_KINDS = ("alpha", "mu", "alpha_s", "mu_s", "alpha_r", "mu_r")
+
+
+def _basis(code: BlockCode) -> tuple[list[str], torch.Tensor]:
+    """(names, V): V (R, k, c) with Ŵ_b = Σ_k scale_k[:, None] · V[:, k, :] for this block's code."""
+    s, mask = code.scales, code.mask.to(code.scales["alpha"].dtype)
+    R, c = mask.shape
+    B = code.sign.to(mask.dtype) * 2 - 1
+    sal = torch.zeros(c, dtype=mask.dtype, device=mask.device)
+    sal[code.salient] = 1.0
+    B2 = torch.zeros_like(B)
+    B2[:, code.salient] = code.sign2.to(B.dtype) * 2 - 1
+    own = "alpha_s" in s
+    rest = 1.0 - sal if own else torch.ones_like(sal)
+    patterns = {
+        "alpha": B * mask * rest,
+        "mu": mask * rest,
+        "alpha_s": B * mask * sal,
+        "mu_s": mask * sal,
+        "alpha_r": B2 * mask * sal,
+        "mu_r": mask * sal,
+    }
+    names = [k for k in _KINDS if k in s and not (k == "mu_r" and own)]
+    return names, torch.stack([patterns[k] for k in names], 1)
+
+
+def layer_error(W0: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    delta = Q - W0
+    return float(torch.einsum("rc,cd,rd->", delta, H, delta))
+
+
+def refit_scales(
+    W0: torch.Tensor, H: torch.Tensor, blocks: list[BlockCode], spans: list[tuple[int, int]], damping: float, dtype: str
+) -> list[BlockCode]:
+    """The blocks with every scale re-solved jointly per row (see the module doc); masks and signs unchanged.
+
+    H is damped as in the solver (λ · mean diag H on the diagonal). ARB-RC codes (row × column scales, not
+    linear in them) are returned unchanged. Returns the old blocks if the rounded refit is not better."""
+    if any("alpha_col" in b.scales for b in blocks):
+        return blocks
+    Hd = H + damping * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    per_block = [_basis(b) for b in blocks]
+    P = sum(len(n) for n, _ in per_block)
+    R, C = W0.shape
+    x = torch.empty(R, P, dtype=W0.dtype, device=W0.device)
+    step = max(1, 2**25 // (P * C))  # rows per chunk: bounds the (rows, P, C) tensors at 128 MB each
+    for r0 in range(0, R, step):
+        rows = slice(r0, min(r0 + step, R))
+        VH = torch.zeros(rows.stop - r0, P, C, dtype=W0.dtype, device=W0.device)  # (V Hd) per row
+        G = torch.zeros(rows.stop - r0, P, P, dtype=torch.float64, device=W0.device)
+        p = 0
+        for (s, e), (names, Vb) in zip(spans, per_block, strict=True):  # V is block-sparse: one span each
+            VH[:, p : p + len(names)] = Vb[rows] @ Hd[s:e]
+            p += len(names)
+        p = 0
+        for (s, e), (names, Vb) in zip(spans, per_block, strict=True):
+            G[:, :, p : p + len(names)] = torch.einsum("rpc,rkc->rpk", VH[:, :, s:e], Vb[rows]).double()
+            p += len(names)
+        rhs = torch.einsum("rpc,rc->rp", VH, W0[rows]).double()
+        diag = torch.diagonal(G, dim1=1, dim2=2)
+        ridge = 1e-9 * diag.mean(1, keepdim=True).clamp_min(1e-30) + (diag == 0).double()  # unused scales -> 0
+        sol = torch.linalg.solve(G + torch.diag_embed(ridge.expand_as(diag)), rhs.unsqueeze(-1)).squeeze(-1)
+        x[rows] = sol.to(W0.dtype)
+    new, p = [], 0
+    for b, (names, _) in zip(blocks, per_block, strict=True):
+        scales = dict(b.scales)
+        for j, name in enumerate(names):
+            scales[name] = round_scale(x[:, p + j], dtype)
+        if "mu_r" in scales and "mu_r" not in names:
+            scales["mu_r"] = torch.zeros_like(scales["mu_r"])
+        p += len(names)
+        new.append(dataclasses.replace(b, scales=scales))
+    old_q = torch.cat([b.dense() for b in blocks], 1)
+    new_q = torch.cat([b.dense() for b in new], 1)
+    return new if layer_error(W0, new_q, H) < layer_error(W0, old_q, H) else blocks
