@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument("--extra", type=shlex.split, default=[], help="extra CLI options for every compression, one string")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds: each row runs with each")
     ap.add_argument("--append", action="store_true", help="keep the other rows of an earlier run of this table")
-    ap.add_argument("--merge", nargs="+", metavar="NAME", help="run nothing: add the rows of these tables to this one")
+    ap.add_argument(
+        "--merge", nargs="+", metavar="NAME", help="run nothing: add these tables' rows (of --seeds) to this one"
+    )
     ap.add_argument("--variants", action="store_true", help="run the optional variants instead of the methods")
     ap.add_argument("--sweep-calib", nargs="*", type=int, help="instead: pbs2p 6:8 with these calibration sizes")
     a = ap.parse_args()
@@ -83,7 +85,9 @@ def main() -> None:
     records = earlier(a.name, setting, {(n, s) for n, _, s in runs}) if a.append or a.merge else []
     for other in a.merge or []:  # rows measured in another run (another worktree, in parallel) of this table
         have = {(r["name"], r["seed"]) for r in records}
-        records += [r for r in earlier(other, setting, set()) if (r["name"], r["seed"]) not in have]
+        records += [
+            r for r in earlier(other, setting, set()) if (r["name"], r["seed"]) not in have and r["seed"] in a.seeds
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         for name, opts, seed in runs:
             out = str(Path(tmp) / "out")

@@ -108,9 +108,6 @@ class CompressionConfig:
     skip_modules: tuple[str, ...] = ()  # fnmatch patterns of linear names left uncompressed
     propagation: Propagation = "sequential"
     true_sequential: bool = False  # within a block, calibrate each group of linears on the compressed earlier ones
-    # each linear's target is the FP model's output W X_fp on the compressed model's inputs X, not W X: corrects
-    # the drift of earlier compressed blocks (sequential propagation only; workers/pipeline.py, hessian.fp_target)
-    fp_targets: bool = True
     calib: str = "wiki"
     calib_samples: int = 64
     seqlen: int = 512
@@ -179,11 +176,6 @@ class CompressionConfig:
     @property
     def prunes(self) -> bool:
         return self.method in ("prune-binarize", "pbs2p")
-
-    @property
-    def uses_fp_targets(self) -> bool:
-        """FP-model targets need the compressed model's own inputs: sequential propagation, a compressing method."""
-        return self.fp_targets and self.propagation == "sequential" and self.method != "fp"
 
     def replace(self, **changes: Any) -> CompressionConfig:
         return dataclasses.replace(self, **changes)

@@ -17,30 +17,13 @@ class HessianAccumulator:
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.tokens = 0
 
-    def add_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """Add tokens x (..., C); with y (same tokens, other columns) accumulate the cross term 2 · x yᵀ."""
+    def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # (T, C)
         t = x.shape[0]
         self.H *= self.tokens / (self.tokens + t)
         self.tokens += t
-        if y is None:
-            x = x * math.sqrt(2.0 / self.tokens)
-            self.H.addmm_(x.T, x)
-        else:
-            self.H.addmm_(x.T, y.reshape(-1, y.shape[-1]).to(x), alpha=2.0 / self.tokens)
-
-
-def fp_target(W: torch.Tensor, H: torch.Tensor, H_cross: torch.Tensor, damping: float) -> torch.Tensor:
-    """The weights whose output on the compressed model's inputs X best matches the FP model's W X_fp:
-    W̃ H = W H_fx (H = 2 X Xᵀ / T, H_cross = 2 X X_fpᵀ / T = H_xf, both over the same tokens). Then
-    ‖W X_fp − Ŵ X‖² = ‖(W̃ − Ŵ) X‖² + const, so compressing W̃ under H corrects the drift the earlier
-    compressed blocks left in X (asymmetric calibration, as in GPTAQ). Solved as W̃ = W + W (H_fx − H) H_d⁻¹
-    with H_d damped as the solver damps H, so that W̃ = W when X = X_fp."""
-    H64 = H.to(torch.float64)
-    Hd = H64 + damping * torch.diag(H64).mean() * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    W64 = W.to(torch.float64)
-    rhs = (H_cross.to(torch.float64) - H64) @ W64.T  # (C, R)
-    return (W64 + torch.cholesky_solve(rhs, torch.linalg.cholesky(Hd)).T).to(W.dtype)
+        x = x * math.sqrt(2.0 / self.tokens)
+        self.H.addmm_(x.T, x)
 
 
 @dataclass

@@ -72,7 +72,6 @@ def config_from_args(a: argparse.Namespace) -> CompressionConfig:
         skip_modules=tuple(a.skip or ()),
         propagation=a.propagation,
         true_sequential=a.true_sequential,
-        fp_targets=not a.no_fp_targets,
         calib=a.calib,
         calib_samples=a.calib_samples,
         seqlen=a.seqlen,
@@ -190,9 +189,6 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-obs", "arb-rc"), default="arb")
     p.add_argument("--salient-columns", type=int, default=8)
     p.add_argument("--column-feedback", action="store_true")
-    p.add_argument(
-        "--no-fp-targets", action="store_true", help="target W X on the compressed inputs, not the FP model's output"
-    )
     p.add_argument(
         "--no-scale-refit", action="store_true", help="keep each block's ARB scales (ablation of the joint refit)"
     )

@@ -53,7 +53,6 @@ class ConfigIn(BaseModel):
     skip_modules: list[str] | None = Field(None, max_length=64)
     propagation: Propagation | None = None
     true_sequential: bool | None = None
-    fp_targets: bool | None = None
     calib: str | None = Field(None, min_length=1, max_length=1024)
     calib_samples: int | None = Field(None, ge=1, le=4096)
     seqlen: int | None = Field(None, ge=8, le=32768)

@@ -15,7 +15,7 @@ import fnmatch
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from pbs2p_core.cfs import allocate, allocate_by_error, block_cosine, block_impo
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import Family, family_for
-from pbs2p_core.hessian import HessianAccumulator, fp_target
+from pbs2p_core.hessian import HessianAccumulator
 from pbs2p_core.skeleton import empty_causal_lm
 from pbs2p_core.solver import LinearResult, compress_linear, oneshot_linear
 
@@ -206,61 +206,16 @@ def _collect_hessians(
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the block on its calibration inputs with a hook on each linear: (block outputs, H per linear)."""
     accs = {name: HessianAccumulator(lin.in_features, bm.device) for name, lin in linears.items()}
-    with _hooked(linears, lambda name, x: accs[name].add_batch(x)):
-        ys = bm.run_block(index, block, xs, store)
-    return ys, {name: acc.H for name, acc in accs.items()}
-
-
-@contextlib.contextmanager
-def _hooked(linears: dict[str, nn.Linear], seen: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Within the block, `seen(name, input)` is called on every forward of each of `linears`."""
     hooks = [
-        lin.register_forward_hook(lambda mod, inp, out, name=name: seen(name, inp[0])) for name, lin in linears.items()
+        lin.register_forward_hook(lambda mod, inp, out, acc=accs[name]: acc.add_batch(inp[0]))
+        for name, lin in linears.items()
     ]
     try:
-        yield
+        ys = bm.run_block(index, block, xs, store)
     finally:
         for h in hooks:
             h.remove()
-
-
-def _collect_cross(
-    bm: BlockModel,
-    index: int,
-    block: nn.Module,
-    xs: list[torch.Tensor],
-    fp_xs: list[torch.Tensor],
-    store: _Capture,
-    linears: dict[str, nn.Linear],
-    fp_weights: dict[str, torch.Tensor],
-) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """For `fp_targets`: per calibration batch, the FP block (FP weights swapped in) on the FP model's inputs,
-    then the block as it is on the compressed model's inputs; each linear accumulates H = 2 · x xᵀ and the
-    cross term 2 · x x_fpᵀ over the paired tokens. Returns (the FP block's outputs on FP inputs: the next
-    block's FP inputs, H per linear, cross term per linear). One batch of FP linear inputs is held at a time."""
-    accs = {name: HessianAccumulator(lin.in_features, bm.device) for name, lin in linears.items()}
-    cross = {name: HessianAccumulator(lin.in_features, bm.device) for name, lin in linears.items()}
-    fp_in: dict[str, torch.Tensor] = {}
-    ys: list[torch.Tensor] = []
-    for x, fx in zip(xs, fp_xs, strict=True):
-        now = {name: lin.weight.data for name, lin in linears.items()}
-        for name, lin in linears.items():
-            lin.weight.data = fp_weights[name]
-        try:
-            with _hooked(linears, fp_in.__setitem__):
-                ys += bm.run_block(index, block, [fx], store)
-        finally:
-            for name, lin in linears.items():
-                lin.weight.data = now[name]
-
-        def seen(name: str, inp: torch.Tensor) -> None:
-            accs[name].add_batch(inp)
-            cross[name].add_batch(inp, fp_in[name])
-
-        with _hooked(linears, seen):
-            bm.run_block(index, block, [x], store)
-        fp_in.clear()
-    return ys, {name: acc.H for name, acc in accs.items()}, {name: acc.H for name, acc in cross.items()}
+    return ys, {name: acc.H for name, acc in accs.items()}
 
 
 def coarse_stage(
@@ -390,7 +345,6 @@ class BlockOutcome:
     results: dict[str, LinearResult]  # by full weight name
     report: BlockReport
     outputs: list[torch.Tensor]  # the next block's inputs (per calibration batch)
-    fp_outputs: list[torch.Tensor] | None = None  # the FP model's, with fp_xs (config fp_targets)
 
 
 def compress_block(
@@ -402,13 +356,9 @@ def compress_block(
     n_keep: int,
     cosine: float | None,
     solve: LinearSolver,
-    fp_xs: list[torch.Tensor] | None = None,
 ) -> BlockOutcome:
     """Block `index` on its calibration inputs `xs`: H per linear, every linear solved by `solve`, the compressed
-    weights set, the outputs for the next block (compressed block when sequential, FP block when independent).
-
-    `fp_xs` (config fp_targets, sequential): the FP model's inputs of this block; each linear is then
-    compressed towards the FP model's output (`fp_target`), and the FP block's outputs are returned too."""
+    weights set, the outputs for the next block (compressed block when sequential, FP block when independent)."""
     tb = time.perf_counter()
     i, m = index, cfg.pattern.m
     block = bm.load_block(i)
@@ -419,25 +369,14 @@ def compress_block(
     # one calibration pass collects every H of the block; "true sequential" makes one pass per group
     # of linears that see the same input, so later groups are calibrated on the compressed earlier ones
     groups = bm.family.groups if cfg.true_sequential else (bm.family.linears,)
-    fp_ys = next_fp = None
-    fp_weights = {name: lin.weight.data for name, lin in linears.items()}
+    fp_ys = None
     for group in groups:
         todo = {name: linears[name] for name in group if name in linears}
         if not todo:
             continue
-        if fp_xs is None or fp_xs is xs:  # (the FP model's inputs are these: the targets are W itself)
-            ys, hessians = _collect_hessians(bm, i, block, xs, store, todo)
-            fp_ys = fp_ys if fp_ys is not None else ys  # the first pass runs the FP block
-            next_fp = fp_ys if fp_xs is not None else None
-            work = {name: (lin.weight.data, hessians.pop(name)) for name, lin in todo.items()}
-        else:
-            ys, hessians, cross = _collect_cross(bm, i, block, xs, fp_xs, store, todo, fp_weights)
-            next_fp = next_fp if next_fp is not None else ys
-            work = {
-                name: (fp_target(lin.weight.data, hessians[name], cross.pop(name), cfg.damping), hessians.pop(name))
-                for name, lin in todo.items()
-            }
-        solved = solve(work, n_keep)
+        ys, hessians = _collect_hessians(bm, i, block, xs, store, todo)
+        fp_ys = fp_ys if fp_ys is not None else ys  # the first pass runs the FP block
+        solved = solve({name: (lin.weight.data, hessians.pop(name)) for name, lin in todo.items()}, n_keep)
         for name, lin in todo.items():
             res = solved[name]
             lin.weight.data = res.weight.to(lin.weight.device, lin.weight.dtype)
@@ -460,17 +399,14 @@ def compress_block(
             )
             if res.retries:
                 log.warning("%s: Hessian needed damping %g (%d retries)", prefix + name, res.damping, res.retries)
-    if fp_xs is not None and next_fp is None:  # nothing compressed here: the block is FP
-        next_fp = bm.run_block(i, block, fp_xs, store)
+    ys = fp_ys if fp_ys is not None else bm.run_block(i, block, xs, store)
     if linears and cfg.propagation == "sequential":
         ys = bm.run_block(i, block, xs, store)  # outputs of the compressed block
-    else:
-        ys = fp_ys if fp_ys is not None else bm.run_block(i, block, xs, store)
     tensors = {prefix + k: v for k, v in block.state_dict().items()}
     bm.unload_block(i)
     release_memory()
     report.seconds = time.perf_counter() - tb
-    return BlockOutcome(tensors, results, report, ys, next_fp)
+    return BlockOutcome(tensors, results, report, ys)
 
 
 def build_report(
@@ -500,12 +436,11 @@ def _run(
     cosines, n_blocks = plan_blocks(bm, store, cfg, progress)
     blocks: list[BlockReport] = []
     xs = store.inputs
-    fp_xs = store.inputs if cfg.uses_fp_targets else None
     solve = solve_here(cfg)
     for i in range(bm.num_blocks):
-        out = compress_block(bm, i, xs, store, cfg, n_blocks[i], cosines[i], solve, fp_xs)
+        out = compress_block(bm, i, xs, store, cfg, n_blocks[i], cosines[i], solve)
         writer.write_block(i, out.tensors, out.results)
-        xs, fp_xs = out.outputs, out.fp_outputs
+        xs = out.outputs
         blocks.append(out.report)
         progress("compress", i + 1, bm.num_blocks)
     writer.write_rest(bm.rest_tensors())
