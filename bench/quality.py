@@ -46,6 +46,7 @@ CONFIGS: dict[str, list[str]] = {
     "pbs2p 5:8": ["--method", "pbs2p", "--pattern", "5:8"],
     "pbs2p 4:8": ["--method", "pbs2p", "--pattern", "4:8"],
     "pbs2p 6:8, tau = 1 (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-steps", "1"],
+    "pbs2p 6:8, no scale refit (ablation)": ["--method", "pbs2p", "--no-scale-refit"],
     "pbs2p 6:8, fixed split (ablation)": ["--method", "pbs2p", "--spbo-mode", "fixed"],
     "pbs2p 6:8, CFS 1/cos (the paper's coarse stage)": ["--method", "pbs2p", "--allocation", "cfs"],
     "pbs2p 6:8, CFS by block error": ["--method", "pbs2p", "--allocation", "cfs", "--cfs-score", "error"],
