@@ -300,11 +300,14 @@ def test_spbo_report_measures_before_spbo_without_changing_the_weights():
 
 
 @pytest.mark.parametrize("layout", ["full", "shared", "lean"])
-def test_scale_refit_is_the_joint_least_squares_optimum(layout):
+@pytest.mark.parametrize("allocation", ["block", "linear"])
+def test_scale_refit_is_the_joint_least_squares_optimum(layout, allocation):
     """Masks and signs kept; per row, the refit's error equals a direct least-squares solve over every scale's
-    ±1/0 pattern (up to fp16 rounding of the scales), and is never above the per-block ARB scales'."""
-    cfg = CompressionConfig(scale_layout=layout, salient_allocation="block", scale_refit=False, block_size=64)
+    ±1/0 pattern (up to fp16 rounding of the scales), and is never above the per-block ARB scales'. With the
+    salient budget over the linear, some blocks have no salient columns (and no salient scales)."""
+    cfg = CompressionConfig(scale_layout=layout, salient_allocation=allocation, scale_refit=False, block_size=64)
     W, H = _problem(rows=6, cols=192)
+    W[:, 70:74] *= 20  # outlier columns in block 1: the linear's salient budget goes there
     res = compress_linear(W, H, 6, cfg)
     spans = column_blocks(192, 64)
     new = refit_scales(W, H, res.blocks, spans, 0.01, "fp16")
@@ -338,3 +341,11 @@ def test_scale_refit_is_on_by_default_and_lowers_the_error():
     assert all(
         torch.equal(a.mask, b.mask) and torch.equal(a.sign, b.sign) for a, b in zip(on.blocks, off.blocks, strict=True)
     )
+
+
+def test_scale_refit_leaves_arb_rc_as_it_is():
+    """ARB-RC's Ŵ = α_row ⊙ α_col ⊙ B is not linear in its scales: no refit."""
+    W, H = _problem(cols=128)
+    on = compress_linear(W, H, 6, CompressionConfig(arb_variant="arb-rc", salient_columns=0))
+    off = compress_linear(W, H, 6, CompressionConfig(arb_variant="arb-rc", salient_columns=0, scale_refit=False))
+    assert torch.equal(on.weight, off.weight)
