@@ -20,15 +20,20 @@ from .binarize import BlockCode, round_scale
 _KINDS = ("alpha", "mu", "alpha_s", "mu_s", "alpha_r", "mu_r")
 
 
-def _basis(code: BlockCode) -> tuple[list[str], torch.Tensor]:
-    """(names, V): V (R, k, c) with Ŵ_b = Σ_k scale_k[:, None] · V[:, k, :] for this block's code."""
-    s, mask = code.scales, code.mask.to(code.scales["alpha"].dtype)
-    R, c = mask.shape
-    B = code.sign.to(mask.dtype) * 2 - 1
+def _names(code: BlockCode) -> list[str]:
+    """The block's scales that the refit solves for, in a fixed order."""
+    return [k for k in _KINDS if k in code.scales and not (k == "mu_r" and "alpha_s" in code.scales)]
+
+
+def _basis(code: BlockCode, rows: slice) -> torch.Tensor:
+    """V (r, k, c) with Ŵ_b[rows] = Σ_k scale_k[rows, None] · V[:, k, :], k over `_names(code)`."""
+    s, mask = code.scales, code.mask[rows].to(code.scales["alpha"].dtype)
+    c = mask.shape[1]
+    B = code.sign[rows].to(mask.dtype) * 2 - 1
     sal = torch.zeros(c, dtype=mask.dtype, device=mask.device)
     sal[code.salient] = 1.0
     B2 = torch.zeros_like(B)
-    B2[:, code.salient] = code.sign2.to(B.dtype) * 2 - 1
+    B2[:, code.salient] = code.sign2[rows].to(B.dtype) * 2 - 1
     own = "alpha_s" in s
     rest = 1.0 - sal if own else torch.ones_like(sal)
     patterns = {
@@ -39,8 +44,7 @@ def _basis(code: BlockCode) -> tuple[list[str], torch.Tensor]:
         "alpha_r": B2 * mask * sal,
         "mu_r": mask * sal,
     }
-    names = [k for k in _KINDS if k in s and not (k == "mu_r" and own)]
-    return names, torch.stack([patterns[k] for k in names], 1)
+    return torch.stack([patterns[k] for k in _names(code)], 1)
 
 
 def layer_error(W0: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -58,8 +62,8 @@ def refit_scales(
     if any("alpha_col" in b.scales for b in blocks):
         return blocks
     Hd = H + damping * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    per_block = [_basis(b) for b in blocks]
-    P = sum(len(n) for n, _ in per_block)
+    names = [_names(b) for b in blocks]
+    P = sum(len(n) for n in names)
     R, C = W0.shape
     x = torch.empty(R, P, dtype=W0.dtype, device=W0.device)
     step = max(1, 2**25 // (P * C))  # rows per chunk: bounds the (rows, P, C) tensors at 128 MB each
@@ -67,27 +71,28 @@ def refit_scales(
         rows = slice(r0, min(r0 + step, R))
         VH = torch.zeros(rows.stop - r0, P, C, dtype=W0.dtype, device=W0.device)  # (V Hd) per row
         G = torch.zeros(rows.stop - r0, P, P, dtype=torch.float64, device=W0.device)
+        V = [_basis(b, rows) for b in blocks]  # V is block-sparse: block b's scales act on its span only
         p = 0
-        for (s, e), (names, Vb) in zip(spans, per_block, strict=True):  # V is block-sparse: one span each
-            VH[:, p : p + len(names)] = Vb[rows] @ Hd[s:e]
-            p += len(names)
+        for (s, e), Vb in zip(spans, V, strict=True):
+            VH[:, p : p + Vb.shape[1]] = Vb @ Hd[s:e]
+            p += Vb.shape[1]
         p = 0
-        for (s, e), (names, Vb) in zip(spans, per_block, strict=True):
-            G[:, :, p : p + len(names)] = torch.einsum("rpc,rkc->rpk", VH[:, :, s:e], Vb[rows]).double()
-            p += len(names)
+        for (s, e), Vb in zip(spans, V, strict=True):
+            G[:, :, p : p + Vb.shape[1]] = torch.einsum("rpc,rkc->rpk", VH[:, :, s:e], Vb).double()
+            p += Vb.shape[1]
         rhs = torch.einsum("rpc,rc->rp", VH, W0[rows]).double()
         diag = torch.diagonal(G, dim1=1, dim2=2)
         ridge = 1e-9 * diag.mean(1, keepdim=True).clamp_min(1e-30) + (diag == 0).double()  # unused scales -> 0
         sol = torch.linalg.solve(G + torch.diag_embed(ridge.expand_as(diag)), rhs.unsqueeze(-1)).squeeze(-1)
         x[rows] = sol.to(W0.dtype)
     new, p = [], 0
-    for b, (names, _) in zip(blocks, per_block, strict=True):
+    for b, solved in zip(blocks, names, strict=True):
         scales = dict(b.scales)
-        for j, name in enumerate(names):
+        for j, name in enumerate(solved):
             scales[name] = round_scale(x[:, p + j], dtype)
-        if "mu_r" in scales and "mu_r" not in names:
+        if "mu_r" in scales and "mu_r" not in solved:
             scales["mu_r"] = torch.zeros_like(scales["mu_r"])
-        p += len(names)
+        p += len(solved)
         new.append(dataclasses.replace(b, scales=scales))
     old_q = torch.cat([b.dense() for b in blocks], 1)
     new_q = torch.cat([b.dense() for b in new], 1)
