@@ -67,7 +67,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds: each row runs with each")
     ap.add_argument("--append", action="store_true", help="keep the other rows of an earlier run of this table")
     ap.add_argument(
-        "--merge", nargs="+", metavar="NAME", help="run nothing: add these tables' rows (of --seeds) to this one"
+        "--merge",
+        nargs="+",
+        metavar="NAME",
+        help="run nothing: add these tables' rows (of --seeds and --only) to this one",
     )
     ap.add_argument("--variants", action="store_true", help="run the optional variants instead of the methods")
     ap.add_argument("--sweep-calib", nargs="*", type=int, help="instead: pbs2p 6:8 with these calibration sizes")
@@ -79,15 +82,20 @@ def main() -> None:
     setting = dict(calib_samples=a.calib_samples, seqlen=a.seqlen, windows=a.windows, extra=a.extra)
     fp, _, _ = run_cli(["eval", MODEL, *ev])
     table = VARIANTS if a.variants else CONFIGS
-    runs = [(name, opts, seed) for name, opts in table.items() for seed in a.seeds]
-    runs = [r for r in runs if not a.only or any(r[0] == s[1:] if s.startswith("=") else s in r[0] for s in a.only)]
+
+    def wanted(name: str) -> bool:
+        return not a.only or any(name == s[1:] if s.startswith("=") else s in name for s in a.only)
+
+    runs = [(name, opts, seed) for name, opts in table.items() for seed in a.seeds if wanted(name)]
     if a.merge:
         runs = []  # run nothing: the rows are this table's and those of the tables merged in
     records = earlier(a.name, setting, {(n, s) for n, _, s in runs}) if a.append or a.merge else []
     for other in a.merge or []:  # rows measured in another run (another worktree, in parallel) of this table
         have = {(r["name"], r["seed"]) for r in records}
         records += [
-            r for r in earlier(other, setting, set()) if (r["name"], r["seed"]) not in have and r["seed"] in a.seeds
+            r
+            for r in earlier(other, setting, set())
+            if (r["name"], r["seed"]) not in have and r["seed"] in a.seeds and wanted(r["name"])
         ]
     with tempfile.TemporaryDirectory() as tmp:
         for name, opts, seed in runs:
