@@ -48,19 +48,27 @@ def _basis(code: BlockCode, rows: slice) -> torch.Tensor:
 
 
 def layer_error(W0: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) = ‖W0 X − Q X‖² for H = X Xᵀ."""
     delta = Q - W0
     return float(torch.einsum("rc,cd,rd->", delta, H, delta))
 
 
 def refit_scales(
-    W0: torch.Tensor, H: torch.Tensor, blocks: list[BlockCode], spans: list[tuple[int, int]], damping: float, dtype: str
-) -> list[BlockCode]:
-    """The blocks with every scale re-solved jointly per row (see the module doc); masks and signs unchanged.
+    W0: torch.Tensor,
+    H: torch.Tensor,
+    fitted: tuple[list[BlockCode], torch.Tensor, float],
+    spans: list[tuple[int, int]],
+    damping: float,
+    dtype: str,
+) -> tuple[list[BlockCode], torch.Tensor, float]:
+    """(blocks, Ŵ, layer error) with every scale re-solved jointly per row (see the module doc); masks and signs
+    unchanged. `fitted` is the same triple before the refit, returned as it is if the rounded refit is not better.
 
     H is damped as in the solver (λ · mean diag H on the diagonal). ARB-RC codes (row × column scales, not
-    linear in them) are returned unchanged. Returns the old blocks if the rounded refit is not better."""
+    linear in them) are returned unchanged."""
+    blocks = fitted[0]
     if any("alpha_col" in b.scales for b in blocks):
-        return blocks
+        return fitted
     Hd = H + damping * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     names = [_names(b) for b in blocks]
     P = sum(len(n) for n in names)
@@ -94,6 +102,6 @@ def refit_scales(
             scales["mu_r"] = torch.zeros_like(scales["mu_r"])
         p += len(solved)
         new.append(dataclasses.replace(b, scales=scales))
-    old_q = torch.cat([b.dense() for b in blocks], 1)
-    new_q = torch.cat([b.dense() for b in new], 1)
-    return new if layer_error(W0, new_q, H) < layer_error(W0, old_q, H) else blocks
+    Q = torch.cat([b.dense() for b in new], 1)
+    error = layer_error(W0, Q, H)
+    return (new, Q, error) if error < fitted[2] else fitted

@@ -13,7 +13,7 @@ from .binarize import BlockCode, binarize_block
 from .config import CompressionConfig
 from .errors import Pbs2pError
 from .hessian import inverse_cholesky
-from .refit import refit_scales
+from .refit import layer_error, refit_scales
 
 
 @dataclass
@@ -183,12 +183,10 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
         Q[:, s:e] = code.dense()
         W[:, e:] -= err @ U[s:e, e:]  # push the block's error onto later columns (GPTQ)
         blocks.append(code)
+    error = layer_error(W0, Q, H)
     if cfg.scale_refit:
-        blocks = refit_scales(W0, H, blocks, spans, inv.damping, cfg.scale_dtype)
-        Q = torch.cat([b.dense() for b in blocks], 1)
-    delta = Q - W0
-    base = torch.einsum("rc,cd,rd->", W0, H, W0)
-    rel = float(torch.einsum("rc,cd,rd->", delta, H, delta) / base.clamp_min(1e-30))
+        blocks, Q, error = refit_scales(W0, H, (blocks, Q, error), spans, inv.damping, cfg.scale_dtype)
+    rel = error / max(float(torch.einsum("rc,cd,rd->", W0, H, W0)), 1e-30)
     stats = {}
     if oneshot is not None:  # the exact error scaled by the blocks' OBS-loss ratio (same weights, same H)
         stats["rel_error_oneshot"] = rel * loss_oneshot / max(loss_spbo, 1e-30)

@@ -310,12 +310,13 @@ def test_scale_refit_is_the_joint_least_squares_optimum(layout, allocation):
     W[:, 70:74] *= 20  # outlier columns in block 1: the linear's salient budget goes there
     res = compress_linear(W, H, 6, cfg)
     spans = column_blocks(192, 64)
-    new = refit_scales(W, H, res.blocks, spans, 0.01, "fp16")
+    before = layer_error(W, res.weight, H)
+    new, Q, error = refit_scales(W, H, (res.blocks, res.weight, before), spans, 0.01, "fp16")
     assert all(
         torch.equal(a.mask, b.mask) and torch.equal(a.sign, b.sign) for a, b in zip(res.blocks, new, strict=True)
     )
-    Q = torch.cat([b.dense() for b in new], 1)
-    assert layer_error(W, Q, H) < layer_error(W, res.weight, H)
+    assert torch.equal(Q, torch.cat([b.dense() for b in new], 1))
+    assert error == layer_error(W, Q, H) < before
     Hd = (H + 0.01 * torch.diag(H).mean() * torch.eye(192)).double()
     for r in range(W.shape[0]):
         cols = []
