@@ -4,7 +4,8 @@ own objective ‖(W − Ŵ) X‖² = tr(ΔW H ΔWᵀ).
 Ŵ is linear in the scales (α, μ, α_s, μ_s, α_r, μ_r of every column block), so per output row this is a small
 least-squares problem (6 unknowns per column block at most) with an exact solution. The column-block loop fits
 each block's scales to the error-compensated weights in the plain (unweighted) norm, one block at a time; the
-refit replaces them by the joint optimum for the original weights under H. Storage and bits do not change.
+refit replaces them by the joint optimum for the original weights under H. The masks, signs and storage layout
+stay, except that the full layout's μ_r is folded into μ_s and no longer stored.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from .binarize import BlockCode, round_scale
 
 # the scales whose coefficient is a fixed ±1/0 pattern; "mu_r" duplicates "mu_s" (both multiply the salient
-# kept set) in the full layout, so there it is folded into mu_s and stored as 0
+# kept set) in the full layout, so there it is folded into mu_s and not stored (R fp16 values less per block)
 _KINDS = ("alpha", "mu", "alpha_s", "mu_s", "alpha_r", "mu_r")
 
 
@@ -98,8 +99,8 @@ def refit_scales(
         scales = dict(b.scales)
         for j, name in enumerate(solved):
             scales[name] = round_scale(x[:, p + j], dtype)
-        if "mu_r" in scales and "mu_r" not in solved:
-            scales["mu_r"] = torch.zeros_like(scales["mu_r"])
+        if "mu_r" not in solved:
+            scales.pop("mu_r", None)  # folded into mu_s (the decoder adds 0 when a block has no mu_r)
         p += len(solved)
         new.append(dataclasses.replace(b, scales=scales))
     Q = torch.cat([b.dense() for b in new], 1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pbs2p_core.binarize import ArbFit, arb, arb_error, binarize_block
-from pbs2p_core.bits import count_bits
+from pbs2p_core.bits import SCALE_BITS, count_bits
 from pbs2p_core.cfs import allocate, allocate_by_error, block_importance
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
@@ -248,10 +248,10 @@ def test_compression_is_deterministic():
     assert torch.equal(a.weight, b.weight)
 
 
-@pytest.mark.parametrize("layout,block,scales", [("full", 128, 6), ("shared", 128, 4), ("lean", 256, 3)])
+@pytest.mark.parametrize("layout,block,scales", [("full", 128, 5), ("shared", 128, 4), ("lean", 256, 3)])
 def test_scale_layouts_cost_what_they_say(layout, block, scales):
     """signs 0.75 + residual plane (kept salient weights) + rank-coded mask 0.625 + fp16 scales per row per
-    block + one byte per salient column index."""
+    block + one byte per salient column index. Full: α, μ, α_s, μ_s, α_r (the refit folds μ_r into μ_s)."""
     W, H = _problem(rows=64, cols=512)
     cfg = CompressionConfig(scale_layout=layout, block_size=block, allocation="uniform", salient_allocation="block")
     res = compress_linear(W, H, 6, cfg)
@@ -342,6 +342,12 @@ def test_scale_refit_is_on_by_default_and_lowers_the_error():
     assert all(
         torch.equal(a.mask, b.mask) and torch.equal(a.sign, b.sign) for a, b in zip(on.blocks, off.blocks, strict=True)
     )
+    # the full layout's mu_r is folded into mu_s and not stored: fewer scale bits, the rest unchanged
+    salient = [i for i, b in enumerate(off.blocks) if b.salient.numel()]
+    assert salient and all("mu_r" in off.blocks[i].scales and "mu_r" not in on.blocks[i].scales for i in salient)
+    bits_on, bits_off = (count_bits(r.blocks, 6, 8, 5) for r in (on, off))
+    assert bits_off.scale_bits - bits_on.scale_bits == len(salient) * W.shape[0] * SCALE_BITS
+    assert bits_on.sign_bits == bits_off.sign_bits and bits_on.residual_bits == bits_off.residual_bits
 
 
 def test_scale_refit_leaves_arb_rc_as_it_is():
