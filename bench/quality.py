@@ -153,10 +153,12 @@ def earlier(name: str, setting: dict, redo: set[tuple[str, int]]) -> list[dict]:
 
 
 def seed_summary(records: list[dict]) -> str:
-    """Per config over its seeds: geometric mean perplexity (and range), mean layer error."""
+    """Per config measured at several seeds: geometric mean perplexity (and range), mean layer error."""
     parts = []
     for name in dict.fromkeys(r["name"] for r in records):
         rs = [r for r in records if r["name"] == name]
+        if len(rs) < 2:
+            continue
         geo = math.exp(sum(math.log(r["ppl"]) for r in rs) / len(rs))
         lo, hi = min(r["ppl"] for r in rs), max(r["ppl"] for r in rs)
         err = sum(r["layer_error"] for r in rs) / len(rs)
