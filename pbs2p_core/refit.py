@@ -2,7 +2,7 @@
 own objective ‖(W − Ŵ) X‖² = tr(ΔW H ΔWᵀ).
 
 Ŵ is linear in the scales (α, μ, α_s, μ_s, α_r, μ_r of every column block), so per output row this is a small
-least-squares problem (6 unknowns per column block at most) with an exact solution. The column-block loop fits
+least-squares problem (5 unknowns per column block at most) with an exact solution. The column-block loop fits
 each block's scales to the error-compensated weights in the plain (unweighted) norm, one block at a time; the
 refit replaces them by the joint optimum for the original weights under H. The masks, signs and storage layout
 stay, except that the full layout's μ_r is folded into μ_s and no longer stored.
