@@ -54,6 +54,7 @@ CONFIGS: dict[str, list[str]] = {
     "pbs2p 6:8, salient columns per block (ablation)": ["--method", "pbs2p", "--salient-allocation", "block"],
     "pbs2p 6:8, CFS by block error, salient columns per block": [*CFS_ERROR, "--salient-allocation", "block"],
     "pbs2p 6:8, 16 salient columns per 128": ["--method", "pbs2p", "--salient-columns", "16"],
+    "pbs2p 6:8, 8 salient columns per 128 (previous default)": ["--method", "pbs2p", "--salient-columns", "8"],
     # cheaper scales: alpha, mu per row per 512 columns, salient residual alpha only
     "pbs2p 6:8, lean scales / 512 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],
 }

@@ -91,7 +91,9 @@ class CompressionConfig:
     damping: float = 0.01
     arb_iters: int = 15
     arb_variant: ArbVariant = "arb"
-    salient_columns: int = 8  # per column block, second-order residual; 0 turns it off
+    # per column block (on average), second-order residual; 0 turns it off. 16 measured 441 perplexity against
+    # 703 for 8 over three seeds on the real model, for 0.08 bit more (README, Results)
+    salient_columns: int = 16
     salient_search: tuple[int, ...] = ()  # candidates searched per block by block error; () = fixed
     # "block": salient_columns in every column block; "linear": the same budget spread over the linear's
     # columns of highest OBS score, wherever they are

@@ -258,8 +258,9 @@ def test_scale_layouts_cost_what_they_say(layout, block, scales):
     bits = count_bits(res.blocks, 6, 8, cfg.pattern.mask_bits_per_group)
     weights = 64 * 512
     residual = sum(int(c.mask[:, c.salient].sum()) for c in res.blocks) / weights
-    assert 0 < residual * weights <= 8 * (512 // block) * 64  # at most every salient entry
-    expected = 0.75 + residual + 0.625 + scales * 16 / block + 8 * 8 * (512 // block) / weights
+    k = cfg.salient_columns
+    assert 0 < residual * weights <= k * (512 // block) * 64  # at most every salient entry
+    expected = 0.75 + residual + 0.625 + scales * 16 / block + 8 * k * (512 // block) / weights
     assert bits.true_bits == pytest.approx(expected)
     assert sum(len(c.scales) for c in res.blocks) == scales * (512 // block)
     assert torch.equal(torch.cat([c.dense() for c in res.blocks], 1), res.weight)
