@@ -177,17 +177,30 @@ def _summary(report: dict[str, Any]) -> str:
 
 
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=METHODS, default="pbs2p")
-    p.add_argument("--pattern", default="6:8", help="N:M, N weights kept per group of M (default 6:8)")
-    p.add_argument("--spbo-steps", type=int, default=None, help="SPBO steps tau (default M - N)")
-    p.add_argument("--spbo-mode", choices=("aware", "fixed"), default="aware")
-    p.add_argument("--allocation", choices=("cfs", "uniform"), default="uniform", help="N per block (default uniform)")
+    d = CompressionConfig()  # one place for the defaults: the config's
+    p.add_argument("--method", choices=METHODS, default=d.method)
     p.add_argument(
-        "--cfs-score", choices=("cosine", "error"), default="cosine", help="CFS block importance (default cosine)"
+        "--pattern", default=str(d.pattern), help=f"N:M, N weights kept per group of M (default {d.pattern})"
     )
-    p.add_argument("--mask-score", choices=("obs", "wanda"), default="obs")
-    p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-obs", "arb-rc"), default="arb")
-    p.add_argument("--salient-columns", type=int, default=8)
+    p.add_argument("--spbo-steps", type=int, default=None, help="SPBO steps tau (default M - N)")
+    p.add_argument("--spbo-mode", choices=("aware", "fixed"), default=d.spbo_mode)
+    p.add_argument(
+        "--allocation", choices=("cfs", "uniform"), default=d.allocation, help=f"N per block (default {d.allocation})"
+    )
+    p.add_argument(
+        "--cfs-score",
+        choices=("cosine", "error"),
+        default=d.cfs_score,
+        help=f"CFS block importance (default {d.cfs_score})",
+    )
+    p.add_argument("--mask-score", choices=("obs", "wanda"), default=d.mask_score)
+    p.add_argument("--arb-variant", choices=("arb", "arb-x", "arb-obs", "arb-rc"), default=d.arb_variant)
+    p.add_argument(
+        "--salient-columns",
+        type=int,
+        default=d.salient_columns,
+        help=f"per 128 columns on average (default {d.salient_columns})",
+    )
     p.add_argument("--column-feedback", action="store_true")
     p.add_argument(
         "--no-scale-refit", action="store_true", help="keep each block's ARB scales (ablation of the joint refit)"
@@ -197,19 +210,21 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
         "--salient-allocation", choices=("block", "linear"), default=None, help="default linear (block with a search)"
     )
     p.add_argument(
-        "--scale-layout", choices=("full", "shared", "lean"), default="full", help="scales per row per block"
+        "--scale-layout", choices=("full", "shared", "lean"), default=d.scale_layout, help="scales per row per block"
     )
-    p.add_argument("--damping", type=float, default=0.01, help="relative Hessian damping")
-    p.add_argument("--block-size", type=int, default=128, help="column block (scales per block), e.g. 128 or 256")
+    p.add_argument("--damping", type=float, default=d.damping, help="relative Hessian damping")
+    p.add_argument(
+        "--block-size", type=int, default=d.block_size, help="column block (scales per block), e.g. 128 or 256"
+    )
     p.add_argument("--skip", action="append", metavar="GLOB", help="leave matching linears uncompressed")
-    p.add_argument("--propagation", choices=("sequential", "independent"), default="sequential")
+    p.add_argument("--propagation", choices=("sequential", "independent"), default=d.propagation)
     p.add_argument("--true-sequential", action="store_true", help="one calibration pass per group of linears")
-    p.add_argument("--calib", default="wiki", help="'wiki' or a .txt/.jsonl file")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--calib", default=d.calib, help="'wiki' or a .txt/.jsonl file")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--device", default=d.device)
 
 
 def build_parser() -> argparse.ArgumentParser:

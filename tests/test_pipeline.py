@@ -363,6 +363,12 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 SMALL = ("--calib-samples", "4", "--seqlen", "16", "--batch-size", "2")
 
 
+def test_cli_defaults_are_the_configs() -> None:
+    """`pbs2p compress` without options compresses with CompressionConfig's defaults (one place for them)."""
+    args = cli.build_parser().parse_args(["compress", "smollm2-135m", "-o", "out"])
+    assert cli.config_from_args(args) == CompressionConfig()
+
+
 def test_cli_compress_then_eval(
     tmp_path: Path, cli_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
