@@ -199,7 +199,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
         "--salient-columns",
         type=int,
         default=d.salient_columns,
-        help=f"per 128 columns on average (default {d.salient_columns})",
+        help=f"per column block, on average (default {d.salient_columns})",
     )
     p.add_argument("--column-feedback", action="store_true")
     p.add_argument(
