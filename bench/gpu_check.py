@@ -43,7 +43,7 @@ def time_linears(shapes: list[tuple[int, int]], tokens: int = 4096) -> list[tupl
     from pbs2p_core.config import CompressionConfig
     from pbs2p_core.solver import compress_linear
 
-    cfg = CompressionConfig(device="cuda")
+    cfg = CompressionConfig.from_options(device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     compress_linear(torch.randn(64, 128, device="cuda"), torch.eye(128, device="cuda"), 6, cfg)  # warm-up
     out = []
@@ -96,7 +96,7 @@ def main() -> int:
     model_dir = resolve_model(a.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib = calibration_windows(tok, load_documents("wiki", "calib"), a.calib_samples, a.seqlen, 0)
-    cfg = CompressionConfig(calib_samples=a.calib_samples, seqlen=a.seqlen, device="cuda")
+    cfg = CompressionConfig.from_options(calib_samples=a.calib_samples, seqlen=a.seqlen, device="cuda")
     rows: list[list[str]] = [["device", device], ["torch / CUDA", f"{torch.__version__} / {torch.version.cuda}"]]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cuda"

@@ -58,7 +58,7 @@ def child(kind: str, model: Path, out: Path, samples: int, seqlen: int, workers:
     from workers.pipeline import compress_model
 
     calib = torch.randint(0, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(0))
-    cfg = CompressionConfig(calib_samples=samples, seqlen=seqlen, batch_size=4)
+    cfg = CompressionConfig.from_options(calib_samples=samples, seqlen=seqlen, batch_size=4)
     if kind == "local":
         report = compress_model(model, out, cfg, calib)
     else:

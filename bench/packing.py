@@ -39,7 +39,7 @@ def synthetic_code(W: torch.Tensor, cfg: CompressionConfig) -> LinearResult:
         K = nm_mask(Wb.abs(), cfg.pattern.n, cfg.pattern.m)
         k = min(cfg.salient_columns, Wb.shape[1] // 2)
         sal = Wb.norm(dim=0).topk(k).indices.sort().values
-        blocks.append(binarize_block(Wb, K, sal, 2, "arb", cfg.scale_dtype)[0])
+        blocks.append(binarize_block(Wb, K, sal, 2, "arb", cfg.ablations.scale_dtype)[0])
     return LinearResult(torch.cat([b.dense() for b in blocks], 1), blocks, cfg.pattern.n, 0.0, cfg.damping, 0)
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = CompressionConfig(pattern="6:8", calib_samples=1)
+    cfg = CompressionConfig.from_options(pattern="6:8", calib_samples=1)
     model_dir = resolve_model(MODEL)
     reader = WeightReader(model_dir)
     names = [n for n in reader.names() if n.startswith("model.layers.") and n.endswith("_proj.weight")]
@@ -62,7 +62,7 @@ def main() -> None:
     packed: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
     t = time.perf_counter()
     for n, r in codes.items():
-        packed[n] = A.pack_linear(r, r.n_keep, cfg.pattern.m, cfg.block_size, cfg.scale_dtype)
+        packed[n] = A.pack_linear(r, r.n_keep, cfg.pattern.m, cfg.block_size, cfg.ablations.scale_dtype)
     t_pack = time.perf_counter() - t
     t_decode = 0.0
     for n, (ts, meta) in packed.items():

@@ -522,7 +522,7 @@ class ArtifactWriter:
         if missing:
             raise Pbs2pError(f"block {index}: compressed linears {missing} are not among the block's tensors")
         m, bs = self.cfg.pattern.m, self.cfg.block_size
-        sdt = getattr(self.cfg, "scale_dtype", "fp16")
+        sdt = self.cfg.ablations.scale_dtype
         units: list[tuple[str | None, dict[str, torch.Tensor], dict[str, Any] | None]] = []
         for name in sorted(tensors):
             if name in results:

@@ -1,40 +1,68 @@
 """The one compression config that travels everywhere: CLI / API -> job store -> Ray (as a dict) -> core.
 
-Every ablation of ALGORITHM.md is a field here. `CompressionConfig.from_dict(cfg.to_dict()) == cfg`.
-Validation happens once, in `__post_init__`, and every message says what to change.
+`CompressionConfig` is the single source of truth for a job's options: each field's type, bounds, default and
+help text live here, and the CLI options (`service/cli/options.py`), the HTTP request schema (OpenAPI) and the
+dashboard form are generated from it. The method's main knobs are top-level fields; the ablations and
+diagnostics of ALGORITHM.md sit in the nested `ablations` section. Every validation error carries the field's
+path (`ablations.spbo_mode`), from pydantic's validators or from the cross-field checks below.
+
+Versioned: version 2 nests the ablations; a version-1 dict (flat) is migrated on read.
+`CompressionConfig.from_dict(cfg.to_dict()) == cfg`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 
 from .errors import Pbs2pError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 Method = Literal["fp", "arb", "prune-binarize", "pbs2p"]
-METHODS: tuple[str, ...] = ("fp", "arb", "prune-binarize", "pbs2p")
-Allocation = Literal["cfs", "uniform"]
+METHODS: tuple[str, ...] = get_args(Method)
+Allocation = Literal["uniform", "cfs"]
 CfsScore = Literal["cosine", "error"]
 SpboMode = Literal["aware", "fixed"]
 MaskScore = Literal["obs", "wanda"]
-# arb-x: α, μ against the calibration-weighted error r H_bb rᵀ; arb-obs: against the block's OBS loss ‖Err‖²
-# (the conditional Hessian (U_bbᵀ U_bb)⁻¹: what later columns cannot compensate); arb-rc: α_row ⊙ α_col ⊙ B
 ArbVariant = Literal["arb", "arb-x", "arb-obs", "arb-rc"]
 Propagation = Literal["sequential", "independent"]
 ScaleDtype = Literal["fp16", "bf16"]
-# scales per row per column block: "full" = α, μ + salient α_s, μ_s, α_r, μ_r (6); "shared" = α, μ shared by
-# all columns + the salient residual's α_r, μ_r (4); "lean" = α, μ + α_r (3)
 ScaleLayout = Literal["full", "shared", "lean"]
 SalientAllocation = Literal["block", "linear"]
 
 
+class ConfigError(Pbs2pError):
+    """A config that does not validate. `errors` lists each problem as {"field": dotted path, "message"}."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
+
+
+def field_errors(exc: PydanticValidationError, skip: int = 0) -> list[dict[str, str]]:
+    """pydantic's errors as {"field": dotted path (minus `skip` leading parts), "message"}."""
+    return [{"field": ".".join(str(p) for p in e["loc"][skip:]), "message": error_message(e)} for e in exc.errors()]
+
+
+def error_message(error: Any) -> str:
+    """pydantic's message for one error, with what to do where it does not say."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field; remove it or check its spelling (the fields are listed at /docs)"
+    return str(error["msg"])
+
+
 @dataclass(frozen=True)
 class NMPattern:
-    """N:M semi-structured sparsity: N weights KEPT in every group of M consecutive input columns."""
+    """N:M semi-structured sparsity: N weights KEPT in every group of M consecutive input columns.
+
+    In a config it is written as the string "N:M" (e.g. "6:8")."""
 
     n: int
     m: int = 8
@@ -67,107 +95,179 @@ class NMPattern:
         """Bits to store one group's mask: a rank code, or a bitmap when that is smaller."""
         return min(math.ceil(math.log2(math.comb(self.m, self.n))), self.m)
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        def validate(value: Any) -> NMPattern:
+            if isinstance(value, NMPattern):
+                return value
+            if not isinstance(value, str):
+                raise PydanticCustomError("nm_pattern", "write the pattern as a string N:M, e.g. 6:8")
+            try:
+                return cls.parse(value)
+            except Pbs2pError as exc:
+                raise PydanticCustomError("nm_pattern", str(exc)) from None
 
-@dataclass(frozen=True)
-class CompressionConfig:
-    """What to compute. Field names match the CLI options (snake_case) and the API's `config` body."""
+        return core_schema.no_info_plain_validator_function(
+            validate, serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
 
-    method: Method = "pbs2p"
-    pattern: NMPattern = field(default_factory=lambda: NMPattern(6, 8))
-    # SPBO: tau steps (None -> M - N, one pruned weight per group per step); "aware" re-ranks each
-    # step by the binarization-aware cost, "fixed" is the ablation (OBS prune set split into steps).
-    spbo_steps: int | None = None
-    spbo_mode: SpboMode = "aware"
-    # N per transformer block: "uniform" (N_t everywhere, the default: CFS measured no better on the real model
-    # over three seeds, README) or "cfs" (the paper's coarse stage: N_l in N_t ± cfs_spread, average kept exactly)
-    allocation: Allocation = "uniform"
-    # block importance: "cosine" (1 / cos(h_in, h_out), the paper's) or "error" (each block's measured output
-    # error under a quick one-shot compression at every candidate N; N_l chosen to minimise their sum)
-    cfs_score: CfsScore = "cosine"
-    cfs_spread: int = 1  # N_l in [N_t - spread, N_t + spread]
-    cfs_samples: int = 16  # calibration windows the coarse stage's FP pass uses
-    mask_score: MaskScore = "obs"  # prune-binarize mask (and the fixed-split ablation)
-    block_size: int = 128  # GPTQ column block
-    damping: float = 0.01
-    arb_iters: int = 15
-    arb_variant: ArbVariant = "arb"
-    # per column block (on average), second-order residual; 0 turns it off. 16 measured 441 perplexity against
-    # 703 for 8 over three seeds on the real model, for 0.08 bit more (README, Results)
-    salient_columns: int = 16
-    salient_search: tuple[int, ...] = ()  # candidates searched per block by block error; () = fixed
-    # "block": salient_columns in every column block; "linear": the same budget spread over the linear's
-    # columns of highest OBS score, wherever they are
-    salient_allocation: SalientAllocation | None = None  # None -> "linear" ("block" with salient_search)
-    column_feedback: bool = False  # GPTQ per-column error feedback inside a column block
-    # once masks and signs are chosen, solve every scale of the linear jointly against ||(W - W')X||^2
-    # (pbs2p_core/refit.py): no extra bits; False is the ablation (each block's ARB scales as fitted)
-    scale_refit: bool = True
-    # report, per linear, the error one-shot prune-then-binarize gets on the same weights ("before SPBO");
-    # costs one extra fit per column block, changes nothing in the compressed weights
-    spbo_report: bool = False
-    scale_dtype: ScaleDtype = "fp16"  # storage precision of alpha/mu (the model uses the rounded values)
-    scale_layout: ScaleLayout = "full"
-    skip_modules: tuple[str, ...] = ()  # fnmatch patterns of linear names left uncompressed
-    propagation: Propagation = "sequential"
-    true_sequential: bool = False  # within a block, calibrate each group of linears on the compressed earlier ones
-    calib: str = "wiki"
-    calib_samples: int = 64
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8  # calibration windows per forward pass
-    device: str = "cpu"
-    version: int = CONFIG_VERSION
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        return {"type": "string", "pattern": r"^[0-9]{1,2}:[0-9]{1,2}$", "examples": ["6:8"]}
 
-    def __post_init__(self) -> None:
-        def fail(msg: str) -> None:
-            raise Pbs2pError(msg)
 
-        if self.version != CONFIG_VERSION:
-            fail(f"config version {self.version} is not supported by this pbs2p; use version {CONFIG_VERSION}")
-        if self.method not in METHODS:
-            fail(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if not isinstance(self.pattern, NMPattern):
-            object.__setattr__(self, "pattern", NMPattern.parse(str(self.pattern)))
-        prune = self.pattern.m - self.pattern.n
-        if self.spbo_steps is not None and not 1 <= self.spbo_steps <= prune:
-            fail(f"spbo_steps={self.spbo_steps} must be between 1 and M - N = {prune} for pattern {self.pattern}")
-        if self.salient_allocation is None:
-            object.__setattr__(self, "salient_allocation", "block" if self.salient_search else "linear")
-        for name, allowed in (
-            ("allocation", ("cfs", "uniform")),
-            ("cfs_score", ("cosine", "error")),
-            ("spbo_mode", ("aware", "fixed")),
-            ("mask_score", ("obs", "wanda")),
-            ("arb_variant", ("arb", "arb-x", "arb-obs", "arb-rc")),
-            ("propagation", ("sequential", "independent")),
-            ("scale_dtype", ("fp16", "bf16")),
-            ("scale_layout", ("full", "shared", "lean")),
-            ("salient_allocation", ("block", "linear")),
-        ):
-            if getattr(self, name) not in allowed:
-                fail(f"{name}={getattr(self, name)!r} is not known; use one of {', '.join(allowed)}")
-        if self.block_size < self.pattern.m or self.block_size % self.pattern.m:
-            fail(f"block_size={self.block_size} must be a positive multiple of M={self.pattern.m}, e.g. 128")
-        if not 0 < self.damping < 10:
-            fail(f"damping={self.damping} must be in (0, 10); 0.01 is the usual value")
-        if not 1 <= self.arb_iters <= 1000:
-            fail(f"arb_iters={self.arb_iters} must be between 1 and 1000; 15 is the default")
-        object.__setattr__(self, "salient_search", tuple(int(c) for c in self.salient_search))
-        object.__setattr__(self, "skip_modules", tuple(str(p) for p in self.skip_modules))
-        for k in (self.salient_columns, *self.salient_search):
-            if not 0 <= k <= self.block_size // 2:
-                fail(f"salient column count {k} must be between 0 and block_size/2 = {self.block_size // 2}")
-        if self.salient_search and self.salient_allocation == "linear":
-            fail("salient_search picks a count per block; use it with salient_allocation='block'")
-        if self.arb_variant == "arb-rc" and (self.salient_columns or self.salient_search):
-            fail("arb_variant 'arb-rc' has no salient residual; set salient_columns=0")
-        if self.cfs_spread < 0:
-            fail(f"cfs_spread={self.cfs_spread} must be >= 0")
-        if self.calib_samples < 1 or self.cfs_samples < 1 or self.seqlen < 8 or self.batch_size < 1:
-            fail("calib_samples, cfs_samples and batch_size must be >= 1 and seqlen >= 8")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            fail(f"device {self.device!r} is not known; use cpu or cuda (or cuda:N)")
+# strict: a JSON body's `0` is no boolean and "3" no integer (the command line, whose values are strings, asks
+# for lax parsing explicitly: `from_options(..., strict=False)`); lists still read as tuples
+_FROZEN = ConfigDict(frozen=True, extra="forbid", strict=True)
+Count = Annotated[int, Field(ge=0, le=4096)]
 
+
+class Ablations(BaseModel):
+    """Variants of the method kept for measurement (README, Results): each default is the measured best."""
+
+    model_config = _FROZEN
+
+    spbo_mode: SpboMode = Field(
+        "aware",
+        description="SPBO steps: 'aware' re-ranks each step by the binarization-aware cost; 'fixed' splits a "
+        "fixed OBS prune set into the steps",
+    )
+    cfs_score: CfsScore = Field(
+        "cosine",
+        description="CFS block importance: 1/cos(h_in, h_out) (the paper's) or each block's measured output error "
+        "at every candidate N",
+    )
+    cfs_spread: int = Field(1, ge=0, le=16, description="CFS: N per block within N_t +/- this")
+    cfs_samples: int = Field(16, ge=1, le=4096, description="calibration windows of the CFS coarse stage's FP pass")
+    mask_score: MaskScore = Field("obs", description="mask score of prune-binarize and fixed SPBO: OBS or Wanda")
+    arb_iters: int = Field(15, ge=1, le=1000, description="ARB alternations per fit")
+    arb_variant: ArbVariant = Field(
+        "arb",
+        description="'arb-x': alpha, mu against the calibration-weighted error; 'arb-obs': against the block's "
+        "OBS loss; 'arb-rc': row x column scales, no mu (no salient residual)",
+    )
+    salient_search: tuple[Count, ...] = Field(
+        (),
+        max_length=16,
+        strict=False,
+        description="salient column counts searched per block by block error; empty: fixed",
+    )
+    salient_allocation: SalientAllocation | None = Field(
+        None,
+        description="'block': salient_columns in every column block; 'linear': the same budget over the linear's "
+        "columns of highest OBS score (default linear, block with salient_search)",
+    )
+    column_feedback: bool = Field(False, description="GPTQ per-column error feedback inside a column block")
+    scale_refit: bool = Field(
+        True, description="solve every scale of a linear jointly against ||(W - W')X||^2 once masks and signs are set"
+    )
+    spbo_report: bool = Field(
+        False, description="also report each linear's error before SPBO (one extra fit per block; weights unchanged)"
+    )
+    scale_dtype: ScaleDtype = Field("fp16", description="storage precision of the scales")
+    true_sequential: bool = Field(
+        False, description="within a block, calibrate each group of linears on the compressed earlier ones"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("salient_allocation") is None:
+            data = {**data, "salient_allocation": "block" if data.get("salient_search") else "linear"}
+        return data
+
+
+ABLATION_FIELDS: tuple[str, ...] = tuple(Ablations.model_fields)
+
+
+class CompressionConfig(BaseModel):
+    """What to compute. Field names are the CLI options (in kebab case) and the API's `config` body."""
+
+    model_config = _FROZEN
+
+    method: Method = Field("pbs2p", description="pbs2p (CFS + SPBO), prune-binarize, arb (dense 1-bit) or fp")
+    pattern: NMPattern = Field("6:8", validate_default=True, description="N:M, N weights kept in every group of M")
+    spbo_steps: int | None = Field(None, ge=1, le=15, description="SPBO steps tau (default M - N)")
+    allocation: Allocation = Field(
+        "uniform",
+        description="N per transformer block: uniform (N everywhere) or cfs (the paper's coarse stage: N_l in "
+        "N +/- cfs_spread, the average kept exactly)",
+    )
+    salient_columns: int = Field(
+        16, ge=0, le=4096, description="salient columns per column block, on average (second-order residual)"
+    )
+    block_size: int = Field(128, ge=8, le=8192, description="GPTQ column block (scales per row per block)")
+    damping: float = Field(0.01, gt=0, lt=10, description="relative Hessian damping")
+    scale_layout: ScaleLayout = Field(
+        "full",
+        description="scales per row per block: full (alpha, mu and the salient columns' own), shared (one alpha, "
+        "mu), lean (shared with no residual mu)",
+    )
+    skip_modules: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = Field(
+        (), max_length=64, strict=False, description="glob patterns of linear names left uncompressed"
+    )
+    propagation: Propagation = Field(
+        "sequential",
+        description="sequential: each block calibrated on the compressed earlier blocks' outputs; independent: "
+        "on the FP model's (faster on many workers, worse)",
+    )
+    calib: str = Field("wiki", min_length=1, max_length=1024, description="calibration text: 'wiki' or a file")
+    calib_samples: int = Field(64, ge=1, le=4096, description="calibration windows")
+    seqlen: int = Field(512, ge=8, le=32768, description="tokens per calibration window")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the calibration windows")
+    batch_size: int = Field(8, ge=1, le=1024, description="calibration windows per forward pass")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$", description="cpu, cuda or cuda:N")
+    ablations: Ablations = Field(default_factory=Ablations, description="variants kept for measurement")
+    version: Literal[2] = Field(2, description="config schema version")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        """A version-1 config (flat) is read as version 2; an ablation given at the top level is pointed at its
+        new place."""
+        if not isinstance(data, Mapping):
+            return data
+        moved = [k for k in data if k in ABLATION_FIELDS]
+        if data.get("version") == 1:
+            d = {k: v for k, v in data.items() if k not in ABLATION_FIELDS}
+            d["ablations"] = {**dict(data.get("ablations") or {}), **{k: data[k] for k in moved}}
+            d["version"] = CONFIG_VERSION
+            return d
+        if moved:
+            _raise(
+                [
+                    ((k,), f"'{k}' is an ablation since config version 2: give it as ablations.{k}", data[k])
+                    for k in moved
+                ]
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> CompressionConfig:
+        """Checks across fields, each reported at the field to change."""
+        p, a = self.pattern, self.ablations
+        bad: list[tuple[tuple[str, ...], str, Any]] = []
+        prune = p.m - p.n
+        if self.spbo_steps is not None and self.spbo_steps > prune:
+            bad.append((("spbo_steps",), f"must be between 1 and M - N = {prune} for pattern {p}", self.spbo_steps))
+        if self.block_size % p.m:
+            bad.append((("block_size",), f"must be a multiple of M={p.m}, e.g. 128", self.block_size))
+        half = self.block_size // 2
+        if self.salient_columns > half:
+            bad.append((("salient_columns",), f"must be at most block_size/2 = {half}", self.salient_columns))
+        if any(k > half for k in a.salient_search):
+            bad.append((("ablations", "salient_search"), f"counts must be at most block_size/2 = {half}", None))
+        if a.salient_search and a.salient_allocation == "linear":
+            bad.append(
+                (("ablations", "salient_allocation"), "salient_search picks a count per block; use 'block'", "linear")
+            )
+        if a.arb_variant == "arb-rc" and (self.salient_columns or a.salient_search):
+            bad.append((("ablations", "arb_variant"), "'arb-rc' has no salient residual; set salient_columns=0", None))
+        if bad:
+            _raise(bad)
+        return self
+
+    # -- derived ---------------------------------------------------------------------------------------------
     @property
     def tau(self) -> int:
         """SPBO steps actually used (1 for prune-binarize: prune once, then binarize)."""
@@ -179,26 +279,43 @@ class CompressionConfig:
     def prunes(self) -> bool:
         return self.method in ("prune-binarize", "pbs2p")
 
+    # -- building and serialising ------------------------------------------------------------------------------
+    @classmethod
+    def from_options(
+        cls, options: Mapping[str, Any] | None = None, *, strict: bool = True, **more: Any
+    ) -> CompressionConfig:
+        """A config from flat option names (as on the command line: ablations by their own name), validated;
+        ConfigError with the field paths otherwise. `strict=False` parses strings ("17" for an integer)."""
+        flat = {**(options or {}), **more}
+        top = {k: v for k, v in flat.items() if k not in ABLATION_FIELDS}
+        abl = {k: v for k, v in flat.items() if k in ABLATION_FIELDS}
+        if abl:
+            top["ablations"] = {**dict(top.get("ablations") or {}), **abl}
+        return cls.from_dict(top, strict=strict)
+
     def replace(self, **changes: Any) -> CompressionConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` (flat option names, as `from_options`), validated again."""
+        d = self.to_dict()
+        flat = {k: v for k, v in d.items() if k != "ablations"} | d["ablations"]
+        return self.from_options({**flat, **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["pattern"] = str(self.pattern)
-        d["salient_search"] = list(self.salient_search)
-        d["skip_modules"] = list(self.skip_modules)
-        return d
+        """JSON-ready: the pattern as "N:M", tuples as lists, the ablations nested."""
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise Pbs2pError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        d = dict(data)
-        if "pattern" in d and not isinstance(d["pattern"], NMPattern):
-            d["pattern"] = NMPattern.parse(str(d["pattern"]))
-        for key in ("salient_search", "skip_modules"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> CompressionConfig:
+        try:
+            # None: the model's own strictness (lists still read as tuples); False: lax everywhere
+            return cls.model_validate(dict(data), strict=None if strict else False)
+        except PydanticValidationError as exc:
+            raise ConfigError(field_errors(exc)) from None
+
+
+def _raise(problems: list[tuple[tuple[str, ...], str, Any]]) -> None:
+    """Raise one pydantic ValidationError with an entry per (path, message, input): the path reaches the caller
+    prefixed by wherever the config sits (e.g. body.config.ablations.arb_variant over HTTP)."""
+    details = [
+        InitErrorDetails(type=PydanticCustomError("config", msg), loc=loc, input=value) for loc, msg, value in problems
+    ]
+    raise PydanticValidationError.from_exception_data("CompressionConfig", details)

@@ -100,23 +100,31 @@ def _code_block(
     if isinstance(salient, int):
         salient = torch.sort(obs.sum(0).topk(salient).indices).values
     S = None
-    if cfg.arb_variant == "arb-x":
+    if cfg.ablations.arb_variant == "arb-x":
         S = Sbb
-    elif cfg.arb_variant == "arb-obs":  # ‖Err‖² = ΔW (U_bbᵀ U_bb)⁻¹ ΔWᵀ per row
+    elif cfg.ablations.arb_variant == "arb-obs":  # ‖Err‖² = ΔW (U_bbᵀ U_bb)⁻¹ ΔWᵀ per row
         S = torch.cholesky_inverse(Ubb.T)
 
     def fit(K: torch.Tensor, warm=None):  # type: ignore[no-untyped-def]
         return binarize_block(
-            Wb, K, salient, cfg.arb_iters, cfg.arb_variant, cfg.scale_dtype, S, warm, cfg.scale_layout
+            Wb,
+            K,
+            salient,
+            cfg.ablations.arb_iters,
+            cfg.ablations.arb_variant,
+            cfg.ablations.scale_dtype,
+            S,
+            warm,
+            cfg.scale_layout,
         )
 
     K = torch.ones(R, C, dtype=torch.bool, device=Wb.device)
     if not cfg.prunes or n_keep >= m:
         return fit(K)[0]
     steps = split_steps(m - n_keep, cfg.tau)
-    if cfg.method == "prune-binarize" or cfg.spbo_mode == "fixed":
+    if cfg.method == "prune-binarize" or cfg.ablations.spbo_mode == "fixed":
         # mask chosen once (OBS or Wanda |w|·‖x_j‖), then pruned by rank in τ steps (τ = 1: prune, binarize)
-        score = obs if cfg.mask_score == "obs" else Wb.abs() * hdiag.clamp_min(0).sqrt()[None, :]
+        score = obs if cfg.ablations.mask_score == "obs" else Wb.abs() * hdiag.clamp_min(0).sqrt()[None, :]
         rank = score.view(R, C // m, m).argsort(dim=-1, stable=True).argsort(dim=-1).view(R, C)
         code, fits, done = None, None, 0
         for r in steps:
@@ -151,23 +159,25 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
     Q = torch.zeros_like(W)
     blocks: list[BlockCode] = []
     spans = column_blocks(C, cfg.block_size)
-    candidates: list[torch.Tensor | int] = [min(k, cfg.block_size // 2) for k in cfg.salient_search]
-    if cfg.salient_allocation == "linear":
+    candidates: list[torch.Tensor | int] = [min(k, cfg.block_size // 2) for k in cfg.ablations.salient_search]
+    if cfg.ablations.salient_allocation == "linear":
         per_block = salient_per_block(W, torch.diag(U), spans, cfg.salient_columns)
     # "before SPBO" (config spbo_report): one-shot prune-then-binarize of the same compensated block
-    oneshot = cfg.replace(method="prune-binarize", spbo_report=False) if cfg.spbo_report and cfg.prunes else None
+    oneshot = (
+        cfg.replace(method="prune-binarize", spbo_report=False) if cfg.ablations.spbo_report and cfg.prunes else None
+    )
     loss_spbo = loss_oneshot = 0.0
     for b, (s, e) in enumerate(spans):
         Wb, Ubb = W[:, s:e], U[s:e, s:e]
         d = torch.diag(Ubb)
         best = None
-        if cfg.salient_allocation == "linear":
+        if cfg.ablations.salient_allocation == "linear":
             candidates = [per_block[b]]
-        elif not cfg.salient_search:
+        elif not cfg.ablations.salient_search:
             candidates = [min(cfg.salient_columns, (e - s) // 2)]
         for k in candidates:  # a searched salient count keeps the code of least OBS loss
             code = _code_block(Wb, d, hdiag[s:e], H[s:e, s:e], Ubb, n_keep, k, cfg)
-            if cfg.column_feedback:
+            if cfg.ablations.column_feedback:
                 code, err = _column_feedback(Wb, Ubb, code)
                 loss = (err * err).sum()
             else:
@@ -184,8 +194,8 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
         W[:, e:] -= err @ U[s:e, e:]  # push the block's error onto later columns (GPTQ)
         blocks.append(code)
     error = layer_error(W0, Q, H)
-    if cfg.scale_refit:
-        blocks, Q, error = refit_scales(W0, H, (blocks, Q, error), spans, inv.damping, cfg.scale_dtype)
+    if cfg.ablations.scale_refit:
+        blocks, Q, error = refit_scales(W0, H, (blocks, Q, error), spans, inv.damping, cfg.ablations.scale_dtype)
     rel = error / max(float(torch.einsum("rc,cd,rd->", W0, H, W0)), 1e-30)
     stats = {}
     if oneshot is not None:  # the exact error scaled by the blocks' OBS-loss ratio (same weights, same H)
@@ -204,7 +214,7 @@ def oneshot_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compressi
     W[:, inv.dead] = 0.0
     hdiag = torch.diag(H)
     spans = column_blocks(C, cfg.block_size)
-    if cfg.salient_allocation == "linear":
+    if cfg.ablations.salient_allocation == "linear":
         salient: list[torch.Tensor | int] = list(salient_per_block(W, torch.diag(inv.U), spans, cfg.salient_columns))
     else:
         salient = [min(cfg.salient_columns, (e - s) // 2) for s, e in spans]

@@ -21,9 +21,11 @@ from typing import Any
 
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from workers.distributed import init_ray, shutdown_ray
+from workers.evaluation import EvalSpec
+from workers.job import JobSpec, RayOptions, Upload, run_job
 from workers.storage import Storage, storage_from_url
 
-from .models import fetch_model
 from .settings import Settings
 from .store import ACTIVE, Job, JobState, Store
 
@@ -62,6 +64,10 @@ class JobProgress:
         self.compress_start: tuple[float, int] | None = None  # (time, blocks done) when block work began
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        # the artifact is written (and evaluated): RUNNING -> UPLOADING
+        uploading = stage == "upload" and done == 0
+        if uploading and not self.store.transition(self.job_id, [JobState.RUNNING], JobState.UPLOADING, self.owner):
+            raise self.why_not()
         now = time.time()
         progress: dict[str, Any] = {"stage": stage, "percent": round(100.0 * done / total, 1) if total else None}
         if stage == "compress":
@@ -81,6 +87,13 @@ class JobProgress:
             raise JobCancelled(self.job_id)
         if self.stopping.is_set():
             raise ShuttingDown(self.job_id)
+
+    def why_not(self) -> Exception:
+        """Why a transition of this runner's failed: a cancel request, or the job is no longer its own."""
+        job = self.store.get(self.job_id)
+        if job is not None and job.state == JobState.CANCELLING and job.owner == self.owner:
+            return JobCancelled(self.job_id)
+        return LostJob(self.job_id)
 
 
 class Dispatcher:
@@ -107,10 +120,7 @@ class Dispatcher:
         if self.thread is not None:
             self.thread.join(timeout)
         self.pool.shutdown(wait=True, cancel_futures=True)
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()  # a local Ray started by this process stops with it (its agents would linger)
+        shutdown_ray()  # a local Ray started by this process stops with it (its agents would linger)
 
     def _loop(self) -> None:
         try:
@@ -140,8 +150,6 @@ class Dispatcher:
             self.stopping.wait(self.settings.poll_seconds)
 
     def _start_ray(self) -> None:
-        from workers.distributed import init_ray
-
         address = None if self.settings.ray_address == "local" else self.settings.ray_address
         self.ray_address = init_ray(address, num_cpus=self.settings.ray_num_cpus)
 
@@ -160,25 +168,33 @@ class Dispatcher:
     def _run(self, job: Job) -> None:
         work = Path(self.settings.data_dir) / "work" / job.id
         progress = JobProgress(self.store, job.id, self.owner, self.stopping)
+        prefix = f"{job.tenant}/{job.id}"
         try:
-            report = self._compress(job, work / "artifact", progress)
-            if job.evaluate:
-                metrics, seconds = self._evaluate(job, work / "artifact", progress)
-                report["metrics"].update(metrics)
-                report["timings"]["evaluate_s"] = seconds
-            if not self.store.transition(job.id, [JobState.RUNNING], JobState.UPLOADING, owner=self.owner):
-                raise self._why_not(job.id)
-            progress("upload", 0, 1)
-            prefix = f"{job.tenant}/{job.id}"
-            self.storage.upload_dir(work / "artifact", prefix)
+            shutil.rmtree(work, ignore_errors=True)
+            spec = JobSpec(
+                job.model,
+                CompressionConfig.from_dict(job.config),
+                EvalSpec.model_validate(job.evaluate) if job.evaluate else None,
+                RayOptions(
+                    address=self.ray_address,
+                    workers=self.settings.job_workers,
+                    gpus_per_worker=self.settings.gpus_per_worker,
+                    job_id=job.id,
+                    checkpoint_url=self.settings.checkpoints_url,
+                    keep_checkpoint=True,  # removed once SUCCEEDED: a crash during upload must not recompress
+                ),
+            )
+            upload = Upload(self.storage, prefix)
+            result = run_job(spec, work / "artifact", self.settings, roots=self.settings.roots, progress=progress,
+                             upload=upload)  # fmt: skip
             if self.store.transition(
-                job.id, [JobState.UPLOADING], JobState.SUCCEEDED, owner=self.owner, report=report, artifact=prefix,
-                progress={"stage": "done", "percent": 100.0},
+                job.id, [JobState.UPLOADING], JobState.SUCCEEDED, owner=self.owner, report=result.summary(),
+                artifact=prefix, progress={"stage": "done", "percent": 100.0},
             ):  # fmt: skip
                 log.info("job %s: SUCCEEDED", job.id)
                 self._clear_checkpoint(job.id)
             else:
-                raise self._why_not(job.id)
+                raise progress.why_not()
         except JobCancelled:
             if self.store.transition(job.id, [JobState.CANCELLING], JobState.CANCELLED, owner=self.owner):
                 log.info("job %s: CANCELLED", job.id)
@@ -199,86 +215,6 @@ class Dispatcher:
                 log.warning("job %s: failure not recorded (state changed meanwhile)", job.id)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-    def _why_not(self, job_id: str) -> Exception:
-        job = self.store.get(job_id)
-        if job is not None and job.state == JobState.CANCELLING and job.owner == self.owner:
-            return JobCancelled(job_id)
-        return LostJob(job_id)
-
-    def _compress(self, job: Job, out: Path, progress: JobProgress) -> dict[str, Any]:
-        from transformers import AutoTokenizer
-
-        from workers.distributed import compress_model_ray
-        from workers.sources import calibration_windows, load_documents
-
-        progress("prepare", 0, 1)
-        t0 = time.perf_counter()
-        model_dir = fetch_model(job.model, self.settings.roots, self.settings.max_model_bytes)
-        cfg = CompressionConfig.from_dict(job.config)
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        calib = calibration_windows(tok, load_documents(cfg.calib, "calib"), cfg.calib_samples, cfg.seqlen, cfg.seed)
-        prepare_s = time.perf_counter() - t0
-        shutil.rmtree(out.parent, ignore_errors=True)
-        report = compress_model_ray(
-            model_dir,
-            out,
-            cfg,
-            calib,
-            address=self.ray_address,
-            workers=self.settings.job_workers,
-            gpus_per_worker=self.settings.gpus_per_worker,
-            job_id=job.id,
-            checkpoint_url=self.settings.checkpoints_url,
-            keep_checkpoint=True,  # removed once SUCCEEDED: a crash during upload must not recompress
-            progress=progress,
-        ).to_dict()
-        bits = report.get("bits") or {}
-        return {
-            "metrics": {
-                "mean_rel_error": report["mean_rel_error"],
-                "paper_bits": bits.get("paper_bits"),
-                "true_bits": bits.get("true_bits"),
-                "calib_tokens": report["calib_tokens"],
-            },
-            "timings": {"prepare_s": round(prepare_s, 2), "compress_s": round(report["seconds"], 2)},
-            "model_type": report["model_type"],
-            "blocks": [
-                {
-                    "index": b["index"],
-                    "n_keep": b["n_keep"],
-                    "cosine": b["cosine"],
-                    "seconds": round(b["seconds"], 2),
-                    "linears": [
-                        {k: lr[k] for k in ("name", "shape", "rel_error", "rel_error_oneshot", "bits")}
-                        for lr in b["linears"]
-                    ],
-                }
-                for b in report["blocks"]
-            ],
-        }
-
-    def _evaluate(self, job: Job, artifact: Path, progress: JobProgress) -> tuple[dict[str, Any], float]:
-        """Perplexity of the source model and of the packed artifact on the same windows (and the seconds)."""
-        from .cli import run_eval
-
-        ev = dict(job.evaluate or {})
-        t0 = time.perf_counter()
-        model_dir = fetch_model(job.model, self.settings.roots, self.settings.max_model_bytes)
-        kw: dict[str, Any] = dict(data=ev.get("data", "wiki"), seqlen=ev.get("seqlen", 512), windows=ev.get("windows"))
-        progress("evaluate", 0, 2)
-        before = run_eval(str(model_dir), progress=False, **kw)
-        progress("evaluate", 1, 2)
-        after = run_eval(str(artifact), progress=False, **kw)
-        progress("evaluate", 2, 2)
-        return {
-            "ppl_before": before["ppl"],
-            "ppl_after": after["ppl"],
-            "eval_tokens": after["tokens"],
-            "eval_windows": after["windows"],
-            "eval_seqlen": after["seqlen"],
-            "eval_bos": after["bos"],
-        }, round(time.perf_counter() - t0, 2)
 
     def _clear_checkpoint(self, job_id: str) -> None:
         try:

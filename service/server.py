@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from workers.storage import storage_from_url
 
-from .app import create_app
+from .api import create_app
 from .dispatcher import Dispatcher
 from .settings import Settings
 from .store import Store

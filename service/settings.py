@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from workers.settings import WorkerSettings
 
 # Settings read elsewhere, from the environment, by the layers below the service; documented here so that one
 # list (SETTINGS_DOC) covers every PBS2P_* variable the service image reads.
 WORKER_ENV = {
-    "PBS2P_CACHE_DIR": "prepared models (aliases, s3:// and Hugging Face downloads); default ~/.cache/pbs2p",
     "PBS2P_S3_ENDPOINT_URL": "S3 endpoint for s3:// URLs (MinIO, R2, ...); unset for AWS",
     "PBS2P_S3_REGION": "S3 region (default us-east-1)",
     "PBS2P_S3_PATH_STYLE": "1 for path-style S3 addressing (MinIO)",
@@ -23,7 +24,9 @@ WORKER_ENV = {
 }
 
 
-class Settings(BaseSettings):
+class Settings(WorkerSettings):
+    """The service's settings: the job layer's (`WorkerSettings`: cache, model size limit) and its own."""
+
     model_config = SettingsConfigDict(env_prefix="PBS2P_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path("pbs2p-data"), description="SQLite file, local artifacts and checkpoints")
@@ -40,7 +43,6 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(1.0, gt=0, description="dispatcher and event-stream poll interval")
     model_roots: str = Field("", description="comma-separated directories local model paths must lie under")
     max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
-    max_model_bytes: int = Field(200 * 2**30, ge=1, description="largest model downloaded from s3://")
     presign_seconds: int = Field(3600, ge=60, description="lifetime of presigned artifact URLs")
     host: str = Field("127.0.0.1", description="address `pbs2p serve` binds")
     port: int = Field(8000, ge=0, le=65535, description="port `pbs2p serve` binds (0: any free port)")

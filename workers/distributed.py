@@ -61,7 +61,7 @@ from .pipeline import (
     release_memory,
 )
 from .resume import JobCheckpoint, check_job_id, fingerprint
-from .sources import cache_dir
+from .settings import WorkerSettings
 from .storage import storage_from_url
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     gcs = str(ray.get_runtime_context().gcs_address)
     log.info("Ray cluster at %s (auth %s): %s", gcs, os.environ["RAY_AUTH_MODE"], ray.cluster_resources())
     return gcs
+
+
+def shutdown_ray() -> None:
+    """Disconnect this process from Ray (a local cluster it started stops with it)."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -344,10 +350,6 @@ class BlockWorker:
 # ---------------------------------------------------------------------------------------- coordinator
 
 
-def default_checkpoint_url() -> str:
-    return str(cache_dir() / "checkpoints")
-
-
 def wait_for_workers(pool: list[Any], timeout: float = WORKER_WAIT_S) -> None:
     """Until every worker answers: a killed one is being restarted by Ray (its process starts again)."""
     deadline = time.monotonic() + timeout
@@ -480,6 +482,7 @@ def compress_model_ray(
     cfg: CompressionConfig,
     calib: torch.Tensor,
     *,
+    settings: WorkerSettings,
     address: str | None = None,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
@@ -513,7 +516,7 @@ def compress_model_ray(
     if job_id is None:
         job_id = "job-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     check_job_id(job_id)
-    url = checkpoint_url or default_checkpoint_url()
+    url = checkpoint_url or settings.default_checkpoint_url
     ckpt = JobCheckpoint(storage_from_url(url), job_id)
     ckpt.open(parts)
     log.info("job %s: %d workers on %s, checkpoints in %s", job_id, res.workers, res.device, ckpt.where())

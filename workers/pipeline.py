@@ -228,7 +228,7 @@ def coarse_stage(
     extra FP pass cheap."""
     xs, windows = [], 0
     for x in store.inputs:
-        if windows >= cfg.cfs_samples:
+        if windows >= cfg.ablations.cfs_samples:
             break
         xs.append(x)
         windows += x.shape[0]
@@ -237,7 +237,7 @@ def coarse_stage(
     errors: list[dict[int, float]] = []
     for i in range(bm.num_blocks):
         block = bm.load_block(i)
-        if cfg.cfs_score == "error":
+        if cfg.ablations.cfs_score == "error":
             linears = block_linears(bm, i, block, cfg)
             ys, hessians = _collect_hessians(bm, i, block, xs, store, linears)
             errors.append(block_errors(bm, i, block, xs, ys, store, linears, hessians, cfg))
@@ -265,7 +265,7 @@ def block_errors(
     """e_l(N) for N in [N_t - spread, N_t + spread]: the block's output error when all its linears get a quick
     one-shot code at N (`oneshot_linear`), as the mean over tokens of ||y' - y||^2 / ||y||^2 on FP inputs.
     The block's FP weights are restored afterwards."""
-    lo, hi = n_bounds(cfg.pattern.n, cfg.pattern.m, cfg.cfs_spread)
+    lo, hi = n_bounds(cfg.pattern.n, cfg.pattern.m, cfg.ablations.cfs_spread)
     fp = {name: lin.weight.data for name, lin in linears.items()}
     out: dict[int, float] = {}
     try:
@@ -329,11 +329,11 @@ def plan_blocks(
     L = bm.num_blocks
     if cfg.method != "fp" and cfg.prunes and cfg.allocation == "cfs":
         cos, errors = coarse_stage(bm, store, cfg, progress)
-        if cfg.cfs_score == "error":
+        if cfg.ablations.cfs_score == "error":
             n_blocks = allocate_by_error(errors, cfg.pattern.n)
             log.info("CFS block errors per N: %s", [{n: round(e, 5) for n, e in d.items()} for d in errors])
         else:
-            n_blocks = allocate(block_importance(cos), cfg.pattern.n, cfg.pattern.m, cfg.cfs_spread)
+            n_blocks = allocate(block_importance(cos), cfg.pattern.n, cfg.pattern.m, cfg.ablations.cfs_spread)
         log.info("CFS kept counts per block: %s", n_blocks)
         return list(cos), n_blocks
     return [None] * L, [cfg.pattern.n] * L
@@ -368,7 +368,7 @@ def compress_block(
     results: dict[str, LinearResult] = {}
     # one calibration pass collects every H of the block; "true sequential" makes one pass per group
     # of linears that see the same input, so later groups are calibrated on the compressed earlier ones
-    groups = bm.family.groups if cfg.true_sequential else (bm.family.linears,)
+    groups = bm.family.groups if cfg.ablations.true_sequential else (bm.family.linears,)
     fp_ys = None
     for group in groups:
         todo = {name: linears[name] for name in group if name in linears}

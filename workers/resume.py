@@ -203,7 +203,7 @@ class JobCheckpoint:
             if res is None:
                 flat[name] = t
                 continue
-            packed, meta = pack_linear(res, res.n_keep, cfg.pattern.m, cfg.block_size, cfg.scale_dtype)
+            packed, meta = pack_linear(res, res.n_keep, cfg.pattern.m, cfg.block_size, cfg.ablations.scale_dtype)
             flat.update({f"{name}{SEP}{k}": v for k, v in packed.items()})
             linears[name] = {
                 "meta": meta,

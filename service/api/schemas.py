@@ -1,4 +1,5 @@
-"""Request and response bodies of the HTTP API (pydantic). The config fields carry the CLI option names."""
+"""Request and response bodies of the HTTP API (pydantic). The job's config is `CompressionConfig` itself: its
+schema, defaults and validation are the core's, and its field names are the CLI options'."""
 
 from __future__ import annotations
 
@@ -7,75 +8,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pbs2p_core.config import (
-    Allocation,
-    ArbVariant,
-    CfsScore,
-    MaskScore,
-    Method,
-    Propagation,
-    SalientAllocation,
-    ScaleDtype,
-    ScaleLayout,
-    SpboMode,
-)
+from pbs2p_core.config import CompressionConfig
+from workers.evaluation import EvalSpec
 
-from .store import Job, JobState
+from ..store import Job, JobState
 
 _STRICT = ConfigDict(extra="forbid")
-
-
-class ConfigIn(BaseModel):
-    """The compression config; every field optional (defaults of `pbs2p compress`), unknown fields refused."""
-
-    model_config = _STRICT
-    method: Method | None = None
-    pattern: str | None = Field(None, pattern=r"^\d{1,2}:\d{1,2}$", examples=["6:8"])
-    spbo_steps: int | None = Field(None, ge=1, le=16)
-    spbo_mode: SpboMode | None = None
-    allocation: Allocation | None = None
-    cfs_score: CfsScore | None = None
-    cfs_spread: int | None = Field(None, ge=0, le=16)
-    cfs_samples: int | None = Field(None, ge=1, le=4096)
-    mask_score: MaskScore | None = None
-    block_size: int | None = Field(None, ge=8, le=8192)
-    damping: float | None = Field(None, gt=0, lt=10)
-    arb_iters: int | None = Field(None, ge=1, le=1000)
-    arb_variant: ArbVariant | None = None
-    salient_columns: int | None = Field(None, ge=0, le=4096)
-    salient_search: list[int] | None = Field(None, max_length=16)
-    salient_allocation: SalientAllocation | None = None
-    column_feedback: bool | None = None
-    scale_refit: bool | None = None
-    spbo_report: bool | None = None
-    scale_dtype: ScaleDtype | None = None
-    scale_layout: ScaleLayout | None = None
-    skip_modules: list[str] | None = Field(None, max_length=64)
-    propagation: Propagation | None = None
-    true_sequential: bool | None = None
-    calib: str | None = Field(None, min_length=1, max_length=1024)
-    calib_samples: int | None = Field(None, ge=1, le=4096)
-    seqlen: int | None = Field(None, ge=8, le=32768)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    batch_size: int | None = Field(None, ge=1, le=1024)
-    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d{1,2})?)$")
-    version: int | None = Field(None, ge=1, le=1000)
-
-
-class EvaluateIn(BaseModel):
-    """Perplexity before and after compression, measured by the job once the artifact exists."""
-
-    model_config = _STRICT
-    data: str = Field("wiki", min_length=1, max_length=1024, description="'wiki' (held-out split) or a text file")
-    seqlen: int = Field(512, ge=8, le=32768)
-    windows: int = Field(40, ge=1, le=100000)
 
 
 class JobCreate(BaseModel):
     model_config = _STRICT
     model: str = Field(..., min_length=1, max_length=1024, examples=["smollm2-135m"])
-    config: ConfigIn = Field(default_factory=ConfigIn)
-    evaluate: EvaluateIn | None = None
+    config: CompressionConfig = Field(
+        default_factory=CompressionConfig, description="the compression config; every field has a default"
+    )
+    evaluate: EvalSpec | None = None
     name: str | None = Field(None, min_length=1, max_length=200)
 
 

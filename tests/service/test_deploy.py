@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
@@ -607,7 +607,7 @@ def test_pbs2p_subcommands_of_the_deployment_exist(compose: dict[str, Any], k8s:
         assert c[1] in DEPLOY_SUBCOMMANDS, f"{' '.join(c)}: add {c[1]!r} to DEPLOY_SUBCOMMANDS if it is meant"
         if DEPLOY_SUBCOMMANDS[c[1]] and len(c) > 2 and not c[2].startswith("-"):
             assert c[2] in DEPLOY_SUBCOMMANDS[c[1]], " ".join(c)
-    from service.cli import build_parser
+    from service.cli.commands import build_parser
 
     parser = build_parser()
     commands = _subparsers(parser)

@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-from test_pipeline import make_model, save_tokenizer, write_text
 
-from service.demo import start_service, stop_service
-from service.schemas import ConfigIn
+from pbs2p_core.config import Ablations
+from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
+from service.cli.demo import start_service, stop_service
 from service.settings import Settings
 from service.store import Store
 
@@ -217,7 +217,7 @@ def test_the_form_shows_the_validation_problem(page: Any, service: dict[str, str
 
 def test_submit_follow_and_report(page: Any, service: dict[str, str], files: dict[str, Path]) -> None:
     t0 = time.perf_counter()
-    spbo = "spbo_report" in ConfigIn.model_fields  # "error before SPBO" exists once the config has the field
+    spbo = "spbo_report" in Ablations.model_fields  # "error before SPBO" exists once the config has the field
     sign_in(page, service)
     page.wait_for_selector("#jobs")
     page.click("a.button[href='#/new']")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from workers.sources import calibration_windows, eval_windows, load_documents
 
 from pbs2p_core.artifact import (
     decode_linear,
@@ -19,7 +20,6 @@ from pbs2p_core.artifact import (
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.evaluate import perplexity
 from workers.pipeline import compress_model
-from workers.sources import calibration_windows, eval_windows, load_documents
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def test_real_model_end_to_end(real_model: Path, tmp_path: Path) -> None:
     a uniform guess)."""
     tok = AutoTokenizer.from_pretrained(real_model)
     calib = calibration_windows(tok, load_documents("wiki", "calib"), n=8, seqlen=256, seed=0)
-    cfg = CompressionConfig(method="pbs2p", pattern="6:8", calib_samples=8, seqlen=256, batch_size=4)
+    cfg = CompressionConfig.from_options(method="pbs2p", pattern="6:8", calib_samples=8, seqlen=256, batch_size=4)
     pbs2p = compress_model(real_model, tmp_path / "pbs2p", cfg, calib)
     # every compressed linear reproduces its outputs better than dropping it would
     assert all(0 < lr.rel_error < 1 for b in pbs2p.blocks for lr in b.linears)

@@ -3,7 +3,6 @@ bit accounting, dense export, bad artifacts. Tiny seeded models, CPU only."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -18,7 +17,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_pipeline import calib_ids, config, logits, make_model, run_cli, save_tokenizer
 from transformers import AutoModelForCausalLM
 
 from pbs2p_core import artifact as A
@@ -27,6 +25,9 @@ from pbs2p_core.bits import count_bits
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.solver import LinearResult, compress_linear, nm_mask
+from pbs2p_testing.artifacts import logits
+from pbs2p_testing.cli import run_cli
+from pbs2p_testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config
 from workers.pipeline import compress_model
 
 
@@ -214,11 +215,9 @@ def test_mask_and_signs_cost_at_most_1_375_bits(n: int) -> None:
 
 def _solver_variants() -> list[dict[str, Any]]:
     """Every scale layout and dtype the config offers (the packer must not care which), and ARB-RC."""
-    fields = {f.name: f for f in dataclasses.fields(CompressionConfig)}
     out: list[dict[str, Any]] = [{"scale_dtype": "bf16"}, {"arb_variant": "arb-rc", "salient_columns": 0}]
-    if "scale_layout" in fields:
-        out += [{"scale_layout": x} for x in typing.get_args(typing.get_type_hints(CompressionConfig)["scale_layout"])]
-    return out
+    layouts = typing.get_args(CompressionConfig.model_fields["scale_layout"].annotation)
+    return out + [{"scale_layout": x} for x in layouts]
 
 
 @pytest.mark.parametrize("variant", _solver_variants(), ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
@@ -226,9 +225,9 @@ def test_solver_codes_round_trip(variant: dict[str, Any]) -> None:
     """The codes compress_linear really produces (each scale layout, dtype, ARB variant) pack bit-exactly."""
     g = torch.Generator().manual_seed(1)
     W, X = torch.randn(48, 192, generator=g), torch.randn(256, 192, generator=g)
-    cfg = CompressionConfig(pattern="5:8", block_size=128, arb_iters=3, **variant)
+    cfg = CompressionConfig.from_options(pattern="5:8", block_size=128, arb_iters=3, **variant)
     res = compress_linear(W, X.T @ X / 256, 5, cfg)
-    packed, meta = A.pack_linear(res, 5, 8, cfg.block_size, cfg.scale_dtype)
+    packed, meta = A.pack_linear(res, 5, 8, cfg.block_size, cfg.ablations.scale_dtype)
     assert meta["blocks"] == [128, 64]
     assert torch.equal(A.decode_linear(packed, json.loads(json.dumps(meta))), res.weight)
     formula = count_bits(res.blocks, 5, 8, NMPattern(5, 8).mask_bits_per_group)
@@ -241,7 +240,7 @@ def test_packed_linear_is_small_and_exact() -> None:
     g = torch.Generator().manual_seed(0)
     W = torch.randn(256, 512, generator=g)
     X = torch.randn(1024, 512, generator=g)
-    cfg = CompressionConfig(pattern="6:8", salient_columns=8, arb_iters=5)
+    cfg = CompressionConfig.from_options(pattern="6:8", salient_columns=8, arb_iters=5)
     res = compress_linear(W, X.T @ X / 1024, 6, cfg)
     packed, meta = A.pack_linear(res, 6, 8, cfg.block_size)
     bias = torch.randn(256, generator=g)
@@ -281,7 +280,7 @@ def compressed(tmp_path_factory: pytest.TempPathFactory) -> Compressed:
 
     A.ArtifactWriter.write_block = spy  # type: ignore[method-assign]
     try:
-        report = compress_model(root / "src", root / "out", config(), calib_ids())
+        report = compress_model(root / "src", root / "out", tiny_job_config(), calib_ids())
     finally:
         A.ArtifactWriter.write_block = original  # type: ignore[method-assign]
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -300,7 +299,7 @@ def test_artifact_layout_and_manifest(compressed: Compressed) -> None:
     assert set(names) == copied | shards | {"manifest.json", "timings.json"}
     man = json.loads((out / "manifest.json").read_text())
     assert man["format"] == "pbs2p-artifact" and man["format_version"] == 1
-    assert man["config"] == config().to_dict() == man["report"]["config"]
+    assert man["config"] == tiny_job_config().to_dict() == man["report"]["config"]
     assert set(man["files"]) == set(names) - {"manifest.json", "timings.json"}
     for fname, info in man["files"].items():
         data = (out / fname).read_bytes()
@@ -395,13 +394,13 @@ def test_export_dense_loads_in_plain_transformers(
 
 def test_an_artifact_is_not_a_compression_source(compressed: Compressed, tmp_path: Path) -> None:
     with pytest.raises(Pbs2pError, match="is a compressed pbs2p artifact"):
-        compress_model(compressed.out, tmp_path / "again", config(), calib_ids())
+        compress_model(compressed.out, tmp_path / "again", tiny_job_config(), calib_ids())
 
 
 def test_deterministic(compressed: Compressed, tmp_path: Path) -> None:
     """Same config, model and calibration: every verified file is byte-identical, the manifest included
     (wall-clock timings live in timings.json, outside the verified content)."""
-    compress_model(compressed.src, tmp_path / "again", config(), calib_ids())
+    compress_model(compressed.src, tmp_path / "again", tiny_job_config(), calib_ids())
     a, b = compressed.out, tmp_path / "again"
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     for p in a.iterdir():
@@ -542,7 +541,7 @@ def test_writer_shards_above_the_limit(tmp_path: Path) -> None:
     bound holds: each block is written when it arrives."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text("{}")
-    cfg = CompressionConfig(pattern="6:8", block_size=64)
+    cfg = CompressionConfig.from_options(pattern="6:8", block_size=64)
     w = A.ArtifactWriter(tmp_path / "out", tmp_path / "src", cfg, shard_bytes=2048)
     want: dict[str, torch.Tensor] = {}
     for i in range(2):

@@ -23,10 +23,10 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from service_helpers import Service, running_service
 
 from pbs2p_core.config import CompressionConfig
-from service.app import create_app
+from pbs2p_testing.servers import Service, running_service
+from service.api import create_app
 from service.settings import Settings
 from service.store import JobState, Store
 from workers.storage import LocalStorage

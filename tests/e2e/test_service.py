@@ -16,19 +16,19 @@ from typing import Any
 
 import httpx
 import pytest
-from test_pipeline import make_model, save_tokenizer, write_text
-from transformers import AutoTokenizer
 
 from pbs2p_core.artifact import MANIFEST_FILE
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
-from service.cli import run_eval
+from pbs2p_testing.artifacts import file_hashes
+from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
+from service.cli.demo import start_service, stop_service
 from service.client import Client
-from service.demo import start_service, stop_service
 from service.settings import Settings
 from service.store import Store
-from workers.pipeline import compress_model
-from workers.sources import calibration_windows, load_documents
+from workers.evaluation import EvalSpec, evaluate_model
+from workers.job import JobSpec, run_job
+from workers.settings import WorkerSettings
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -57,14 +57,6 @@ def service(data: Path, root: Path | None = None, **env: str) -> tuple[subproces
     return proc, url, key
 
 
-def file_hashes(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != "timings.json"
-    }
-
-
 @pytest.mark.integration
 def test_real_model_over_http(real_model: Path, tmp_path: Path) -> None:
     """Submit the packaged SmolLM2-135M, follow it to SUCCEEDED, download and verify every file, load the
@@ -72,7 +64,7 @@ def test_real_model_over_http(real_model: Path, tmp_path: Path) -> None:
     proc, url, key = service(tmp_path / "svc")
     try:
         client = Client(url, key)
-        cfg = {"calib_samples": 4, "seqlen": 128, "cfs_samples": 4, "spbo_report": True}
+        cfg = {"calib_samples": 4, "seqlen": 128, "ablations": {"cfs_samples": 4, "spbo_report": True}}
         job = client.submit("smollm2-135m", cfg, {"data": "wiki", "seqlen": 128, "windows": 2}, name="real")
         seen: list[dict[str, Any]] = []
         job = client.wait(job["id"], seen.append)
@@ -87,7 +79,7 @@ def test_real_model_over_http(real_model: Path, tmp_path: Path) -> None:
         assert m["true_bits"] < 2.2 and m["ppl_before"] < m["ppl_after"]
         files = client.download(job["id"], tmp_path / "dl")
         assert {f["name"] for f in files} >= {"config.json", "tokenizer.json"}
-        again = run_eval(str(tmp_path / "dl"), seqlen=128, windows=2, progress=False)  # the packed artifact
+        again = evaluate_model(tmp_path / "dl", EvalSpec(seqlen=128, windows=2))  # the packed artifact
         assert again["ppl"] == pytest.approx(m["ppl_after"], rel=1e-6)
     finally:
         stop_service(proc)
@@ -124,10 +116,8 @@ def test_killed_service_finishes_the_job_once(roots: Path, tmp_path: Path) -> No
     assert f"resuming job {job['id']} after block" in log
     assert log.count(f"job {job['id']}: SUCCEEDED") == 1
 
-    cfg = CompressionConfig.from_dict(done["config"])  # the same job, uninterrupted, on one machine
-    tok = AutoTokenizer.from_pretrained(roots / "tiny")
-    calib = calibration_windows(tok, load_documents(cfg.calib, "calib"), cfg.calib_samples, cfg.seqlen, cfg.seed)
-    compress_model(roots / "tiny", tmp_path / "local", cfg, calib)
+    spec = JobSpec(str(roots / "tiny"), CompressionConfig.from_dict(done["config"]))  # uninterrupted, here
+    run_job(spec, tmp_path / "local", WorkerSettings(cache_dir=tmp_path / "cache"))
     local = file_hashes(tmp_path / "local")
     assert MANIFEST_FILE in local and file_hashes(tmp_path / "dl") == local
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from service_helpers import Service, running_service
-from test_pipeline import make_model, save_tokenizer
 
 from pbs2p_core.config import CompressionConfig
+from pbs2p_testing.servers import Service, running_service
+from pbs2p_testing.tiny import make_model, save_tokenizer
 from service.store import JobState, encode_cursor
 
 PROBLEM = "application/problem+json"
@@ -209,7 +209,12 @@ def test_malformed_json_gets_422(client: httpx.Client, auth: dict[str, str]) -> 
 def test_submit_returns_201_with_location_and_the_resolved_config(
     svc: Service, client: httpx.Client, auth: dict[str, str]
 ) -> None:
-    config = {"pattern": "5:8", "calib": str(svc.root / "calib.txt"), "seqlen": 64, "salient_search": [0, 4]}
+    config = {
+        "pattern": "5:8",
+        "calib": str(svc.root / "calib.txt"),
+        "seqlen": 64,
+        "ablations": {"salient_search": [0, 4]},
+    }
     evaluate = {"data": str(svc.root / "eval.jsonl"), "seqlen": 32, "windows": 2}
     body = {"model": model_path(svc), "config": config, "evaluate": evaluate, "name": "first job"}
     resp = client.post("/v1/jobs", json=body, headers=auth)
@@ -219,7 +224,8 @@ def test_submit_returns_201_with_location_and_the_resolved_config(
     assert job["state"] == "QUEUED" and job["name"] == "first job" and job["model"] == model_path(svc)
     full = CompressionConfig.from_dict(config).to_dict()
     assert job["config"] == full and job["config"]["allocation"] == "uniform"  # every field, defaults resolved
-    assert set(job["config"]) == set(CompressionConfig.__dataclass_fields__)
+    assert set(job["config"]) == set(CompressionConfig.model_fields) and job["config"]["version"] == 2
+    assert job["config"]["ablations"]["salient_allocation"] == "block"
     assert job["evaluate"] == evaluate
     assert job["attempts"] == 0 and job["started_at"] is None and job["error"] is None
     got = client.get(resp.headers["location"], headers=auth)

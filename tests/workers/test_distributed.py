@@ -20,17 +20,18 @@ from typing import Any
 import pytest
 import ray
 import torch
-from test_pipeline import calib_ids, config, make_model, save_tokenizer, tiny_config, write_text
 from transformers import AutoModelForCausalLM
 
 from pbs2p_core.artifact import MANIFEST_FILE, TIMINGS_FILE
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
-from service import cli
+from pbs2p_testing.tiny import calib_ids, make_model, save_tokenizer, tiny_config, tiny_job_config, write_text
+from service.cli import commands as cli
 from workers.distributed import NAMESPACE, compress_model_ray, init_ray
 from workers.pipeline import compress_model
+from workers.settings import WorkerSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,7 +75,8 @@ def same_report(a: Any, b: Any) -> None:
 
 
 def run_ray(src: Path, out: Path, cfg: CompressionConfig, ckpt: Path, **kw: Any) -> Any:
-    return compress_model_ray(src, out, cfg, calib_ids(), checkpoint_url=str(ckpt), **kw)
+    settings = WorkerSettings(cache_dir=ckpt.parent / "cache")
+    return compress_model_ray(src, out, cfg, calib_ids(), settings=settings, checkpoint_url=str(ckpt), **kw)
 
 
 # ------------------------------------------------------------------------------------ same artifact
@@ -83,9 +85,9 @@ def run_ray(src: Path, out: Path, cfg: CompressionConfig, ckpt: Path, **kw: Any)
 @pytest.mark.parametrize(
     "cfg",
     [
-        config(),
-        config(propagation="independent"),
-        config(true_sequential=True, skip_modules=("*.1.mlp.down_proj",), method="prune-binarize"),
+        tiny_job_config(),
+        tiny_job_config(propagation="independent"),
+        tiny_job_config(true_sequential=True, skip_modules=("*.1.mlp.down_proj",), method="prune-binarize"),
     ],
     ids=["sequential", "independent", "true-sequential"],
 )
@@ -100,7 +102,7 @@ def test_ray_run_equals_local_run(cluster: str, model: Path, tmp_path: Path, cfg
 def test_worker_error_is_the_jobs_error(cluster: str, tmp_path: Path) -> None:
     make_model(tmp_path / "src", hidden=36)
     with pytest.raises(Pbs2pError, match=r"^in_features=36 is not divisible by M=8"):
-        run_ray(tmp_path / "src", tmp_path / "out", config(allocation="uniform"), tmp_path / "ckpt", workers=1)
+        run_ray(tmp_path / "src", tmp_path / "out", tiny_job_config(allocation="uniform"), tmp_path / "ckpt", workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "src"]  # no partial output
 
 
@@ -111,7 +113,7 @@ def test_resume_and_fingerprint_mismatch(
     cluster: str, model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="workers")
-    cfg, other = config(), config(pattern="4:8")
+    cfg, other = tiny_job_config(), tiny_job_config(pattern="4:8")
     run_ray(model, tmp_path / "a", cfg, tmp_path / "ckpt", workers=1, job_id="j1", keep_checkpoint=True)
     assert (tmp_path / "ckpt" / "j1" / "block-00002.json").is_file()
     caplog.clear()
@@ -131,7 +133,7 @@ def test_resume_and_fingerprint_mismatch(
 
 
 def test_two_jobs_at_once(cluster: str, model: Path, tmp_path: Path) -> None:
-    cfgs = {"one": config(), "two": config(pattern="4:8", propagation="independent")}
+    cfgs = {"one": tiny_job_config(), "two": tiny_job_config(pattern="4:8", propagation="independent")}
     errors: list[BaseException] = []
 
     def job(name: str) -> None:
@@ -166,7 +168,7 @@ def test_killed_workers(cluster: str, tmp_path: Path, caplog: pytest.LogCaptureF
     conf.intermediate_size = 512
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / "src")
-    cfg = config()
+    cfg = tiny_job_config()
     killed: dict[int, int] = {}
     after: dict[int, int] = {}
     timers: list[threading.Timer] = []

@@ -1,9 +1,13 @@
-"""Shared pieces of the service tests: the real API served by uvicorn on 127.0.0.1 in a background thread."""
+"""Real servers on 127.0.0.1 for tests and benchmarks: an S3 endpoint (moto's server) and the API (uvicorn)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,10 +16,51 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
+from service.api import create_app
 from service.settings import Settings
 from service.store import Store
 from workers.storage import LocalStorage, storage_from_url
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever the env says
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def moto_server(log_path: Path, timeout: float = 30.0) -> Iterator[str]:
+    """moto's S3 server as a subprocess on a free loopback port; yields its URL, stops it after."""
+    port = free_port()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                _NO_PROXY.open(url + "/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not answer on {url} within {timeout:.0f} s") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager

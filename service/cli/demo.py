@@ -13,8 +13,14 @@ from pathlib import Path
 
 import httpx
 
+from pbs2p_core.artifact import inspect_artifact
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+
+from ..client import Client
+from ..settings import Settings
+from ..store import Store
+from .progress import JobBar
 
 MODEL = "smollm2-135m"
 
@@ -65,13 +71,6 @@ def stop_service(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
 
 
 def run_demo(cfg: CompressionConfig, out: Path, windows: int) -> int:
-    from pbs2p_core.artifact import inspect_artifact
-
-    from .cli import _JobBar
-    from .client import Client
-    from .settings import Settings
-    from .store import Store
-
     t = time.perf_counter()
     data_dir = (out / "service").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +81,7 @@ def run_demo(cfg: CompressionConfig, out: Path, windows: int) -> int:
         client = Client(url, key)
         job = client.submit(MODEL, cfg.to_dict(), {"data": "wiki", "seqlen": cfg.seqlen, "windows": windows}, "demo")
         print(f"submitted {MODEL} over HTTP as job {job['id']}", file=sys.stderr)
-        job = client.wait(job["id"], _JobBar())
+        job = client.wait(job["id"], JobBar())
         if job["state"] != "SUCCEEDED":
             raise Pbs2pError(f"job {job['id']} ended {job['state']}: {job.get('error')}")
         artifact = out / "artifact"

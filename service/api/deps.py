@@ -1,0 +1,83 @@
+"""What routes get injected: the app's collaborators (settings, job store, storage, dispatcher), the caller's
+tenant from its API key, and the caller's own job."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from workers.storage import Storage
+
+from ..settings import Settings
+from ..store import Job, Store, hash_key
+from .metrics import Metrics
+from .problems import Problem
+
+KEY_CACHE_S = 5.0
+
+
+@dataclass
+class AppState:
+    """Everything the routes of one app share (kept as `app.state.pbs2p`)."""
+
+    settings: Settings
+    store: Store
+    storage: Storage
+    dispatcher: Any
+    metrics: Metrics
+    known_keys: dict[str, tuple[str, float]] = field(default_factory=dict)  # sha256 of a key -> (tenant, checked)
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.pbs2p
+    return state
+
+
+State = Annotated[AppState, Depends(app_state)]
+
+bearer = HTTPBearer(auto_error=False, description="an API key (create one: pbs2p keys create TENANT)")
+
+
+async def tenant(state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    """The caller's tenant. Valid keys are remembered for KEY_CACHE_S (a revocation applies within that time),
+    which spares a database read per request under load."""
+    key = credentials.credentials.strip() if credentials is not None else ""
+    if not key:
+        raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <key>' (create one: pbs2p keys create)")
+    known = state.known_keys
+    digest, now = hash_key(key), time.monotonic()
+    hit = known.get(digest)
+    if hit is not None and now - hit[1] < KEY_CACHE_S:
+        return hit[0]
+    found = await run_in_threadpool(state.store.tenant_for_key, key)
+    if found is None:
+        known.pop(digest, None)
+        raise Problem(401, "Unauthorized", "the API key is not valid (unknown or revoked)")
+    if len(known) > 10000:
+        known.clear()
+    known[digest] = (found, now)
+    return found
+
+
+Tenant = Annotated[str, Depends(tenant)]
+JobId = Annotated[str, Path(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+def find_job(store: Store, job_id: str, who: str) -> Job:
+    job = store.get(job_id, tenant=who)
+    if job is None:  # another tenant's job is indistinguishable from no job
+        raise Problem(404, "Not found", f"no job {job_id}")
+    return job
+
+
+def own_job(state: State, job_id: JobId, who: Tenant) -> Job:
+    """The caller's job `job_id` (404 for a missing job or another tenant's)."""
+    return find_job(state.store, job_id, who)
+
+
+OwnJob = Annotated[Job, Depends(own_job)]

@@ -1,0 +1,94 @@
+"""Errors as RFC 9457 problem details (application/problem+json): the exception routes raise, the handlers that
+render it and FastAPI's own errors, and the OpenAPI entries of the error responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pbs2p_core.config import error_message
+
+from .schemas import ProblemDetails
+
+PROBLEM = "application/problem+json"
+
+ERRORS = {
+    400: "The body cannot be read (not UTF-8 JSON)",
+    401: "No valid API key (header WWW-Authenticate: Bearer)",
+    404: "No such job for this API key (another tenant's job looks the same)",
+    409: "Conflict with the job's state, or an Idempotency-Key reused with another body",
+    413: "Request body above PBS2P_MAX_BODY_BYTES",
+    422: "Invalid request: `errors` names each field and what to change",
+}
+
+
+class Problem(Exception):
+    """An RFC 9457 problem: raised by routes, rendered by the handler below."""
+
+    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.extra = status, title, detail, extra
+
+
+def invalid_field(field: str, message: str) -> Problem:
+    """A 422 about one request field (a dotted path such as `model` or `config.pattern`)."""
+    return Problem(422, "Invalid request", f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
+def problem_response(status: int, title: str, detail: str, instance: str = "", **extra: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance, **extra}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries of error responses (their content is set by `problem_openapi`)."""
+    return {code: {"description": ERRORS[code]} for code in codes}
+
+
+def add_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc.status, exc.title, exc.detail, request.url.path, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the field path is the validator's own location: body.config.ablations.spbo_mode -> config.ablations...
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": error_message(e)}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors)
+        return problem_response(422, "Invalid request", detail, request.url.path, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem_response(exc.status_code, str(exc.detail), str(exc.detail), request.url.path)
+
+
+def problem_openapi(app: FastAPI) -> None:
+    """FastAPI's spec, with every error response as what it is: application/problem+json, ProblemDetails."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = default_openapi()  # FastAPI keeps it as app.openapi_schema: this runs once
+        problem_schema = ProblemDetails.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(problem_schema.pop("$defs", {}))
+        schemas["ProblemDetails"] = problem_schema
+        for item in spec.get("paths", {}).values():
+            for operation in item.values():
+                for code, response in operation.get("responses", {}).items():
+                    if code[:1] in ("4", "5"):
+                        response["content"] = {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+        for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, not ours
+            schemas.pop(unused, None)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,135 @@
+"""Jobs: submit, list, read, cancel, follow (server-sent events)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from pbs2p_core.errors import Pbs2pError
+from workers.model_refs import check_model_ref, check_text
+
+from ...store import IdempotencyConflict, JobState, decode_cursor, encode_cursor
+from ..deps import JobId, OwnJob, State, Tenant, find_job
+from ..problems import Problem, error_responses, invalid_field
+from ..schemas import JobCreate, JobList, JobPublic
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={
+        200: {"model": JobPublic, "description": "Replayed: the job of an earlier request with this key"},
+        **error_responses(400, 401, 409, 413, 422),
+    },
+)
+def submit(
+    body: JobCreate,
+    who: Tenant,
+    state: State,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    """Queue a compression job. The same Idempotency-Key with the same body returns the same job."""
+    roots = state.settings.roots
+    try:
+        model = check_model_ref(body.model, roots)
+    except Pbs2pError as exc:
+        raise invalid_field("model", str(exc)) from None
+    texts = [("config.calib", body.config.calib)] if body.config.calib != "wiki" else []
+    if body.evaluate is not None:
+        texts.append(("evaluate.data", body.evaluate.data))
+    for field, ref in texts:
+        try:
+            check_text(ref, roots)
+        except Pbs2pError as exc:
+            raise invalid_field(field, str(exc)) from None
+    evaluate = body.evaluate.model_dump() if body.evaluate is not None else None
+    try:
+        job, created = state.store.create_job(who, model, body.config.to_dict(), evaluate, body.name, idempotency_key)
+    except IdempotencyConflict as exc:
+        raise Problem(
+            409,
+            "Idempotency-Key reused",
+            f"Idempotency-Key {idempotency_key!r} was used for job {exc} with another body; "
+            f"use a new key for a new job",
+        ) from None
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobList, responses=error_responses(401, 422))
+def list_jobs(
+    who: Tenant,
+    state: State,
+    job_state: Annotated[list[JobState] | None, Query(alias="state")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> JobList:
+    """The caller's jobs, newest first; filter by one or more `state`s, page with `cursor`."""
+    before = None
+    if cursor:
+        try:
+            before = decode_cursor(cursor)
+        except ValueError:
+            raise invalid_field("cursor", "not a cursor returned by this API; omit it for the first page") from None
+    jobs, last = state.store.list_jobs(who, job_state or (), limit, before)
+    return JobList(jobs=[JobPublic.of(j) for j in jobs], next_cursor=encode_cursor(last) if last else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404, 422))
+def get_job(job: OwnJob) -> JobPublic:
+    return JobPublic.of(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409, 422))
+def cancel(job: OwnJob, who: Tenant, state: State) -> JobPublic:
+    """A queued job is cancelled at once; a running one stops at its next block (CANCELLING)."""
+    store = state.store
+    if job.state == JobState.QUEUED and store.transition(job.id, [JobState.QUEUED], JobState.CANCELLED):
+        return JobPublic.of(find_job(store, job.id, who))
+    if job.state in (JobState.RUNNING, JobState.UPLOADING) and store.transition(
+        job.id, [job.state], JobState.CANCELLING
+    ):
+        return JobPublic.of(find_job(store, job.id, who))
+    job = find_job(store, job.id, who)
+    if job.state in (JobState.CANCELLING, JobState.CANCELLED):
+        return JobPublic.of(job)
+    raise Problem(409, "Job already finished", f"job {job.id} is {job.state.value}; it cannot be cancelled")
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
+        **error_responses(401, 404, 422),
+    },
+)
+async def events(job: OwnJob, job_id: JobId, who: Tenant, state: State) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: a `job` event with the job each time its state or progress changes; an `end` event
+    once the job reaches a final state, then the stream ends."""
+    last = ""
+    interval = min(state.settings.poll_seconds, 1.0)
+    while True:
+        current = await run_in_threadpool(state.store.get, job_id, who)
+        if current is None:
+            return
+        body = JobPublic.of(current).model_dump_json()
+        if body != last:
+            last = body
+            yield ServerSentEvent(raw_data=body, event="job", id=f"{current.updated_at:.6f}")
+        if current.state.terminal:
+            yield ServerSentEvent(data={"state": current.state.value}, event="end")
+            return
+        await asyncio.sleep(interval)

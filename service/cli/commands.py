@@ -1,0 +1,243 @@
+"""`pbs2p` command line: compress, eval, inspect, export-dense; serve, keys, jobs (a client of the service); demo.
+
+Progress and summaries on stderr, results on stdout. Bad input is one line `pbs2p: error: ...`, exit 2.
+Settings (`PBS2P_*`) are read once here and passed down. The service's commands import the service's
+packages when they run (the `service` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pbs2p_core.artifact import export_dense, format_inspect, inspect_artifact
+from pbs2p_core.errors import Pbs2pError
+from workers.evaluation import EvalSpec, evaluate_model
+from workers.job import JobSpec, RayOptions, run_job
+from workers.model_refs import fetch_model
+from workers.settings import WorkerSettings
+
+from .options import add_config_options, config_from_args
+from .progress import Progress
+
+
+def _summary(report: dict[str, Any]) -> str:
+    bits = report.get("bits") or {}
+    ns = [b["n_keep"] for b in report["blocks"]]
+    cfg = report["config"]
+    return (
+        f"method {cfg['method']} pattern {cfg['pattern']}  blocks {len(ns)}  N per block {ns}\n"
+        f"mean layer error {report['mean_rel_error']:.4f}  paper bits {bits.get('paper_bits', 16):.3f}  "
+        f"true bits {bits.get('true_bits', 16):.3f}  time {report.get('seconds', 0):.1f} s"
+    )
+
+
+def ray_options(a: argparse.Namespace) -> RayOptions | None:
+    """The job's Ray options from `compress --ray ...`, None without --ray."""
+    if a.ray is None:
+        for flag, value in (("--workers", a.workers), ("--job-id", a.job_id), ("--checkpoint", a.checkpoint)):
+            if value is not None:
+                raise Pbs2pError(f"{flag} applies to Ray jobs; add --ray (a local cluster) or --ray ADDRESS")
+        return None
+    if a.worker_memory is not None and a.worker_memory <= 0:
+        raise Pbs2pError(f"--worker-memory {a.worker_memory} must be a positive number of GiB, e.g. 16")
+    return RayOptions(
+        address=None if a.ray == "local" else a.ray,
+        workers=a.workers,
+        gpus_per_worker=a.gpus_per_worker,
+        cpus_per_worker=a.cpus_per_worker,
+        memory_per_worker=int(a.worker_memory * 2**30) if a.worker_memory else None,
+        job_id=a.job_id,
+        checkpoint_url=a.checkpoint,
+        keep_checkpoint=a.keep_checkpoint,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pbs2p", description="PBS²P: 1-bit weights on N:M sparsity for LLMs")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compress", help="compress a model (alias, local safetensors directory, s3://, hub id)")
+    c.add_argument("model")
+    c.add_argument("-o", "--out", required=True, type=Path)
+    c.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
+    add_config_options(c)
+    r = c.add_argument_group("Ray (a job spread over workers, checkpointed after every block)")
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: no ADDRESS starts a local cluster on 127.0.0.1 with every core; "
+        "'auto', HOST:PORT or ray://HOST:PORT joins one",
+    )
+    r.add_argument("--workers", type=int, default=None, help="workers of the job (default: GPUs, else CPUs)")
+    r.add_argument("--gpus-per-worker", type=float, default=None, help="default 1 when the cluster has GPUs, else 0")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0)
+    r.add_argument("--worker-memory", type=float, default=None, metavar="GIB", help="memory reserved per worker")
+    r.add_argument("--job-id", default=None, help="the job's name; started again with it, a job resumes")
+    r.add_argument(
+        "--checkpoint", default=None, metavar="DIR_OR_S3_URL", help="checkpoint storage (default: the cache dir)"
+    )
+    r.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoints once the artifact is written")
+    e = sub.add_parser("eval", help="perplexity of a model or a compressed output")
+    e.add_argument("model")
+    e.add_argument("--data", default="wiki", help="'wiki' (held-out split) or a .txt/.jsonl file")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--windows", type=int, default=None, help="evaluate the first K windows (default all)")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    i = sub.add_parser("inspect", help="bit accounting of a compressed artifact, from the bytes written")
+    i.add_argument("artifact", type=Path)
+    i.add_argument("--json", action="store_true")
+    x = sub.add_parser("export-dense", help="write a plain transformers checkpoint (safetensors) of an artifact")
+    x.add_argument("artifact", type=Path)
+    x.add_argument("-o", "--out", required=True, type=Path)
+    d = sub.add_parser(
+        "demo", help="the main job: start the service, submit the real model over HTTP, download and check the artifact"
+    )
+    d.add_argument("--out", type=Path, default=Path("out/demo"), help="service data and the downloaded artifact")
+    d.add_argument("--windows", type=int, default=40, help="held-out windows for perplexity before/after")
+    add_config_options(d)
+    s = sub.add_parser("serve", help="run the API and the dispatcher (settings: PBS2P_* environment variables)")
+    s.add_argument("--host", default=None, help="default PBS2P_HOST or 127.0.0.1")
+    s.add_argument("--port", type=int, default=None, help="default PBS2P_PORT or 8000")
+    s.add_argument("--data-dir", type=Path, default=None, help="default PBS2P_DATA_DIR or ./pbs2p-data")
+    k = sub.add_parser("keys", help="API keys (in the service's database: PBS2P_DATABASE_URL / PBS2P_DATA_DIR)")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="create a key for a tenant; the key is printed once")
+    kc.add_argument("--tenant", required=True)
+    kr = ksub.add_parser("revoke", help="revoke a key by its prefix (the first 12 characters)")
+    kr.add_argument("prefix")
+    _add_jobs_parser(sub)
+    return ap
+
+
+def _add_jobs_parser(sub: Any) -> None:
+    j = sub.add_parser("jobs", help="client of a running service: submit, status, list, wait, download, cancel")
+    j.add_argument("--url", default=os.environ.get("PBS2P_URL", "http://127.0.0.1:8000"), help="default $PBS2P_URL")
+    j.add_argument("--key", default=os.environ.get("PBS2P_API_KEY", ""), help="default $PBS2P_API_KEY")
+    jsub = j.add_subparsers(dest="jobs_cmd", required=True)
+    js = jsub.add_parser("submit", help="queue a compression job; prints its id")
+    js.add_argument("model", help="alias, Hugging Face id, s3://BUCKET/PREFIX or a path under the service's roots")
+    js.add_argument("--name", default=None)
+    js.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+    js.add_argument("--evaluate", action="store_true", help="measure perplexity before/after in the job")
+    js.add_argument("--eval-data", default="wiki")
+    js.add_argument("--eval-windows", type=int, default=40)
+    js.add_argument("--wait", action="store_true", help="follow the job until it is final")
+    add_config_options(js)
+    for name, text in (("status", "one job as JSON"), ("wait", "follow a job's progress until it is final"),
+                       ("cancel", "cancel a job")):  # fmt: skip
+        jsub.add_parser(name, help=text).add_argument("job_id")
+    jl = jsub.add_parser("list", help="your jobs, newest first")
+    jl.add_argument("--state", action="append", default=[])
+    jd = jsub.add_parser("download", help="download an artifact, verifying every file's sha256")
+    jd.add_argument("job_id")
+    jd.add_argument("-o", "--out", type=Path, required=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        if args.cmd == "compress":
+            _compress(args)
+        elif args.cmd == "eval":
+            _eval(args)
+        elif args.cmd == "inspect":
+            info = inspect_artifact(args.artifact)
+            print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+        elif args.cmd == "export-dense":
+            print(export_dense(args.artifact, args.out))
+        elif args.cmd == "demo":
+            from .demo import run_demo  # extra: service
+
+            return run_demo(config_from_args(args), args.out, args.windows)
+        elif args.cmd == "serve":
+            _serve(args)
+        elif args.cmd == "keys":
+            _keys(args)
+        elif args.cmd == "jobs":
+            from .jobs import run_jobs_command  # extra: service
+
+            run_jobs_command(args, config_from_args(args) if args.jobs_cmd == "submit" else None)
+    except Pbs2pError as exc:
+        print(f"pbs2p: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> None:
+    ray = ray_options(args)
+    if ray is not None:  # the job's own lines (resume, checkpointed blocks) are shown
+        logging.getLogger("workers.distributed").setLevel(logging.INFO)
+    spec = JobSpec(args.model, config_from_args(args), ray=ray)
+    bar = Progress()
+    try:
+        result = run_job(spec, args.out, WorkerSettings(), progress=bar)
+    finally:
+        bar.close()
+    report = result.report.to_dict()
+    print(_summary(report), file=sys.stderr)
+    print(json.dumps(report, indent=1) if args.json else args.out)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    if args.windows is not None and args.windows < 1:
+        raise Pbs2pError("--windows must be >= 1")
+    model_dir = fetch_model(args.model, WorkerSettings())
+    bar = Progress()
+    try:
+        r = evaluate_model(
+            model_dir,
+            EvalSpec(data=args.data, seqlen=args.seqlen, windows=args.windows),
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=lambda done, total: bar("eval", done, total),
+        )
+    finally:
+        bar.close()
+    r["model"] = args.model
+    bos = "each window starts with BOS" if r["bos"] else "no BOS (the tokenizer adds none)"
+    print(f"{r['windows']} windows x {r['seqlen']} tokens, {bos}", file=sys.stderr)
+    print(json.dumps(r) if args.json else f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from service.server import serve  # extra: service
+    from service.settings import Settings  # extra: service
+
+    overrides = {
+        k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None
+    }
+    serve(Settings(**overrides))
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from service.settings import Settings  # extra: service
+    from service.store import Store  # extra: service
+
+    store = Store(Settings().db_url)
+    if args.keys_cmd == "create":
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", args.tenant):
+            raise Pbs2pError(
+                f"tenant {args.tenant!r}: use 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+            )
+        print(store.create_key(args.tenant))
+        print(f"key for tenant {args.tenant!r}: shown once, only its hash is stored", file=sys.stderr)
+    else:
+        n = store.revoke_key(args.prefix)
+        print(f"revoked {n} key(s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`pbs2p jobs ...`: the command-line client of a running service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pbs2p_core.config import CompressionConfig
+from pbs2p_core.errors import Pbs2pError
+
+from ..client import Client
+from .progress import JobBar
+
+
+def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) -> None:
+    client = Client(args.url, args.key)
+    cmd = args.jobs_cmd
+    if cmd == "submit":
+        assert cfg is not None
+        ev = {"data": args.eval_data, "seqlen": cfg.seqlen, "windows": args.eval_windows} if args.evaluate else None
+        job = client.submit(args.model, cfg.to_dict(), ev, args.name, args.idempotency_key)
+        print(job["id"])
+        if args.wait:
+            job = client.wait(job["id"], JobBar())
+            print(json.dumps(job, indent=1))
+    elif cmd == "status":
+        print(json.dumps(client.get(args.job_id), indent=1))
+    elif cmd == "list":
+        for job in client.list_jobs(tuple(args.state)):
+            p = job["progress"]
+            where = f"block {p['block']}/{p['blocks']}" if p.get("blocks") else (p.get("stage") or "")
+            print(f"{job['id']}  {job['state']:<10} {job['model']}  {job['config']['method']} "
+                  f"{job['config']['pattern']}  {where}")  # fmt: skip
+    elif cmd == "wait":
+        job = client.wait(args.job_id, JobBar())
+        print(json.dumps(job, indent=1))
+        if job["state"] != "SUCCEEDED":
+            raise Pbs2pError(f"job {job['id']} ended {job['state']}: {job.get('error') or ''}")
+    elif cmd == "download":
+        files = client.download(args.job_id, args.out)
+        print(f"{len(files) + 1} files, sha256 verified", file=sys.stderr)
+        print(args.out)
+    elif cmd == "cancel":
+        print(json.dumps(client.cancel(args.job_id), indent=1))

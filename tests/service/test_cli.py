@@ -1,0 +1,179 @@
+"""The `pbs2p` command line on a seeded tiny model: compress, eval, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pbs2p_core.config import CompressionConfig
+from pbs2p_testing.artifacts import saved_report
+from pbs2p_testing.cli import run_cli
+from pbs2p_testing.tiny import VOCAB, make_model, save_tokenizer, write_text
+from service.cli import commands as cli
+from service.cli.options import config_from_args
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    make_model(root / "model")
+    save_tokenizer(root / "model")
+    return root / "model", write_text(root / "calib.txt")
+
+
+SMALL = ("--calib-samples", "4", "--seqlen", "16", "--batch-size", "2")
+
+
+def test_cli_defaults_are_the_configs() -> None:
+    """`pbs2p compress` without options compresses with CompressionConfig's defaults (one place for them)."""
+    args = cli.build_parser().parse_args(["compress", "smollm2-135m", "-o", "out"])
+    assert config_from_args(args) == CompressionConfig()
+
+
+def test_cli_compress_then_eval(
+    tmp_path: Path, cli_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, text = cli_model
+    out = tmp_path / "out"
+    rc, stdout, err = run_cli(capsys, "compress", str(model), "-o", str(out), "--calib", str(text), *SMALL)
+    assert rc == 0, err
+    assert stdout.strip() == str(out)
+    assert "pattern 6:8" in err and "N per block" in err
+    report = saved_report(out)
+    assert report["calib_tokens"] == 4 * 16 and report["config"]["seqlen"] == 16
+    assert (out / "tokenizer.json").is_file()
+
+    rc, stdout, err = run_cli(capsys, "eval", str(out), "--data", str(text), "--seqlen", "16", "--json")
+    assert rc == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert res["seqlen"] == 16 and res["tokens"] == res["windows"] * 15 == (4 * 60 // 16) * 15
+    assert res["ppl"] > 1 and res["ppl"] < 10 * VOCAB
+
+
+def test_cli_compress_json_report(
+    tmp_path: Path, cli_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, text = cli_model
+    argv = ("compress", str(model), "-o", str(tmp_path / "out"), "--calib", str(text), "--json", *SMALL)
+    rc, stdout, err = run_cli(capsys, *argv, "--method", "prune-binarize", "--pattern", "4:8")
+    assert rc == 0, err
+    report = json.loads(stdout)
+    assert report["config"]["method"] == "prune-binarize" and report["config"]["allocation"] == "uniform"
+    assert [b["n_keep"] for b in report["blocks"]] == [4, 4]
+    # a pbs2p output directory may be overwritten
+    rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert json.loads(stdout)["config"]["method"] == "pbs2p"
+
+
+def assert_one_error(rc: int, err: str, *needles: str) -> str:
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("pbs2p: error:")]
+    assert len(errors) == 1, err
+    assert err.rstrip("\n").endswith(errors[0])  # the error is the last thing printed
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("--pattern", "8:8"), ("pattern 8:8", "use N < M")),
+        (("--pattern", "9:8"), ("pattern 9:8", "use N < M")),
+        (("--pattern", "x"), ("'x' is not N:M", "e.g. 6:8")),
+        (("--pattern", "6:8", "--spbo-steps", "5"), ("--spbo-steps:", "between 1 and M - N = 2")),
+        (("--damping", "0"), ("--damping:", "greater than 0")),
+        (("--arb-variant", "arb-rc"), ("--arb-variant:", "set salient_columns=0")),
+    ],
+)
+def test_cli_bad_config(
+    tmp_path: Path,
+    cli_model: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    args: tuple[str, ...],
+    needles: tuple[str, ...],
+) -> None:
+    model, text = cli_model
+    rc, out, err = run_cli(capsys, "compress", str(model), "-o", str(tmp_path / "o"), "--calib", str(text), *args)
+    assert out == ""
+    assert err.count("\n") == 1  # nothing but the error
+    assert_one_error(rc, err, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_model_or_data(
+    tmp_path: Path, cli_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, text = cli_model
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    cases = [
+        ((str(tmp_path / "missing"), "--calib", str(text)), ("does not exist", "config.json")),
+        (("no-such-model", "--calib", str(text)), ("unknown model 'no-such-model'", "smollm2-135m")),
+        ((str(model), "--calib", str(empty)), ("is empty", "give a file with text")),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(
+            ((str(model), "--calib", str(text), "--device", "cuda"), ("CUDA is not available", "--device cpu"))
+        )
+    for args, needles in cases:
+        rc, out, err = run_cli(capsys, "compress", *args, "-o", str(tmp_path / "o"), *SMALL)
+        assert out == "" and err.count("\n") == 1, err
+        assert_one_error(rc, err, *needles)
+    rc, out, err = run_cli(capsys, "eval", str(tmp_path / "missing"), "--data", str(text))
+    assert_one_error(rc, err, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_in_features_not_divisible(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_model(tmp_path / "model", hidden=36)
+    save_tokenizer(tmp_path / "model")
+    text = write_text(tmp_path / "calib.txt")
+    rc, out, err = run_cli(
+        capsys, "compress", str(tmp_path / "model"), "-o", str(tmp_path / "o"), "--calib", str(text), *SMALL
+    )
+    assert out == ""
+    assert_one_error(rc, err, "in_features=36", "M=8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_foreign_output_dir(
+    tmp_path: Path, cli_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, text = cli_model
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    rc, stdout, err = run_cli(capsys, "compress", str(model), "-o", str(out), "--calib", str(text), *SMALL)
+    assert_one_error(rc, err, str(out), "not a pbs2p output", "empty or new directory")
+    assert stdout == ""
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["notes.txt", "sub", "sub/data.bin"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "data.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial sibling left behind
+    rc, stdout, err = run_cli(
+        capsys, "compress", str(model), "-o", str(out / "notes.txt"), "--calib", str(text), *SMALL
+    )
+    assert_one_error(rc, err, "is a file", "directory")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["notes.txt", "sub", "sub/data.bin"]
+
+
+def test_cli_subprocess_exit_code(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "service.cli", "compress", str(tmp_path / "m"), "-o", str(tmp_path / "o")]
+    proc = subprocess.run([*argv, "--pattern", "9:8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("pbs2p: error: --pattern: pattern 9:8") and proc.stderr.count("\n") == 1, proc.stderr

@@ -1,0 +1,53 @@
+"""Perplexity of a model directory or of a compressed artifact (loaded packed) on held-out text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pbs2p_core.artifact import is_artifact, load_artifact
+from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.evaluate import perplexity
+
+from .text import eval_windows, load_documents
+
+
+class EvalSpec(BaseModel):
+    """Perplexity before and after compression, measured by the job on the packed artifact: the first `windows`
+    windows of `seqlen` tokens of `data`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str = Field("wiki", min_length=1, max_length=1024, description="'wiki' (held-out split) or a text file")
+    seqlen: int = Field(512, ge=8, le=32768, description="tokens per window")
+    windows: int | None = Field(40, ge=1, le=100000, description="windows evaluated (none: all that fit)")
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Pbs2pError("CUDA is not available on this machine; use --device cpu")
+
+
+def evaluate_model(
+    model_dir: Path,
+    spec: EvalSpec,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Perplexity of the model (or verified artifact, decoded per forward) at `model_dir` on `spec`'s windows."""
+    check_device(device)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids, bos = eval_windows(tok, load_documents(spec.data, "eval"), spec.seqlen, spec.windows)
+    if is_artifact(model_dir):  # a pbs2p artifact: verified, packed linears decoded per forward
+        lm: Any = load_artifact(model_dir, mode="packed", device=device)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        lm.to(device)
+    res = perplexity(lm, ids, bos, batch_size=batch_size, device=device, progress=progress)
+    return {**res.to_dict(), "data": spec.data}

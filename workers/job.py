@@ -1,0 +1,177 @@
+"""The one job path: resolve the model, prepare the calibration windows, compress (in this process or on Ray),
+evaluate, and write or upload the artifact.
+
+The command line (`pbs2p compress`), the service's dispatcher, the benchmarks and the tests all run a job
+through `run_job`; they differ only in the `JobSpec` they give and in what they do with the `JobResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pbs2p_core.config import CompressionConfig
+
+from .evaluation import EvalSpec, check_device, evaluate_model
+from .model_refs import fetch_model
+from .pipeline import CompressReport, ProgressFn, compress_model
+from .settings import WorkerSettings
+from .storage import Storage
+from .text import calibration_for
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Run the job on Ray: `address` None starts a local cluster on 127.0.0.1; else 'auto', HOST:PORT or
+    ray://HOST:PORT. The job is checkpointed after every block under `checkpoint_url/<job_id>/` (default: the
+    cache directory) and resumes when started again with the same `job_id`."""
+
+    address: str | None = None
+    workers: int | None = None  # default: the cluster's GPUs, else its CPUs / cpus_per_worker
+    gpus_per_worker: float | None = None  # default 1 when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    memory_per_worker: int | None = None  # bytes reserved per worker
+    job_id: str | None = None  # default: a hash of the model, config and calibration
+    checkpoint_url: str | None = None
+    keep_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str  # an alias, a hub id, s3://BUCKET/PREFIX or a local directory (see model_refs)
+    config: CompressionConfig = field(default_factory=CompressionConfig)
+    evaluate: EvalSpec | None = None  # perplexity before/after, measured on the packed artifact
+    ray: RayOptions | None = None  # None: compress in this process
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Where the artifact goes once written: under `prefix` of `storage`, manifest last."""
+
+    storage: Storage
+    prefix: str
+
+
+@dataclass
+class JobResult:
+    artifact: Path
+    report: CompressReport
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """What the job store keeps of a finished job: metrics, timings and per block N, layer errors, bits."""
+        bits = self.report.bits or {}
+        return {
+            "metrics": {
+                "mean_rel_error": self.report.mean_rel_error,
+                "paper_bits": bits.get("paper_bits"),
+                "true_bits": bits.get("true_bits"),
+                "calib_tokens": self.report.calib_tokens,
+                **self.metrics,
+            },
+            "timings": dict(self.timings),
+            "model_type": self.report.model_type,
+            "blocks": [
+                {
+                    "index": b.index,
+                    "n_keep": b.n_keep,
+                    "cosine": b.cosine,
+                    "seconds": round(b.seconds, 2),
+                    "linears": [
+                        {
+                            "name": lr.name,
+                            "shape": list(lr.shape),
+                            "rel_error": lr.rel_error,
+                            "rel_error_oneshot": lr.rel_error_oneshot,
+                            "bits": lr.bits,
+                        }
+                        for lr in b.linears
+                    ],
+                }
+                for b in self.report.blocks
+            ],
+        }
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def run_job(
+    spec: JobSpec,
+    out: Path,
+    settings: WorkerSettings,
+    *,
+    roots: list[Path] | None = None,
+    progress: ProgressFn | None = None,
+    upload: Upload | None = None,
+) -> JobResult:
+    """Run `spec` into the artifact directory `out`; `roots` confines local model and text paths (None: any).
+
+    `progress(stage, done, total)` is called for every stage: prepare, capture, coarse, compress, evaluate,
+    upload; it may raise to stop the job (the dispatcher does so for a cancel)."""
+    progress = progress or _no_progress
+    cfg = spec.config
+    t0 = time.perf_counter()
+    progress("prepare", 0, 1)
+    if spec.ray is None:
+        check_device(cfg.device)  # on Ray, the workers' resources decide the device
+    model_dir = fetch_model(spec.model, settings, roots)
+    calib = calibration_for(model_dir, cfg)
+    progress("prepare", 1, 1)
+    timings = {"prepare_s": round(time.perf_counter() - t0, 2)}
+    if spec.ray is None:
+        report = compress_model(model_dir, out, cfg, calib, progress=progress)
+    else:
+        from .distributed import compress_model_ray  # extra: ray
+
+        r = spec.ray
+        report = compress_model_ray(
+            model_dir,
+            out,
+            cfg,
+            calib,
+            settings=settings,
+            address=r.address,
+            workers=r.workers,
+            gpus_per_worker=r.gpus_per_worker,
+            cpus_per_worker=r.cpus_per_worker,
+            memory_per_worker=r.memory_per_worker,
+            job_id=r.job_id,
+            checkpoint_url=r.checkpoint_url,
+            keep_checkpoint=r.keep_checkpoint,
+            progress=progress,
+        )
+    timings["compress_s"] = round(report.seconds, 2)
+    metrics: dict[str, Any] = {}
+    if spec.evaluate is not None:
+        t1 = time.perf_counter()
+        metrics = evaluate_pair(model_dir, out, spec.evaluate, progress)
+        timings["evaluate_s"] = round(time.perf_counter() - t1, 2)
+    if upload is not None:
+        t1 = time.perf_counter()
+        progress("upload", 0, 1)
+        upload.storage.upload_dir(out, upload.prefix)
+        progress("upload", 1, 1)
+        timings["upload_s"] = round(time.perf_counter() - t1, 2)
+    return JobResult(out, report, metrics, timings)
+
+
+def evaluate_pair(model_dir: Path, artifact: Path, spec: EvalSpec, progress: ProgressFn) -> dict[str, Any]:
+    """Perplexity of the source model and of the packed artifact on the same windows."""
+    progress("evaluate", 0, 2)
+    before = evaluate_model(model_dir, spec)
+    progress("evaluate", 1, 2)
+    after = evaluate_model(artifact, spec)
+    progress("evaluate", 2, 2)
+    return {
+        "ppl_before": before["ppl"],
+        "ppl_after": after["ppl"],
+        "eval_tokens": after["tokens"],
+        "eval_windows": after["windows"],
+        "eval_seqlen": after["seqlen"],
+        "eval_bos": after["bos"],
+    }

