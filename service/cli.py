@@ -144,8 +144,8 @@ def run_eval(
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pbs2p_core.artifact import is_artifact, load_artifact
     from pbs2p_core.evaluate import perplexity
+    from pbs2p_core.format import is_artifact, load_artifact
     from workers.sources import eval_windows, load_documents, resolve_model
 
     _check_device(device)
@@ -333,12 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['windows']} windows x {r['seqlen']} tokens, {bos}", file=sys.stderr)
             print(json.dumps(r) if args.json else f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens")
         elif args.cmd == "inspect":
-            from pbs2p_core.artifact import format_inspect, inspect_artifact
+            from pbs2p_core.format import format_inspect, inspect_artifact
 
             info = inspect_artifact(args.artifact)
             print(json.dumps(info, indent=1) if args.json else format_inspect(info))
         elif args.cmd == "export-dense":
-            from pbs2p_core.artifact import export_dense
+            from pbs2p_core.format import export_dense
 
             print(export_dense(args.artifact, args.out))
         elif args.cmd == "demo":

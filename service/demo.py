@@ -65,7 +65,7 @@ def stop_service(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
 
 
 def run_demo(cfg: CompressionConfig, out: Path, windows: int) -> int:
-    from pbs2p_core.artifact import inspect_artifact
+    from pbs2p_core.format import inspect_artifact
 
     from .cli import _JobBar
     from .client import Client

@@ -23,9 +23,9 @@ import torch
 from test_pipeline import calib_ids, config, make_model, save_tokenizer, tiny_config, write_text
 from transformers import AutoModelForCausalLM
 
-from pbs2p_core.artifact import MANIFEST_FILE, TIMINGS_FILE
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import MANIFEST_FILE, TIMINGS_FILE
 from service import cli
 from workers.distributed import NAMESPACE, compress_model_ray, init_ray
 from workers.pipeline import compress_model

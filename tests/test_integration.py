@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pbs2p_core.artifact import (
+from pbs2p_core.config import CompressionConfig
+from pbs2p_core.evaluate import perplexity
+from pbs2p_core.format import (
     decode_linear,
     inspect_artifact,
     is_artifact,
@@ -16,8 +18,6 @@ from pbs2p_core.artifact import (
     unpack_linear,
     verify_artifact,
 )
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.evaluate import perplexity
 from workers.pipeline import compress_model
 from workers.sources import calibration_windows, eval_windows, load_documents
 

@@ -25,18 +25,18 @@ from transformers import (
     Qwen3Config,
 )
 
-from pbs2p_core.artifact import (
+from pbs2p_core.config import CompressionConfig
+from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.families import FAMILIES, family_for
+from pbs2p_core.format import (
     MANIFEST_FILE,
     TIMINGS_FILE,
     dense_state_dict,
-    iter_files,
     load_artifact,
     unpack_linear,
     verify_artifact,
 )
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.families import FAMILIES, family_for
+from pbs2p_core.format.loader import iter_files
 from service import cli
 from workers.pipeline import BlockModel, CompressReport, compress_model
 

@@ -19,9 +19,9 @@ import pytest
 from test_pipeline import make_model, save_tokenizer, write_text
 from transformers import AutoTokenizer
 
-from pbs2p_core.artifact import MANIFEST_FILE
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import MANIFEST_FILE
 from service.cli import run_eval
 from service.client import Client
 from service.demo import start_service, stop_service

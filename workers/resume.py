@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pbs2p_core.artifact import SEP, pack_linear, unpack_linear
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import pack_linear, unpack_linear
+from pbs2p_core.format.manifest import SEP
 from pbs2p_core.solver import LinearResult
 
 from .pipeline import BlockReport, LinearReport
