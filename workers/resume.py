@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # the sources whose code decides the numbers: a change to any of them invalidates checkpoints
-_CODE_DIRS = ("pbs2p_core",)
+_ROOT = Path(__file__).resolve().parent.parent
+_CODE_DIRS = ("pbs2p_core",)  # every .py file below them, subpackages included
 _CODE_FILES = ("workers/pipeline.py", "workers/checkpoint.py", "workers/resume.py", "workers/distributed.py")
 
 
@@ -54,12 +55,14 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def code_version() -> str:
-    """The package version and a hash of the sources that decide the compressed numbers."""
-    root = Path(__file__).resolve().parent.parent
-    files = sorted(p for d in _CODE_DIRS for p in (root / d).glob("*.py")) + [root / f for f in _CODE_FILES]
+def code_version(root: Path = _ROOT) -> str:
+    """The package version and a hash of the sources that decide the compressed numbers (under `root`): every
+    .py file below `_CODE_DIRS`, sorted by relative path, then `_CODE_FILES`."""
+    tree = sorted(
+        (p for d in _CODE_DIRS for p in (root / d).rglob("*.py")), key=lambda p: p.relative_to(root).as_posix()
+    )
     h = hashlib.sha256()
-    for p in files:
+    for p in [*tree, *(root / f for f in _CODE_FILES)]:
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     try:
         version = importlib.metadata.version("pbs2p")
