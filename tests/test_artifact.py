@@ -70,11 +70,13 @@ def test_bit_order_is_lsb_first() -> None:
 
 @pytest.mark.parametrize(("m", "n"), [(8, 1), (8, 4), (8, 5), (8, 6), (8, 7), (4, 2), (2, 1), (16, 12)])
 def test_rank_tables_are_a_bijection(m: int, n: int) -> None:
-    rank_of, bitmap_of = rank_tables(m, n)
+    rank_of, bitmap_of, bits_of, pos_of = rank_tables(m, n)
     assert bitmap_of.numel() == math.comb(m, n)
     assert torch.equal(bitmap_of, bitmap_of.sort().values)  # ascending
     pop = ((bitmap_of[:, None] >> torch.arange(m)) & 1).sum(1)
     assert bool((pop == n).all())
+    assert torch.equal(bits_of, ((bitmap_of[:, None] >> torch.arange(m)) & 1).bool())  # bit j = column j
+    assert bool(bits_of.gather(1, pos_of).all()) and bool((pos_of.diff(dim=1) > 0).all())  # kept, ascending
     assert torch.equal(rank_of[bitmap_of], torch.arange(bitmap_of.numel()))
     assert int((rank_of >= 0).sum()) == math.comb(m, n)
     assert rank_bits(m, n) == math.ceil(math.log2(math.comb(m, n))) == NMPattern(n, m).mask_bits_per_group
@@ -84,18 +86,18 @@ def test_rank_tables_are_a_bijection(m: int, n: int) -> None:
 def test_rank_code_uses_ceil_log2_bits_per_group(n: int, bits: int) -> None:
     R, C = 32, 128
     mask = nm_mask(torch.randn(R, C, generator=torch.Generator().manual_seed(n)), n, 8)
-    enc, data = encode_mask(mask, n, 8)
-    assert enc == "rank" and data is not None
+    enc, data, ranks = encode_mask(mask, n, 8)
+    assert enc == "rank" and data is not None and ranks is not None
     assert data.numel() == math.ceil(R * C // 8 * bits / 8)  # exactly ⌈log₂ C(8,N)⌉ bits per group
     assert torch.equal(decode_mask(enc, data, (R, C), n, 8), mask)
 
 
 def test_irregular_mask_falls_back_to_bitmap() -> None:
     mask = torch.rand(8, 32, generator=torch.Generator().manual_seed(0)) > 0.3
-    enc, data = encode_mask(mask, 6, 8)
-    assert enc == "bitmap" and data is not None and data.numel() == 8 * 32 // 8
+    enc, data, ranks = encode_mask(mask, 6, 8)
+    assert enc == "bitmap" and data is not None and ranks is None and data.numel() == 8 * 32 // 8
     assert torch.equal(decode_mask(enc, data, (8, 32), 6, 8), mask)
-    assert encode_mask(torch.ones(4, 16, dtype=torch.bool), 8, 8) == ("none", None)
+    assert encode_mask(torch.ones(4, 16, dtype=torch.bool), 8, 8) == ("none", None, None)
 
 
 # ------------------------------------------------------------------------------------ one linear layer

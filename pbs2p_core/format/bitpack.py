@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -62,9 +63,20 @@ def rank_bits(m: int, n: int) -> int:
     return max(1, (math.comb(m, n) - 1).bit_length())
 
 
+class RankTables(NamedTuple):
+    """The rank code of n kept out of m: the C(m, n) m-bit values with n ones, ascending, are ranks 0, 1, ...
+
+    A group's bitmap has bit j set when its column j (0 = leftmost) is kept."""
+
+    rank_of: torch.Tensor  # (2^m,) long: bitmap -> rank, -1 where the popcount is not n
+    bitmap_of: torch.Tensor  # (C(m, n),) long: rank -> bitmap
+    bits_of: torch.Tensor  # (C(m, n), m) bool: rank -> kept columns of the group
+    pos_of: torch.Tensor  # (C(m, n), n) long: rank -> the kept column positions, ascending
+
+
 @functools.lru_cache(maxsize=64)
-def rank_luts(m: int, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rank_of (2^m,), bitmap_of (C,), bits_of (C, m) bool, pos_of (C, n): kept positions of each rank."""
+def rank_tables(m: int, n: int, device: str = "cpu") -> RankTables:
+    """The lookup tables of the n:m rank code on `device` (cached)."""
     v = torch.arange(2**m)
     bits = ((v[:, None] >> torch.arange(m)) & 1).bool()
     bitmap_of = v[bits.sum(1) == n]
@@ -72,24 +84,15 @@ def rank_luts(m: int, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, 
     rank_of[bitmap_of] = torch.arange(bitmap_of.numel())
     bits_of = bits[bitmap_of]
     pos_of = bits_of.nonzero()[:, 1].view(-1, n)  # ascending column within the group
-    return tuple(t.to(device) for t in (rank_of, bitmap_of, bits_of, pos_of))  # type: ignore[return-value]
+    return RankTables(rank_of.to(device), bitmap_of.to(device), bits_of.to(device), pos_of.to(device))
 
 
-def rank_tables(m: int, n: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank_of, bitmap_of): the C(m, n) m-bit values with n ones, in ascending order, are ranked 0, 1, ...
-
-    rank_of (2^m,) long: bitmap -> rank, -1 where the popcount is not n. bitmap_of (C(m, n),) long.
-    A group's bitmap has bit j set when its column j (0 = leftmost) is kept."""
-    rank_of, bitmap_of, _, _ = rank_luts(m, n, str(device))
-    return rank_of, bitmap_of
-
-
-def group_ranks(mask: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
+def _group_ranks(mask: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
     """Rank of every group of m consecutive columns (rows, then groups), or None when not rank-codable."""
     R, C = mask.shape
     if not (0 < n < m and C % m == 0 and rank_bits(m, n) < m):
         return None
-    rank_of = rank_luts(m, n, str(mask.device))[0]
+    rank_of = rank_tables(m, n, str(mask.device)).rank_of
     weights = torch.pow(2.0, torch.arange(m, device=mask.device, dtype=torch.float32))
     ranks = rank_of[(mask.reshape(-1, m).to(torch.float32) @ weights).long()]  # exact: m <= 16
     return ranks if bool((ranks >= 0).all()) else None
@@ -106,18 +109,21 @@ def unpack_rank_codes(data: torch.Tensor, count: int, n: int, m: int, check: boo
 # ----------------------------------------------------------------------------------------------- the mask
 
 
-def encode_mask(mask: torch.Tensor, n: int, m: int) -> tuple[str, torch.Tensor | None]:
-    """The (R, C) kept set as ("none", None) when all kept, ("rank", codes) when every group of m consecutive
-    columns keeps exactly n (⌈log₂ C(m, n)⌉ bits a group, rows then groups), else ("bitmap", bits)."""
+def encode_mask(mask: torch.Tensor, n: int, m: int) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
+    """The (R, C) kept set as (encoding, stored bytes, group ranks): ("none", None, None) when all kept,
+    ("rank", codes, ranks) when every group of m consecutive columns keeps exactly n (⌈log₂ C(m, n)⌉ bits a
+    group, rows then groups), else ("bitmap", bits, None). The ranks let the caller gather a group's kept
+    positions without a boolean index."""
     if bool(mask.all()):
-        return "none", None
-    ranks = group_ranks(mask, n, m)
+        return "none", None, None
+    ranks = _group_ranks(mask, n, m)
     if ranks is not None:
-        return "rank", pack_codes(ranks, rank_bits(m, n))
-    return "bitmap", pack_bits(mask)
+        return "rank", pack_codes(ranks, rank_bits(m, n)), ranks
+    return "bitmap", pack_bits(mask), None
 
 
 def decode_mask(encoding: str, data: torch.Tensor | None, shape: tuple[int, int], n: int, m: int) -> torch.Tensor:
+    """Inverse of `encode_mask`: the (R, C) bool kept set."""
     R, C = shape
     if encoding == "none":
         return torch.ones(R, C, dtype=torch.bool, device=data.device if data is not None else "cpu")
@@ -127,5 +133,5 @@ def decode_mask(encoding: str, data: torch.Tensor | None, shape: tuple[int, int]
         return unpack_bits(data, R * C).view(R, C)
     if encoding != "rank" or C % m or not 0 < n < m:
         raise ArtifactError(f"mask encoding {encoding!r} is not known for {n}:{m} and {C} columns")
-    bits_of = rank_luts(m, n, str(data.device))[2]
+    bits_of = rank_tables(m, n, str(data.device)).bits_of
     return bits_of[unpack_rank_codes(data, R * C // m, n, m)].view(R, C)

@@ -17,26 +17,11 @@ import torch
 from ..binarize import BlockCode
 from ..errors import ArtifactError, Pbs2pError
 from ..solver import LinearResult
-from .bitpack import (
-    decode_mask,
-    group_ranks,
-    pack_bits,
-    pack_codes,
-    rank_bits,
-    rank_luts,
-    unpack_bits,
-    unpack_rank_codes,
-)
+from .bitpack import decode_mask, encode_mask, pack_bits, rank_bits, rank_tables, unpack_bits, unpack_rank_codes
 from .manifest import ST_DTYPES, ST_TORCH
 
 # storage dtype of the scales, by config name (`CompressionConfig.scale_dtype`)
-SCALE_DTYPES: dict[str, torch.dtype] = {
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp8": torch.float8_e4m3fn,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
+SCALE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # dtypes a decoder computes Ŵ in (the layout's `compute_dtype`)
 COMPUTE_DTYPES = {
     "float32": torch.float32,
@@ -83,17 +68,16 @@ def pack_linear(
     mask = torch.cat([b.mask.bool() for b in blocks], 1)
     sign = torch.cat([b.sign.bool() for b in blocks], 1)
     out: dict[str, torch.Tensor] = {}
-    ranks = None if bool(mask.all()) else group_ranks(mask, n_keep, m)
-    if bool(mask.all()):
-        encoding, kept_signs = "none", sign.reshape(-1)
+    encoding, mask_data, ranks = encode_mask(mask, n_keep, m)
+    if mask_data is not None:
+        out["mask"] = mask_data
+    if encoding == "none":
+        kept_signs = sign.reshape(-1)
     elif ranks is not None:  # kept signs gathered group by group: the kept columns of a rank are known
-        encoding = "rank"
-        out["mask"] = pack_codes(ranks, rank_bits(m, n_keep))
-        pos_of = rank_luts(m, n_keep, str(dev))[3]
+        pos_of = rank_tables(m, n_keep, str(dev)).pos_of
         kept_signs = sign.reshape(-1, m).gather(1, pos_of[ranks]).reshape(-1)
     else:
-        encoding, kept_signs = "bitmap", sign[mask]
-        out["mask"] = pack_bits(mask)
+        kept_signs = sign[mask]
     out["sign"] = pack_bits(kept_signs)  # row-major order of the kept positions
     ks = [int(b.salient.numel()) for b in blocks]
     kept_salient = 0
@@ -206,7 +190,7 @@ def unpack_linear(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], 
         if check and kept != G * n:
             raise ArtifactError(f"a {n}:{m} rank-coded mask keeps {G * n} weights; the manifest says {kept}")
         codes = unpack_rank_codes(tensors["mask"], G, n, m, check)
-        _, _, bits_of, pos_of = rank_luts(m, n, str(tensors["mask"].device))
+        _, _, bits_of, pos_of = rank_tables(m, n, str(tensors["mask"].device))
         mask = bits_of[codes].view(R, C)
         sign_bits = unpack_bits(tensors["sign"], kept).view(G, n)
         sign = torch.zeros(G, m, dtype=torch.bool, device=mask.device).scatter_(1, pos_of[codes], sign_bits)
