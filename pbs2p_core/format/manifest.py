@@ -52,11 +52,8 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
