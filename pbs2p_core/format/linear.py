@@ -238,7 +238,7 @@ def unpack_linear(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], 
     ]
 
 
-class _ReadScales(dict):  # type: ignore[type-arg]
+class _ReadScales(dict[str, torch.Tensor]):
     """A scales dict that remembers which names the decoder read."""
 
     def __init__(self, data: dict[str, torch.Tensor]) -> None:

@@ -49,7 +49,7 @@ class ArtifactWriter:
         self,
         out_dir: Path,
         model_dir: Path,
-        config: Any = None,
+        config: CompressionConfig | Mapping[str, Any] | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
     ) -> None:
         self.out = Path(out_dir)
@@ -63,7 +63,7 @@ class ArtifactWriter:
             config = CompressionConfig()
         elif isinstance(config, Mapping):
             config = CompressionConfig.from_dict(dict(config))
-        self.cfg = config
+        self.cfg: CompressionConfig = config
         self.shard_bytes = shard_bytes
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
@@ -82,12 +82,11 @@ class ArtifactWriter:
         if missing:
             raise Pbs2pError(f"block {index}: compressed linears {missing} are not among the block's tensors")
         m, bs = self.cfg.pattern.m, self.cfg.block_size
-        sdt = getattr(self.cfg, "scale_dtype", "fp16")
         units: list[tuple[str | None, dict[str, torch.Tensor], dict[str, Any] | None]] = []
         for name in sorted(tensors):
             if name in results:
                 res = results[name]
-                packed, meta = pack_linear(res, res.n_keep, m, bs, sdt)
+                packed, meta = pack_linear(res, res.n_keep, m, bs, self.cfg.scale_dtype)
                 units.append((name, {f"{name}{SEP}{k}": v for k, v in packed.items()}, meta))
             else:
                 units.append((None, {name: tensors[name]}, None))
