@@ -84,11 +84,11 @@ def main() -> int:
         return 2
 
     from transformers import AutoTokenizer
+    from workers.sources import calibration_windows, load_documents, resolve_model
 
     from pbs2p_core.config import CompressionConfig
     from service.cli import run_eval
     from workers.pipeline import compress_model
-    from workers.sources import calibration_windows, load_documents, resolve_model
 
     props = torch.cuda.get_device_properties(0)
     device = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}"

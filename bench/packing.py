@@ -22,12 +22,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, write_table  # noqa: E402
-from pbs2p_core import artifact as A  # noqa: E402
 from pbs2p_core.binarize import binarize_block  # noqa: E402
 from pbs2p_core.config import CompressionConfig  # noqa: E402
+from pbs2p_core.format import (  # noqa: E402
+    ArtifactWriter,
+    PackedLinear,
+    decode_linear,
+    inspect_artifact,
+    load_artifact,
+    pack_linear,
+    unpack_linear,
+    verify_artifact,
+)
 from pbs2p_core.solver import LinearResult, nm_mask  # noqa: E402
+from pbs2p_testing.real import real_model_dir  # noqa: E402
 from workers.checkpoint import WeightReader  # noqa: E402
-from workers.sources import resolve_model  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -49,7 +58,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = CompressionConfig.from_options(pattern="6:8", calib_samples=1)
-    model_dir = resolve_model(MODEL)
+    model_dir = real_model_dir()
     reader = WeightReader(model_dir)
     names = [n for n in reader.names() if n.startswith("model.layers.") and n.endswith("_proj.weight")]
     codes: dict[str, LinearResult] = {}
@@ -62,24 +71,24 @@ def main() -> None:
     packed: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
     t = time.perf_counter()
     for n, r in codes.items():
-        packed[n] = A.pack_linear(r, r.n_keep, cfg.pattern.m, cfg.block_size, cfg.ablations.scale_dtype)
+        packed[n] = pack_linear(r, r.n_keep, cfg.pattern.m, cfg.block_size, cfg.ablations.scale_dtype)
     t_pack = time.perf_counter() - t
     t_decode = 0.0
     for n, (ts, meta) in packed.items():
         t = time.perf_counter()
-        w = A.decode_linear(ts, meta, check=False)
+        w = decode_linear(ts, meta, check=False)
         t_decode += time.perf_counter() - t
         assert torch.equal(w, codes[n].weight), n  # bit-exact, outside the timing
     t = time.perf_counter()
     for ts, meta in packed.values():
-        A.unpack_linear(ts, meta, check=False)
+        unpack_linear(ts, meta, check=False)
     t_unpack = time.perf_counter() - t
     packed_bytes = sum(sum(v.numel() * v.element_size() for v in ts.values()) for ts, _ in packed.values())
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "art"
         t = time.perf_counter()
-        writer = A.ArtifactWriter(out, model_dir, cfg)
+        writer = ArtifactWriter(out, model_dir, cfg)
         by_block: dict[int, list[str]] = {}
         for n in names:
             by_block.setdefault(int(n.split(".")[2]), []).append(n)
@@ -93,13 +102,13 @@ def main() -> None:
         writer.finish({"config": cfg.to_dict(), "model_type": "llama", "blocks": []})
         t_write = time.perf_counter() - t
         t = time.perf_counter()
-        A.verify_artifact(out)
+        verify_artifact(out)
         t_verify = time.perf_counter() - t
-        info = A.inspect_artifact(out)
+        info = inspect_artifact(out)
         t = time.perf_counter()
-        model = A.load_artifact(out, mode="packed")
+        model = load_artifact(out, mode="packed")
         t_load = time.perf_counter() - t
-        mods = [m for m in model.modules() if isinstance(m, A.PackedLinear)]
+        mods = [m for m in model.modules() if isinstance(m, PackedLinear)]
         resident = sum(m.resident_bytes() for m in mods)
         fp16 = sum(m.in_features * m.out_features * 2 for m in mods)
         ids = torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0))
@@ -108,7 +117,7 @@ def main() -> None:
             lp = model(input_ids=ids, use_cache=False).logits
             t_fwd_packed = time.perf_counter() - t
             del model, mods
-            dense = A.load_artifact(out, mode="dense")
+            dense = load_artifact(out, mode="dense")
             t = time.perf_counter()
             ld = dense(input_ids=ids, use_cache=False).logits
             t_fwd_dense = time.perf_counter() - t

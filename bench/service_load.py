@@ -63,7 +63,6 @@ AIM_MS = 50.0
 def build_inputs(root: Path, long_layers: int) -> tuple[Path, Path, Path]:
     """(long model dir, small model dir, calibration text) under `root`, from the pipeline tests' seeded builders."""
     import torch
-
     from tests.test_pipeline import make_model, save_tokenizer, write_text
 
     torch.set_num_threads(1)
@@ -418,6 +417,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from service.demo import start_service, stop_service
+
     from service.settings import Settings
     from service.store import Store
 

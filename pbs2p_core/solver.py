@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .binarize import BlockCode, binarize_block
+from .binarize import ArbFit, BlockCode, binarize_block
 from .config import CompressionConfig
 from .errors import Pbs2pError
 from .hessian import inverse_cholesky
@@ -105,7 +105,7 @@ def _code_block(
     elif cfg.ablations.arb_variant == "arb-obs":  # ‖Err‖² = ΔW (U_bbᵀ U_bb)⁻¹ ΔWᵀ per row
         S = torch.cholesky_inverse(Ubb.T)
 
-    def fit(K: torch.Tensor, warm=None):  # type: ignore[no-untyped-def]
+    def fit(K: torch.Tensor, warm: dict[str, ArbFit] | None = None) -> tuple[BlockCode, dict[str, ArbFit]]:
         return binarize_block(
             Wb,
             K,

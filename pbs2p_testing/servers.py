@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -102,7 +103,7 @@ class Service:
 
 
 @contextmanager
-def running_service(data_dir: Path, root: Path, **settings: object) -> Iterator[Service]:
+def running_service(data_dir: Path, root: Path, **settings: Any) -> Iterator[Service]:
     """The app of `create_app` over a SQLite store and local storage in `data_dir`; models allowed under `root`."""
     cfg = Settings(data_dir=data_dir, model_roots=str(root), dispatcher=False, poll_seconds=0.05, **settings)
     store = Store(f"sqlite:///{data_dir / 'jobs.db'}")

@@ -111,14 +111,14 @@ class Client:
     def download(self, job_id: str, dest: Path) -> list[dict[str, Any]]:
         """Every artifact file into `dest`, each checked against the manifest's sha256 (manifest last), then the
         whole artifact verified as `pbs2p_core` loads it."""
-        from pbs2p_core.artifact import verify_artifact
+        from pbs2p_core.format import MANIFEST_FILE, verify_artifact
 
         listing = self._call("GET", f"/v1/jobs/{job_id}/artifact").json()
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / "manifest.json").unlink(missing_ok=True)  # an older manifest must not vouch for new files
+        (dest / MANIFEST_FILE).unlink(missing_ok=True)  # an older manifest must not vouch for new files
         for f in listing["files"]:
             self._fetch(f["url"], dest / f["name"], f["sha256"])
-        self._fetch(listing["manifest_url"], dest / "manifest.json", None)
+        self._fetch(listing["manifest_url"], dest / MANIFEST_FILE, None)
         verify_artifact(dest)
         return listing["files"]
 

@@ -43,9 +43,9 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from pbs2p_core.artifact import ArtifactWriter
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import ArtifactWriter
 from pbs2p_core.solver import LinearResult, compress_linear
 
 from .pipeline import (

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from pbs2p_core.artifact import MANIFEST_FILE, ArtifactWriter
 from pbs2p_core.bits import BitCount, count_bits
 from pbs2p_core.cfs import allocate, allocate_by_error, block_cosine, block_importance, n_bounds
 from pbs2p_core.config import CompressionConfig, NMPattern
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import Family, family_for
+from pbs2p_core.format import MANIFEST_FILE, ArtifactWriter
 from pbs2p_core.hessian import HessianAccumulator
 from pbs2p_core.skeleton import empty_causal_lm
 from pbs2p_core.solver import LinearResult, compress_linear, oneshot_linear

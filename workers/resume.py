@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pbs2p_core.artifact import SEP, pack_linear, unpack_linear
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import pack_linear, unpack_linear
+from pbs2p_core.format.manifest import SEP
 from pbs2p_core.solver import LinearResult
 
 from .pipeline import BlockReport, LinearReport
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # the sources whose code decides the numbers: a change to any of them invalidates checkpoints
-_CODE_DIRS = ("pbs2p_core",)
-_CODE_FILES = ("workers/pipeline.py", "workers/checkpoint.py", "workers/resume.py", "workers/distributed.py")
+_ROOT = Path(__file__).resolve().parent.parent
+# every .py file below them, subpackages included: the core computes the numbers, workers decide what it is fed
+# and in which order (a file moved or added anywhere there changes the fingerprint)
+_CODE_DIRS = ("pbs2p_core", "workers")
 
 
 def check_job_id(job_id: str) -> str:
@@ -53,12 +56,14 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def code_version() -> str:
-    """The package version and a hash of the sources that decide the compressed numbers."""
-    root = Path(__file__).resolve().parent.parent
-    files = sorted(p for d in _CODE_DIRS for p in (root / d).glob("*.py")) + [root / f for f in _CODE_FILES]
+def code_version(root: Path = _ROOT) -> str:
+    """The package version and a hash of the sources that decide the compressed numbers (under `root`): every
+    .py file below `_CODE_DIRS`, sorted by relative path."""
+    tree = sorted(
+        (p for d in _CODE_DIRS for p in (root / d).rglob("*.py")), key=lambda p: p.relative_to(root).as_posix()
+    )
     h = hashlib.sha256()
-    for p in files:
+    for p in tree:
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     try:
         version = importlib.metadata.version("pbs2p")

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pbs2p_core.artifact import export_dense, format_inspect, inspect_artifact
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import export_dense, format_inspect, inspect_artifact
 from workers.evaluation import EvalSpec, evaluate_model
 from workers.job import JobSpec, RayOptions, run_job
 from workers.model_refs import fetch_model

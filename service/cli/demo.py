@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 
-from pbs2p_core.artifact import inspect_artifact
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import inspect_artifact
 
 from ..client import Client
 from ..settings import Settings

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from workers.sources import calibration_windows, eval_windows, load_documents
 
-from pbs2p_core.artifact import (
+from pbs2p_core.config import CompressionConfig
+from pbs2p_core.evaluate import perplexity
+from pbs2p_core.format import (
     decode_linear,
     inspect_artifact,
     is_artifact,
@@ -17,8 +19,6 @@ from pbs2p_core.artifact import (
     unpack_linear,
     verify_artifact,
 )
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.evaluate import perplexity
 from workers.pipeline import compress_model
 
 pytestmark = pytest.mark.integration

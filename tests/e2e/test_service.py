@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from pbs2p_core.artifact import MANIFEST_FILE
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import MANIFEST_FILE
 from pbs2p_testing.artifacts import file_hashes
 from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
 from service.cli.demo import start_service, stop_service

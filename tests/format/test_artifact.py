@@ -19,11 +19,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from pbs2p_core import artifact as A
 from pbs2p_core.binarize import BlockCode, round_scale
 from pbs2p_core.bits import count_bits
 from pbs2p_core.config import CompressionConfig, NMPattern
-from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.errors import ArtifactError, Pbs2pError
+from pbs2p_core.format.bitpack import (
+    decode_mask,
+    encode_mask,
+    pack_bits,
+    pack_codes,
+    rank_bits,
+    rank_tables,
+    unpack_bits,
+)
+from pbs2p_core.format.inspect import inspect_artifact
+from pbs2p_core.format.linear import decode_linear, expected_tensors, pack_linear, unpack_linear
+from pbs2p_core.format.loader import PackedLinear, dense_state_dict, load_artifact, verify_artifact
+from pbs2p_core.format.manifest import SEP, ST_DTYPES
+from pbs2p_core.format.writer import ArtifactWriter
 from pbs2p_core.solver import LinearResult, compress_linear, nm_mask
 from pbs2p_testing.artifacts import logits
 from pbs2p_testing.cli import run_cli
@@ -45,45 +58,47 @@ def one_thread() -> Iterator[None]:
 @pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 63, 64, 1001])
 def test_pack_bits_round_trip(count: int) -> None:
     bits = torch.rand(count, generator=torch.Generator().manual_seed(count)) > 0.5
-    packed = A.pack_bits(bits)
+    packed = pack_bits(bits)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(count / 8)
-    assert torch.equal(A.unpack_bits(packed, count), bits)
+    assert torch.equal(unpack_bits(packed, count), bits)
 
 
 def test_bit_order_is_lsb_first() -> None:
     bits = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
-    assert A.pack_bits(bits).tolist() == [0b00000001, 0b00000010]
-    assert A.pack_codes(torch.tensor([5, 2]), 3).tolist() == [0b010101]  # 101 then 010, LSB first
+    assert pack_bits(bits).tolist() == [0b00000001, 0b00000010]
+    assert pack_codes(torch.tensor([5, 2]), 3).tolist() == [0b010101]  # 101 then 010, LSB first
 
 
 @pytest.mark.parametrize(("m", "n"), [(8, 1), (8, 4), (8, 5), (8, 6), (8, 7), (4, 2), (2, 1), (16, 12)])
 def test_rank_tables_are_a_bijection(m: int, n: int) -> None:
-    rank_of, bitmap_of = A.rank_tables(m, n)
+    rank_of, bitmap_of, bits_of, pos_of = rank_tables(m, n)
     assert bitmap_of.numel() == math.comb(m, n)
     assert torch.equal(bitmap_of, bitmap_of.sort().values)  # ascending
     pop = ((bitmap_of[:, None] >> torch.arange(m)) & 1).sum(1)
     assert bool((pop == n).all())
+    assert torch.equal(bits_of, ((bitmap_of[:, None] >> torch.arange(m)) & 1).bool())  # bit j = column j
+    assert bool(bits_of.gather(1, pos_of).all()) and bool((pos_of.diff(dim=1) > 0).all())  # kept, ascending
     assert torch.equal(rank_of[bitmap_of], torch.arange(bitmap_of.numel()))
     assert int((rank_of >= 0).sum()) == math.comb(m, n)
-    assert A.rank_bits(m, n) == math.ceil(math.log2(math.comb(m, n))) == NMPattern(n, m).mask_bits_per_group
+    assert rank_bits(m, n) == math.ceil(math.log2(math.comb(m, n))) == NMPattern(n, m).mask_bits_per_group
 
 
 @pytest.mark.parametrize(("n", "bits"), [(4, 7), (5, 6), (6, 5), (7, 3)])
 def test_rank_code_uses_ceil_log2_bits_per_group(n: int, bits: int) -> None:
     R, C = 32, 128
     mask = nm_mask(torch.randn(R, C, generator=torch.Generator().manual_seed(n)), n, 8)
-    enc, data = A.encode_mask(mask, n, 8)
-    assert enc == "rank" and data is not None
+    enc, data, ranks = encode_mask(mask, n, 8)
+    assert enc == "rank" and data is not None and ranks is not None
     assert data.numel() == math.ceil(R * C // 8 * bits / 8)  # exactly ⌈log₂ C(8,N)⌉ bits per group
-    assert torch.equal(A.decode_mask(enc, data, (R, C), n, 8), mask)
+    assert torch.equal(decode_mask(enc, data, (R, C), n, 8), mask)
 
 
 def test_irregular_mask_falls_back_to_bitmap() -> None:
     mask = torch.rand(8, 32, generator=torch.Generator().manual_seed(0)) > 0.3
-    enc, data = A.encode_mask(mask, 6, 8)
-    assert enc == "bitmap" and data is not None and data.numel() == 8 * 32 // 8
-    assert torch.equal(A.decode_mask(enc, data, (8, 32), 6, 8), mask)
-    assert A.encode_mask(torch.ones(4, 16, dtype=torch.bool), 8, 8) == ("none", None)
+    enc, data, ranks = encode_mask(mask, 6, 8)
+    assert enc == "bitmap" and data is not None and ranks is None and data.numel() == 8 * 32 // 8
+    assert torch.equal(decode_mask(enc, data, (8, 32), 6, 8), mask)
+    assert encode_mask(torch.ones(4, 16, dtype=torch.bool), 8, 8) == ("none", None, None)
 
 
 # ------------------------------------------------------------------------------------ one linear layer
@@ -138,15 +153,15 @@ CASES = [
 @pytest.mark.parametrize(("n", "m", "widths", "salient"), CASES)
 def test_pack_linear_round_trip(n: int, m: int, widths: list[int], salient: list[int]) -> None:
     blocks = random_blocks(24, widths, n, m, salient, seed=n * 100 + len(widths))
-    packed, meta = A.pack_linear(blocks, n, m, 128)
+    packed, meta = pack_linear(blocks, n, m, 128)
     assert ("mask" in packed) == (n < m)
     assert ("sign2" in packed) == (sum(salient) > 0)
     assert meta["blocks"] == widths and meta["salient"] == salient and meta["shape"] == [24, sum(widths)]
-    assert {k: (A.ST_DTYPES[v.dtype], list(v.shape)) for k, v in packed.items()} == A.expected_tensors(meta)
+    assert {k: (ST_DTYPES[v.dtype], list(v.shape)) for k, v in packed.items()} == expected_tensors(meta)
     meta = json.loads(json.dumps(meta))  # the layout travels through the manifest
-    got = A.unpack_linear(packed, meta)
+    got = unpack_linear(packed, meta)
     assert_same_code(got, blocks)
-    assert torch.equal(A.decode_linear(packed, meta), torch.cat([b.dense() for b in blocks], 1))
+    assert torch.equal(decode_linear(packed, meta), torch.cat([b.dense() for b in blocks], 1))
     # bits: what count_bits (the formula) says, up to the padding of the three bit streams' last bytes
     formula = count_bits(blocks, n, m, NMPattern(n, m).mask_bits_per_group if n < m else 0)
     total = formula.sign_bits + formula.residual_bits + formula.mask_bits + formula.scale_bits + formula.index_bits
@@ -157,17 +172,17 @@ def test_pack_linear_round_trip(n: int, m: int, widths: list[int], salient: list
 def test_pack_linear_arb_rc_bf16_and_any_scale_names() -> None:
     """Scales are stored generically: any name, per row, per column or absent in some blocks, bf16 too."""
     blocks = random_blocks(16, [64, 32], 6, 8, [0, 0], dtype="bf16", rc=True)
-    packed, meta = A.pack_linear(blocks, 6, 8, 64, scale_dtype="bf16")
+    packed, meta = pack_linear(blocks, 6, 8, 64, scale_dtype="bf16")
     assert meta["scales"]["alpha_col"] == {"dtype": "BF16", "layout": "col"}
     assert packed["scale.alpha"].dtype == torch.bfloat16
-    assert_same_code(A.unpack_linear(packed, meta), blocks)
+    assert_same_code(unpack_linear(packed, meta), blocks)
     blocks = random_blocks(16, [64, 64, 32], 6, 8, [4, 0, 2], seed=3)
     blocks[0].scales["shared_mu"] = round_scale(torch.randn(1), "fp16")  # a new layout: one value, block 0 only
     del blocks[2].scales["mu_s"]  # and a salient layout without mu_s (dense() is not called here)
-    packed, meta = A.pack_linear(blocks, 6, 8, 64)
+    packed, meta = pack_linear(blocks, 6, 8, 64)
     assert meta["scales"]["shared_mu"]["layout"] == [[1], None, None]
     assert meta["scales"]["mu_s"]["layout"] == [[16], None, None]
-    got = A.unpack_linear(packed, json.loads(json.dumps(meta)))
+    got = unpack_linear(packed, json.loads(json.dumps(meta)))
     for a, b in zip(got, blocks, strict=True):
         assert a.scales.keys() == b.scales.keys()
         assert all(torch.equal(a.scales[k], b.scales[k]) for k in b.scales)
@@ -178,39 +193,39 @@ def test_pack_linear_irregular_mask_is_a_bitmap() -> None:
     g = torch.Generator().manual_seed(1)
     for b in blocks:
         b.mask = torch.rand(b.mask.shape, generator=g) > 0.4  # not N:M
-    packed, meta = A.pack_linear(blocks, 6, 8, 64)
+    packed, meta = pack_linear(blocks, 6, 8, 64)
     assert meta["mask"] == "bitmap" and packed["mask"].numel() == 16 * 96 // 8
-    assert_same_code(A.unpack_linear(packed, meta), blocks)
+    assert_same_code(unpack_linear(packed, meta), blocks)
 
 
 def test_unknown_or_missing_scales_are_refused_by_the_decoder() -> None:
     """A scale layout this pbs2p's decoder does not know (from a newer pbs2p) is an error, never ignored."""
     blocks = random_blocks(16, [64], 6, 8, [4])
     blocks[0].scales["gamma"] = round_scale(torch.randn(16), "fp16")
-    packed, meta = A.pack_linear(blocks, 6, 8, 64)
-    with pytest.raises(A.ArtifactError, match=r"stores scales \['gamma'\] that this pbs2p does not decode"):
-        A.decode_linear(packed, meta)
+    packed, meta = pack_linear(blocks, 6, 8, 64)
+    with pytest.raises(ArtifactError, match=r"stores scales \['gamma'\] that this pbs2p does not decode"):
+        decode_linear(packed, meta)
     del blocks[0].scales["gamma"], blocks[0].scales["mu_s"]
-    packed, meta = A.pack_linear(blocks, 6, 8, 64)
-    with pytest.raises(A.ArtifactError, match="cannot be decoded with its scales"):
-        A.decode_linear(packed, meta)
+    packed, meta = pack_linear(blocks, 6, 8, 64)
+    with pytest.raises(ArtifactError, match="cannot be decoded with its scales"):
+        decode_linear(packed, meta)
 
 
 def test_pack_linear_refuses_unrounded_scales() -> None:
     blocks = random_blocks(8, [16], 6, 8, [0])
     blocks[0].scales["alpha"] = torch.full((8,), 1 / 3)  # not an fp16 value
     with pytest.raises(Pbs2pError, match="alpha.*not exactly representable in fp16"):
-        A.pack_linear(blocks, 6, 8, 16)
+        pack_linear(blocks, 6, 8, 16)
 
 
 @pytest.mark.parametrize("n", [6, 5, 4])
 def test_mask_and_signs_cost_at_most_1_375_bits(n: int) -> None:
     """ALGORITHM.md's rank-code arithmetic: signs N/M + ⌈log₂ C(8,N)⌉/8 <= 1.375 bit/weight before scales."""
     blocks = random_blocks(256, [128] * 4, n, 8, [0] * 4, seed=n)
-    packed, _ = A.pack_linear(blocks, n, 8, 128)
+    packed, _ = pack_linear(blocks, n, 8, 128)
     bits = (packed["mask"].numel() + packed["sign"].numel()) * 8 / (256 * 512)
     assert bits <= 1.375
-    assert bits == n / 8 + A.rank_bits(8, n) / 8
+    assert bits == n / 8 + rank_bits(8, n) / 8
 
 
 def _solver_variants() -> list[dict[str, Any]]:
@@ -227,9 +242,9 @@ def test_solver_codes_round_trip(variant: dict[str, Any]) -> None:
     W, X = torch.randn(48, 192, generator=g), torch.randn(256, 192, generator=g)
     cfg = CompressionConfig.from_options(pattern="5:8", block_size=128, arb_iters=3, **variant)
     res = compress_linear(W, X.T @ X / 256, 5, cfg)
-    packed, meta = A.pack_linear(res, 5, 8, cfg.block_size, cfg.ablations.scale_dtype)
+    packed, meta = pack_linear(res, 5, 8, cfg.block_size, cfg.ablations.scale_dtype)
     assert meta["blocks"] == [128, 64]
-    assert torch.equal(A.decode_linear(packed, json.loads(json.dumps(meta))), res.weight)
+    assert torch.equal(decode_linear(packed, json.loads(json.dumps(meta))), res.weight)
     formula = count_bits(res.blocks, 5, 8, NMPattern(5, 8).mask_bits_per_group)
     total = formula.sign_bits + formula.residual_bits + formula.mask_bits + formula.scale_bits + formula.index_bits
     assert 0 <= sum(t.numel() * t.element_size() for t in packed.values()) * 8 - total < 8 * 3
@@ -242,9 +257,9 @@ def test_packed_linear_is_small_and_exact() -> None:
     X = torch.randn(1024, 512, generator=g)
     cfg = CompressionConfig.from_options(pattern="6:8", salient_columns=8, arb_iters=5)
     res = compress_linear(W, X.T @ X / 1024, 6, cfg)
-    packed, meta = A.pack_linear(res, 6, 8, cfg.block_size)
+    packed, meta = pack_linear(res, 6, 8, cfg.block_size)
     bias = torch.randn(256, generator=g)
-    mod = A.PackedLinear(meta, packed, bias)
+    mod = PackedLinear(meta, packed, bias)
     assert mod.resident_bytes() < 256 * 512 * 2 / 4
     assert sum(b.numel() * b.element_size() for b in mod.buffers()) == mod.resident_bytes()
     assert torch.equal(mod.decode(check=True), res.weight)
@@ -271,18 +286,18 @@ def compressed(tmp_path_factory: pytest.TempPathFactory) -> Compressed:
     save_tokenizer(root / "src")
     captured: dict[str, torch.Tensor] = {}
     results: dict[str, LinearResult] = {}
-    original = A.ArtifactWriter.write_block
+    original = ArtifactWriter.write_block
 
-    def spy(self: A.ArtifactWriter, index: int, tensors: dict[str, torch.Tensor], res: dict[str, Any]) -> None:
+    def spy(self: ArtifactWriter, index: int, tensors: dict[str, torch.Tensor], res: dict[str, Any]) -> None:
         captured.update({k: v.detach().clone() for k, v in tensors.items()})
         results.update(res)
         original(self, index, tensors, res)
 
-    A.ArtifactWriter.write_block = spy  # type: ignore[method-assign]
+    ArtifactWriter.write_block = spy  # type: ignore[method-assign]
     try:
         report = compress_model(root / "src", root / "out", tiny_job_config(), calib_ids())
     finally:
-        A.ArtifactWriter.write_block = original  # type: ignore[method-assign]
+        ArtifactWriter.write_block = original  # type: ignore[method-assign]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert set(results) <= set(captured)
     state.update(captured)
@@ -314,11 +329,11 @@ def test_artifact_layout_and_manifest(compressed: Compressed) -> None:
     for fname in man["files"]:
         if fname.endswith(".safetensors"):
             for name, t in load_file(out / fname).items():
-                assert name.split(A.SEP)[0] not in compressed.results or t.dim() == 1, name
+                assert name.split(SEP)[0] not in compressed.results or t.dim() == 1, name
 
 
 def test_decoded_weights_are_bit_exact(compressed: Compressed) -> None:
-    dense = A.dense_state_dict(compressed.out)
+    dense = dense_state_dict(compressed.out)
     for name, res in compressed.results.items():
         assert torch.equal(dense[name], res.weight), name
     for name, t in compressed.reference.state_dict().items():
@@ -329,8 +344,8 @@ def test_decoded_weights_are_bit_exact(compressed: Compressed) -> None:
 @pytest.mark.parametrize("mode", ["dense", "packed"])
 def test_load_gives_the_in_memory_logits(compressed: Compressed, mode: str) -> None:
     ids = calib_ids()
-    model = A.load_artifact(compressed.out, mode=mode)
-    packed = [m for m in model.modules() if isinstance(m, A.PackedLinear)]
+    model = load_artifact(compressed.out, mode=mode)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == (len(compressed.results) if mode == "packed" else 0)
     assert torch.equal(logits(model, ids), logits(compressed.reference, ids))
     if mode == "packed":
@@ -340,7 +355,7 @@ def test_load_gives_the_in_memory_logits(compressed: Compressed, mode: str) -> N
 
 
 def test_inspect_counts_the_bytes_written(compressed: Compressed) -> None:
-    info = A.inspect_artifact(compressed.out)
+    info = inspect_artifact(compressed.out)
     man = json.loads((compressed.out / "manifest.json").read_text())
     stored: dict[str, int] = {}
     for fname in man["files"]:
@@ -348,8 +363,8 @@ def test_inspect_counts_the_bytes_written(compressed: Compressed) -> None:
             with safe_open(compressed.out / fname, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118
                     t = f.get_tensor(name)
-                    base = name.split(A.SEP)[0]
-                    if A.SEP in name:
+                    base = name.split(SEP)[0]
+                    if SEP in name:
                         stored[base] = stored.get(base, 0) + t.numel() * t.element_size()
     formula = {f"{lr.name}.weight": lr.bits for b in compressed.report.blocks for lr in b.linears}
     assert len(info["layers"]) == len(compressed.results) == len(stored)
@@ -375,7 +390,7 @@ def test_cli_inspect(compressed: Compressed, capsys: pytest.CaptureFixture[str])
     rc, out, err = run_cli(capsys, "inspect", str(compressed.out), "--json")
     assert rc == 0, err
     info = json.loads(out)
-    assert info["total"]["true_bits"] == A.inspect_artifact(compressed.out)["total"]["true_bits"]
+    assert info["total"]["true_bits"] == inspect_artifact(compressed.out)["total"]["true_bits"]
 
 
 def test_export_dense_loads_in_plain_transformers(
@@ -500,8 +515,8 @@ def test_bad_artifact_is_a_clear_error(compressed: Compressed, tmp_path: Path, d
     out = tmp_path / "art"
     shutil.copytree(compressed.out, out)
     needle = damage(out)
-    for fn in (A.verify_artifact, A.load_artifact, A.inspect_artifact, A.dense_state_dict):
-        with pytest.raises(A.ArtifactError) as exc:
+    for fn in (verify_artifact, load_artifact, inspect_artifact, dense_state_dict):
+        with pytest.raises(ArtifactError) as exc:
             fn(out)
         assert needle in str(exc.value), str(exc.value)
         assert str(out) in str(exc.value)
@@ -511,10 +526,10 @@ def test_wrong_shape_for_the_model_config(compressed: Compressed, tmp_path: Path
     out = tmp_path / "art"
     shutil.copytree(compressed.out, out)
     needle = wrong_shape_for_model(out)
-    A.verify_artifact(out)  # consistent with its own manifest ...
+    verify_artifact(out)  # consistent with its own manifest ...
     for mode in ("dense", "packed"):
-        with pytest.raises(A.ArtifactError) as exc:  # ... but not with the model it claims to be
-            A.load_artifact(out, mode=mode)
+        with pytest.raises(ArtifactError) as exc:  # ... but not with the model it claims to be
+            load_artifact(out, mode=mode)
         assert needle in str(exc.value)
 
 
@@ -542,7 +557,7 @@ def test_writer_shards_above_the_limit(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text("{}")
     cfg = CompressionConfig.from_options(pattern="6:8", block_size=64)
-    w = A.ArtifactWriter(tmp_path / "out", tmp_path / "src", cfg, shard_bytes=2048)
+    w = ArtifactWriter(tmp_path / "out", tmp_path / "src", cfg, shard_bytes=2048)
     want: dict[str, torch.Tensor] = {}
     for i in range(2):
         codes = [random_blocks(32, [64, 64], 6, 8, [4, 2], seed=10 * i + j) for j in range(3)]
@@ -554,19 +569,19 @@ def test_writer_shards_above_the_limit(tmp_path: Path) -> None:
     w.write_rest({"embed.weight": torch.randn(10, 32)})
     want["embed.weight"] = load_file(w.tmp / "pbs2p-rest-000.safetensors")["embed.weight"]
     w.finish({"config": cfg.to_dict(), "model_type": "test", "blocks": []})
-    art = A.verify_artifact(tmp_path / "out")
+    art = verify_artifact(tmp_path / "out")
     assert len(art.tensor_files()) >= 5
     for name, meta in art.linears.items():  # every packed field of a linear is in the linear's file
-        files = {art.manifest["tensors"][f"{name}{A.SEP}{f}"]["file"] for f in A.expected_tensors(meta)}
+        files = {art.manifest["tensors"][f"{name}{SEP}{f}"]["file"] for f in expected_tensors(meta)}
         assert files == {meta["file"]}
-    got = A.dense_state_dict(tmp_path / "out")
+    got = dense_state_dict(tmp_path / "out")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_writer_abort_leaves_nothing(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text("{}")
-    w = A.ArtifactWriter(tmp_path / "out", tmp_path / "src")
+    w = ArtifactWriter(tmp_path / "out", tmp_path / "src")
     w.write_rest({"x": torch.zeros(3)})
     w.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -4,7 +4,6 @@ also when workers or the coordinator are killed in the middle."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -22,9 +21,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from pbs2p_core.artifact import MANIFEST_FILE, TIMINGS_FILE
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_testing.artifacts import file_hashes
 from pbs2p_testing.tiny import calib_ids, make_model, save_tokenizer, tiny_config, tiny_job_config, write_text
 from service.cli import commands as cli
 from workers.distributed import NAMESPACE, compress_model_ray, init_ray
@@ -58,13 +57,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def hashes(out: Path) -> dict[str, str]:
-    """sha256 of every file of the artifact, the manifest included (timings.json holds wall-clock times)."""
-    files = [f for f in sorted(out.iterdir()) if f.name != TIMINGS_FILE]
-    assert any(f.name == MANIFEST_FILE for f in files)
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
 def same_report(a: Any, b: Any) -> None:
     da, db = a.to_dict(), b.to_dict()
     for d in (da, db):
@@ -94,7 +86,7 @@ def run_ray(src: Path, out: Path, cfg: CompressionConfig, ckpt: Path, **kw: Any)
 def test_ray_run_equals_local_run(cluster: str, model: Path, tmp_path: Path, cfg: CompressionConfig) -> None:
     local = compress_model(model, tmp_path / "local", cfg, calib_ids())
     remote = run_ray(model, tmp_path / "ray", cfg, tmp_path / "ckpt", workers=2, job_id="same")
-    assert hashes(tmp_path / "ray") == hashes(tmp_path / "local")
+    assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local")
     same_report(remote, local)
     assert not any((tmp_path / "ckpt").rglob("*.safetensors"))  # checkpoints removed once the artifact is done
 
@@ -121,14 +113,14 @@ def test_resume_and_fingerprint_mismatch(
     run_ray(model, tmp_path / "b", cfg, tmp_path / "ckpt", workers=1, job_id="j1", keep_checkpoint=True)
     assert "resuming job j1 after block 2" in caplog.text
     assert "block 0 checkpointed" not in caplog.text
-    assert hashes(tmp_path / "b") == hashes(tmp_path / "a")
+    assert file_hashes(tmp_path / "b") == file_hashes(tmp_path / "a")
     caplog.clear()
     # another config under the same job id: the checkpoints are not used
     run_ray(model, tmp_path / "c", other, tmp_path / "ckpt", workers=1, job_id="j1")
     assert "job j1: the checkpoints in" in caplog.text and "different config; starting over" in caplog.text
     assert "resuming" not in caplog.text
     compress_model(model, tmp_path / "ref", other, calib_ids())
-    assert hashes(tmp_path / "c") == hashes(tmp_path / "ref")
+    assert file_hashes(tmp_path / "c") == file_hashes(tmp_path / "ref")
     assert not (tmp_path / "ckpt" / "j1").exists()
 
 
@@ -150,7 +142,7 @@ def test_two_jobs_at_once(cluster: str, model: Path, tmp_path: Path) -> None:
     assert not errors and not any(t.is_alive() for t in threads)
     for name, cfg in cfgs.items():
         compress_model(model, tmp_path / f"ref-{name}", cfg, calib_ids())
-        assert hashes(tmp_path / name) == hashes(tmp_path / f"ref-{name}")
+        assert file_hashes(tmp_path / name) == file_hashes(tmp_path / f"ref-{name}")
 
 
 def worker_pids(job_id: str) -> dict[int, int]:
@@ -197,7 +189,7 @@ def test_killed_workers(cluster: str, tmp_path: Path, caplog: pytest.LogCaptureF
     assert "job kill: block 3: a worker died" in caplog.text  # the lead's block was redone
     assert len(report.blocks) == 6
     compress_model(tmp_path / "src", tmp_path / "local", cfg, calib_ids())
-    assert hashes(tmp_path / "ray") == hashes(tmp_path / "local")
+    assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local")
 
 
 def test_killed_coordinator_resumes(cluster: str, tmp_path: Path) -> None:
@@ -235,7 +227,7 @@ def test_killed_coordinator_resumes(cluster: str, tmp_path: Path) -> None:
     assert f"job X: block {k} checkpointed" not in again.stderr and "job X: block 5 checkpointed" in again.stderr
 
     assert cli.main([*args[:3], str(tmp_path / "local"), *args[4:]]) == 0
-    assert hashes(tmp_path / "ray") == hashes(tmp_path / "local")
+    assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local")
 
 
 def test_cli_ray_options_need_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

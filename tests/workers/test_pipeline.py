@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pbs2p_core.artifact import MANIFEST_FILE, load_artifact
 from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.families import FAMILIES
+from pbs2p_core.format import MANIFEST_FILE, load_artifact
 from pbs2p_testing.artifacts import (
     assert_nm,
     file_hashes,

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
-from pbs2p_core.artifact import MANIFEST_FILE
+from pbs2p_core.format import MANIFEST_FILE
 from workers.storage import LocalStorage, ObjectNotFound, Storage, StorageError, check_key, join_key
 
 from ...store import Job, JobState

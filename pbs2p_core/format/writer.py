@@ -1,0 +1,155 @@
+"""Writing an artifact (docs/artifact-format.md, "Files"): block by block, manifest last, renamed into place.
+
+The directory: the source model's config/tokenizer files, safetensors shards `pbs2p-<part>-<k>.safetensors`
+(one part per decoder block plus `rest`, split at a size limit), the run's timings, and the manifest, written
+last, with the format version, the compression config, per file size and sha256, per tensor dtype and shape,
+per compressed linear its layout and bit counts, and the compression report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import CompressionConfig
+from ..errors import Pbs2pError
+from ..solver import LinearResult
+from .linear import linear_bits, pack_linear
+from .manifest import (
+    MANIFEST_FILE,
+    SEP,
+    ST_DTYPES,
+    TIMINGS_FILE,
+    build_manifest,
+    dump_manifest,
+    file_sha256,
+    nbytes,
+    split_timings,
+)
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".gguf")
+
+
+class ArtifactWriter:
+    """Writes format v1 into a temporary sibling directory renamed into place by `finish`: never a half
+    output that looks done. An existing output is replaced only when it is an earlier pbs2p output.
+
+    A block's tensors are packed and written when they arrive (one or more shard files per block, each at
+    most `shard_bytes` unless a single tensor is larger), so memory holds one block at a time."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        model_dir: Path,
+        config: CompressionConfig | Mapping[str, Any] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> None:
+        self.out = Path(out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise Pbs2pError(f"output {self.out} is a file; choose an empty or new directory")
+        if self.out.exists() and any(self.out.iterdir()) and not (self.out / MANIFEST_FILE).is_file():
+            raise Pbs2pError(f"output {self.out} exists and is not a pbs2p output; choose an empty or new directory")
+        if shard_bytes < 1:
+            raise Pbs2pError(f"shard size limit {shard_bytes} must be positive, e.g. 2 GiB")
+        if config is None:
+            config = CompressionConfig()
+        elif isinstance(config, Mapping):
+            config = CompressionConfig.from_dict(dict(config))
+        self.cfg: CompressionConfig = config
+        self.shard_bytes = shard_bytes
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise Pbs2pError(f"source model {self.model_dir} has no config.json to copy into the artifact")
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.files: dict[str, dict[str, Any]] = {}
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self.linears: dict[str, dict[str, Any]] = {}
+
+    def write_block(self, index: int, tensors: dict[str, torch.Tensor], results: dict[str, LinearResult]) -> None:
+        """Block `index`: all its tensors by full name (compressed linears hold Ŵ, ignored here); `results`
+        by full weight name for the compressed linears: their codes are packed."""
+        missing = sorted(set(results) - set(tensors))
+        if missing:
+            raise Pbs2pError(f"block {index}: compressed linears {missing} are not among the block's tensors")
+        m, bs = self.cfg.pattern.m, self.cfg.block_size
+        units: list[tuple[str | None, dict[str, torch.Tensor], dict[str, Any] | None]] = []
+        for name in sorted(tensors):
+            if name in results:
+                res = results[name]
+                packed, meta = pack_linear(res, res.n_keep, m, bs, self.cfg.ablations.scale_dtype)
+                units.append((name, {f"{name}{SEP}{k}": v for k, v in packed.items()}, meta))
+            else:
+                units.append((None, {name: tensors[name]}, None))
+        self._write_units(f"block-{index:05d}", units)
+
+    def write_rest(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Every tensor outside the decoder blocks (embeddings, final norm, head), as stored."""
+        self._write_units("rest", [(None, {k: tensors[k]}, None) for k in sorted(tensors)])
+
+    def _write_units(
+        self, part: str, units: list[tuple[str | None, dict[str, torch.Tensor], dict[str, Any] | None]]
+    ) -> None:
+        """Greedy shards in name order; a linear's packed tensors stay together in one file."""
+        shards: list[list[int]] = [[]]
+        size = 0
+        for i, (_, ts, _) in enumerate(units):
+            b = sum(nbytes(t) for t in ts.values())
+            if shards[-1] and size + b > self.shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(i)
+            size += b
+        for k, idx in enumerate(shards):
+            if not idx:
+                continue
+            fname = f"pbs2p-{part}-{k:03d}.safetensors"
+            if fname in self.files:
+                raise Pbs2pError(f"{fname} is written twice; each block is written once")
+            flat: dict[str, torch.Tensor] = {}
+            for i in idx:
+                name, ts, meta = units[i]
+                flat.update({n: t.detach().to("cpu").contiguous() for n, t in ts.items()})
+                if name is not None and meta is not None:
+                    packed_bytes = sum(nbytes(t) for t in ts.values())
+                    self.linears[name] = {**meta, "file": fname, **linear_bits(meta, packed_bytes)}
+            save_file(flat, self.tmp / fname, metadata={"format": "pt"})  # one key: a map has no fixed order
+            for n, t in flat.items():
+                self.tensors[n] = {"file": fname, "dtype": ST_DTYPES[t.dtype], "shape": list(t.shape)}
+            self._record(fname)
+
+    def _record(self, fname: str) -> None:
+        p = self.tmp / fname
+        self.files[fname] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+
+    def finish(self, report: Any) -> Path:
+        """Copy the source's config/tokenizer/generation files, write manifest.json last, rename into place."""
+        rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+        for f in sorted(self.model_dir.iterdir()):  # config, tokenizer, generation config, chat template
+            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES):
+                if f.name == MANIFEST_FILE:
+                    continue
+                shutil.copyfile(f, self.tmp / f.name)
+                self._record(f.name)
+        # wall-clock timings differ from run to run: they go to timings.json (not hashed, not in the manifest),
+        # so the same config, model and calibration give a byte-identical artifact
+        rep, timings = split_timings(rep)
+        (self.tmp / TIMINGS_FILE).write_text(json.dumps(timings, indent=1))
+        manifest = build_manifest(rep, self.files, self.tensors, self.linears)
+        (self.tmp / MANIFEST_FILE).write_text(dump_manifest(manifest))  # written last
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
