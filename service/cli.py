@@ -105,8 +105,10 @@ def run_compress(
             report = compress_model(model_dir, out, cfg, calib, progress=bar)
         else:
             from workers.distributed import compress_model_ray
+            from workers.storage import S3Settings
 
-            report = compress_model_ray(model_dir, out, cfg, calib, progress=bar, **ray)
+            # an s3:// --checkpoint: PBS2P_S3_* and the AWS_* keys, read here and handed to the job
+            report = compress_model_ray(model_dir, out, cfg, calib, progress=bar, s3=S3Settings(), **ray)
     finally:
         bar.close()
     return report.to_dict()

@@ -21,7 +21,7 @@ from typing import Any
 
 from pbs2p_core.config import CompressionConfig
 from pbs2p_core.errors import Pbs2pError
-from workers.storage import Storage, storage_from_url
+from workers.storage import S3Settings, Storage, storage_from_url
 
 from .models import fetch_model
 from .settings import Settings
@@ -84,8 +84,9 @@ class JobProgress:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, store: Store, storage: Storage) -> None:
+    def __init__(self, settings: Settings, store: Store, storage: Storage, s3: S3Settings | None = None) -> None:
         self.settings, self.store, self.storage = settings, store, storage
+        self.s3 = s3 if s3 is not None else S3Settings.defaults()  # for s3:// models and checkpoints
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.stopping = threading.Event()
         self.pool = ThreadPoolExecutor(settings.max_running_jobs, thread_name_prefix="pbs2p-job")
@@ -214,7 +215,7 @@ class Dispatcher:
 
         progress("prepare", 0, 1)
         t0 = time.perf_counter()
-        model_dir = fetch_model(job.model, self.settings.roots, self.settings.max_model_bytes)
+        model_dir = fetch_model(job.model, self.settings.roots, self.settings.max_model_bytes, self.s3)
         cfg = CompressionConfig.from_dict(job.config)
         tok = AutoTokenizer.from_pretrained(model_dir)
         calib = calibration_windows(tok, load_documents(cfg.calib, "calib"), cfg.calib_samples, cfg.seqlen, cfg.seed)
@@ -230,6 +231,7 @@ class Dispatcher:
             gpus_per_worker=self.settings.gpus_per_worker,
             job_id=job.id,
             checkpoint_url=self.settings.checkpoints_url,
+            s3=self.s3,
             keep_checkpoint=True,  # removed once SUCCEEDED: a crash during upload must not recompress
             progress=progress,
         ).to_dict()
@@ -264,7 +266,7 @@ class Dispatcher:
 
         ev = dict(job.evaluate or {})
         t0 = time.perf_counter()
-        model_dir = fetch_model(job.model, self.settings.roots, self.settings.max_model_bytes)
+        model_dir = fetch_model(job.model, self.settings.roots, self.settings.max_model_bytes, self.s3)
         kw: dict[str, Any] = dict(data=ev.get("data", "wiki"), seqlen=ev.get("seqlen", 512), windows=ev.get("windows"))
         progress("evaluate", 0, 2)
         before = run_eval(str(model_dir), progress=False, **kw)
@@ -282,6 +284,6 @@ class Dispatcher:
 
     def _clear_checkpoint(self, job_id: str) -> None:
         try:
-            storage_from_url(self.settings.checkpoints_url).delete_prefix(job_id + "/")
+            storage_from_url(self.settings.checkpoints_url, self.s3).delete_prefix(job_id + "/")
         except Exception as exc:  # a leftover checkpoint wastes space but harms nothing
             log.warning("job %s: checkpoint not removed: %s", job_id, exc)

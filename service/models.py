@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pbs2p_core.errors import Pbs2pError
 from workers.sources import MODEL_ALIASES, cache_dir, resolve_model
+
+if TYPE_CHECKING:
+    from workers.storage import S3Settings
 
 HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # files fetched for a model: config, tokenizer, weights; never *.bin / *.pt / *.py
@@ -71,14 +75,14 @@ def check_text(ref: str, roots: list[Path]) -> str:
     return ref
 
 
-def fetch_model(ref: str, roots: list[Path], max_bytes: int) -> Path:
-    """A local model directory for a checked reference (downloads s3:// prefixes into the cache once)."""
+def fetch_model(ref: str, roots: list[Path], max_bytes: int, s3: S3Settings | None = None) -> Path:
+    """A local model directory for a checked reference (downloads s3:// prefixes into the cache once, with `s3`)."""
     if ref in MODEL_ALIASES:
         return resolve_model(ref)
     if ref.startswith("/"):
         return resolve_model(str(confined(ref, roots, "model")))
     if ref.startswith("s3://"):
-        return _fetch_s3(ref, max_bytes)
+        return _fetch_s3(ref, max_bytes, s3)
     return _fetch_hf(ref)
 
 
@@ -96,13 +100,13 @@ def _fetch_hf(repo_id: str) -> Path:
     return resolve_model(path)
 
 
-def _fetch_s3(url: str, max_bytes: int) -> Path:
+def _fetch_s3(url: str, max_bytes: int, s3: S3Settings | None) -> Path:
     from workers.storage import storage_from_url
 
     target = cache_dir() / "models" / ("s3-" + hashlib.sha256(url.encode()).hexdigest()[:16])
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return resolve_model(str(target))
-    store = storage_from_url(url)
+    store = storage_from_url(url, s3)
     objects = store.list()
     names = [o.key.rsplit("/", 1)[-1] for o in objects]
     if not any(n.endswith(".safetensors") for n in names):

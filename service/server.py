@@ -7,7 +7,7 @@ import logging
 import uvicorn
 from fastapi import FastAPI
 
-from workers.storage import storage_from_url
+from workers.storage import S3Settings, storage_from_url
 
 from .app import create_app
 from .dispatcher import Dispatcher
@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 def build_app(settings: Settings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.db_url)
-    storage = storage_from_url(settings.artifacts_url)
-    dispatcher = Dispatcher(settings, store, storage) if settings.dispatcher else None
+    s3 = S3Settings()  # PBS2P_S3_* and the AWS_* keys: read here, once, for the storage and every job
+    storage = storage_from_url(settings.artifacts_url, s3)
+    dispatcher = Dispatcher(settings, store, storage, s3) if settings.dispatcher else None
     return create_app(settings, store, storage, dispatcher)
 
 
