@@ -12,14 +12,18 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Settings read elsewhere, from the environment, by the layers below the service; documented here so that one
-# list (SETTINGS_DOC) covers every PBS2P_* variable the service image reads.
+from workers.storage import S3Settings
+
+# Settings defined elsewhere, documented here so that one list (SETTINGS_DOC) covers every PBS2P_* variable the
+# service image reads: the cache directory (read by workers.sources) and S3Settings' PBS2P_S3_* (read by the
+# entry points, which hand them down to the storage and the job's workers; its keys are the usual AWS_*).
 WORKER_ENV = {
     "PBS2P_CACHE_DIR": "prepared models (aliases, s3:// and Hugging Face downloads); default ~/.cache/pbs2p",
-    "PBS2P_S3_ENDPOINT_URL": "S3 endpoint for s3:// URLs (MinIO, R2, ...); unset for AWS",
-    "PBS2P_S3_REGION": "S3 region (default us-east-1)",
-    "PBS2P_S3_PATH_STYLE": "1 for path-style S3 addressing (MinIO)",
-    "PBS2P_S3_CHECKSUMS": "0 turns off sha256 checksums sent with S3 uploads (for stores that reject them)",
+    **{
+        f"PBS2P_S3_{name.upper()}": field.description or ""
+        for name, field in S3Settings.model_fields.items()
+        if field.validation_alias is None  # the keys: AWS_ACCESS_KEY_ID, ...
+    },
 }
 
 
