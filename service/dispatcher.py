@@ -218,6 +218,6 @@ class Dispatcher:
 
     def _clear_checkpoint(self, job_id: str) -> None:
         try:
-            storage_from_url(self.settings.checkpoints_url).delete_prefix(job_id + "/")
+            storage_from_url(self.settings.checkpoints_url, self.settings.s3).delete_prefix(job_id + "/")
         except Exception as exc:  # a leftover checkpoint wastes space but harms nothing
             log.warning("job %s: checkpoint not removed: %s", job_id, exc)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def build_app(settings: Settings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.db_url)
-    storage = storage_from_url(settings.artifacts_url)
+    storage = storage_from_url(settings.artifacts_url, settings.s3)
     dispatcher = Dispatcher(settings, store, storage) if settings.dispatcher else None
     return create_app(settings, store, storage, dispatcher)
 

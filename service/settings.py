@@ -13,19 +13,19 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from workers.settings import WorkerSettings
+from workers.storage import S3Settings
 
-# Settings read elsewhere, from the environment, by the layers below the service; documented here so that one
-# list (SETTINGS_DOC) covers every PBS2P_* variable the service image reads.
-WORKER_ENV = {
-    "PBS2P_S3_ENDPOINT_URL": "S3 endpoint for s3:// URLs (MinIO, R2, ...); unset for AWS",
-    "PBS2P_S3_REGION": "S3 region (default us-east-1)",
-    "PBS2P_S3_PATH_STYLE": "1 for path-style S3 addressing (MinIO)",
-    "PBS2P_S3_CHECKSUMS": "0 turns off sha256 checksums sent with S3 uploads (for stores that reject them)",
+# S3Settings' PBS2P_S3_* (its keys are the usual AWS_*), nested as `Settings.s3`: listed here so that
+# `settings_doc` covers every PBS2P_* variable the service image reads
+S3_ENV = {
+    f"PBS2P_S3_{name.upper()}": field.description or ""
+    for name, field in S3Settings.model_fields.items()
+    if field.validation_alias is None  # the keys: AWS_ACCESS_KEY_ID, ...
 }
 
 
 class Settings(WorkerSettings):
-    """The service's settings: the job layer's (`WorkerSettings`: cache, model size limit) and its own."""
+    """The service's settings: the job layer's (`WorkerSettings`: cache, model size limit, S3) and its own."""
 
     model_config = SettingsConfigDict(env_prefix="PBS2P_", extra="ignore", env_ignore_empty=True)
 
@@ -74,5 +74,5 @@ class Settings(WorkerSettings):
 
 def settings_doc() -> dict[str, str]:
     """Every PBS2P_* variable the service reads, with its meaning (checked against deploy/ by the tests)."""
-    doc = {f"PBS2P_{name.upper()}": f.description or "" for name, f in Settings.model_fields.items()}
-    return {**doc, **WORKER_ENV}
+    doc = {f"PBS2P_{name.upper()}": f.description or "" for name, f in Settings.model_fields.items() if name != "s3"}
+    return {**doc, **S3_ENV}

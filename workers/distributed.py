@@ -62,7 +62,7 @@ from .pipeline import (
 )
 from .resume import JobCheckpoint, check_job_id, fingerprint
 from .settings import WorkerSettings
-from .storage import storage_from_url
+from .storage import S3Settings, storage_from_url
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,14 @@ def _to_cpu(res: LinearResult) -> LinearResult:
 class BlockWorker:
     """One worker of one job. Constructed again with the same arguments when Ray restarts it."""
 
-    def __init__(self, model_dir: str, cfg: dict[str, Any], checkpoint_url: str, job_id: str, threads: int) -> None:
+    def __init__(
+        self, model_dir: str, cfg: dict[str, Any], checkpoint_url: str, job_id: str, threads: int, s3: dict[str, Any]
+    ) -> None:
         torch.set_num_threads(threads)  # Ray also sets OMP_NUM_THREADS to the worker's CPUs
         self.model_dir = Path(model_dir)
         self.cfg = CompressionConfig.from_dict(cfg)
-        self.ckpt = JobCheckpoint(storage_from_url(checkpoint_url), job_id)
+        # the coordinator's S3 settings, as a dict: this process reads no environment for them
+        self.ckpt = JobCheckpoint(storage_from_url(checkpoint_url, S3Settings.from_dict(s3)), job_id)
         self._lock = threading.Lock()
         self._store: _Capture | None = None
         self._lead_bm: BlockModel | None = None
@@ -497,7 +500,8 @@ def compress_model_ray(
     and checkpointed after every block to `checkpoint_url/<job_id>/` (default: the cache directory).
 
     `job_id` defaults to a hash of the model, config and calibration data: the same job started again resumes.
-    The checkpoints are removed once the artifact is written, unless `keep_checkpoint`."""
+    The checkpoints are removed once the artifact is written, unless `keep_checkpoint`. The S3 settings of an
+    s3:// checkpoint_url (`settings.s3`) are handed to the workers as a dict."""
     t0 = time.perf_counter()
     progress = progress or (lambda stage, done, total: None)
     model_dir = Path(model_dir)
@@ -517,7 +521,7 @@ def compress_model_ray(
         job_id = "job-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     check_job_id(job_id)
     url = checkpoint_url or settings.default_checkpoint_url
-    ckpt = JobCheckpoint(storage_from_url(url), job_id)
+    ckpt = JobCheckpoint(storage_from_url(url, settings.s3), job_id)
     ckpt.open(parts)
     log.info("job %s: %d workers on %s, checkpoints in %s", job_id, res.workers, res.device, ckpt.where())
     tag = ray.get_runtime_context().get_job_id()  # this coordinator's Ray job: a restarted one never collides
@@ -537,7 +541,7 @@ def compress_model_ray(
             if res.memory_per_worker:
                 opts["memory"] = res.memory_per_worker
             worker = BlockWorker.options(**opts).remote(  # type: ignore[attr-defined]
-                str(model_dir), cfg.to_dict(), url, job_id, res.threads
+                str(model_dir), cfg.to_dict(), url, job_id, res.threads, settings.s3.to_dict()
             )
             pool.append(worker)
         progress("capture", 1, 1)

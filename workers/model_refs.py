@@ -150,7 +150,7 @@ def _fetch_s3(url: str, settings: WorkerSettings) -> Path:
     target = settings.models_dir / ("s3-" + hashlib.sha256(url.encode()).hexdigest()[:16])
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return local_model(target)
-    store = storage_from_url(url)
+    store = storage_from_url(url, settings.s3)
     objects = store.list()
     names = [o.key.rsplit("/", 1)[-1] for o in objects]
     if not any(n.endswith(".safetensors") for n in names):

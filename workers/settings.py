@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .storage import S3Settings
+
 
 def _default_cache() -> Path:
     return Path.home() / ".cache" / "pbs2p"
@@ -25,6 +27,8 @@ class WorkerSettings(BaseSettings):
         "default ~/.cache/pbs2p",
     )
     max_model_bytes: int = Field(200 * 2**30, ge=1, description="largest model downloaded from s3://")
+    # how to reach S3 (PBS2P_S3_*, the AWS_* keys), for s3:// models, artifacts and checkpoints
+    s3: S3Settings = Field(default_factory=S3Settings, exclude=True)
 
     @property
     def models_dir(self) -> Path:

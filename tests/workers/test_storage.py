@@ -6,23 +6,29 @@ loopback like any S3-compatible server. Small multipart settings (5 MiB parts, S
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
 import os
 import tempfile
+import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from botocore.exceptions import ConnectionClosedError
+from pydantic import ValidationError
 
+import workers.storage.s3 as s3_module
 from workers.storage import (
     ChecksumMismatch,
     LocalStorage,
     ObjectNotFound,
+    S3Settings,
     S3Storage,
     Storage,
     StorageError,
@@ -231,12 +237,28 @@ def test_keys_are_confined(store: Storage, key: str) -> None:
 # ---------------------------------------------------------------------------------------------- S3
 
 
-def test_s3_multipart_upload(s3_endpoint: str, bucket: str, s3_client: Any, tmp_path: Path) -> None:
-    s3 = _s3(s3_endpoint, bucket)
-    parts: list[dict[str, Any]] = []
-    s3.client.meta.events.register(
-        "provide-client-params.s3.UploadPart", lambda params, **_: parts.append(dict(params))
-    )
+def _b64_sha(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def _sent_parts(s3: S3Storage) -> dict[int, tuple[int, str | None]]:
+    """{part number: (bytes, x-amz-checksum-sha256 header)} of the UploadPart requests as they go out."""
+    sent: dict[int, tuple[int, str | None]] = {}
+
+    def on_send(request: Any, **_: Any) -> None:
+        number = int(urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query)["partNumber"][0])
+        checksum = request.headers.get("x-amz-checksum-sha256")
+        sent[number] = (int(request.headers["Content-Length"]), checksum.decode() if checksum else None)
+
+    s3.client.meta.events.register("before-send.s3.UploadPart", on_send)
+    return sent
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_s3_multipart_upload(s3_endpoint: str, bucket: str, s3_client: Any, tmp_path: Path, checksums: bool) -> None:
+    """Above the 5 MiB threshold a file goes up as boto3's managed multipart upload, in 5 MiB parts."""
+    s3 = _s3(s3_endpoint, bucket, checksums=checksums)
+    sent = _sent_parts(s3)
     data = os.urandom(12 * MiB)
     src = tmp_path / "big.bin"
     src.write_bytes(data)
@@ -244,13 +266,21 @@ def test_s3_multipart_upload(s3_endpoint: str, bucket: str, s3_client: Any, tmp_
     info = s3.put_file(src, "big.bin")
 
     assert info.sha256 == _sha(data) and info.size == len(data)
-    assert [len(p["Body"]) for p in parts] == [5 * MiB, 5 * MiB, 2 * MiB]
-    assert all(p["ChecksumSHA256"] for p in parts)  # per-part SHA256, sent for the server to check
+    parts = [data[i : i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
+    # each part's SHA256 is sent for the server to check, unless checksums are off
+    assert sent == {n: (len(p), _b64_sha(p) if checksums else None) for n, p in enumerate(parts, start=1)}
     head = s3_client.head_object(Bucket=bucket, Key=f"{PREFIX}/big.bin")
     assert head["Metadata"]["sha256"] == _sha(data) and head["ContentLength"] == len(data)
-    got = s3.get_file("big.bin", tmp_path / "back.bin")  # verified against the metadata
+    assert s3_client.get_object(Bucket=bucket, Key=f"{PREFIX}/big.bin")["Body"].read() == data
+    got = s3.get_file("big.bin", tmp_path / "back.bin")  # a ranged download, verified against the metadata
     assert got.sha256 == _sha(data) and (tmp_path / "back.bin").read_bytes() == data
     assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
+
+    sent.clear()
+    assert s3.put_bytes(data, "big-bytes.bin").sha256 == _sha(data)  # bytes above the threshold: multipart too
+    assert sorted(sent) == [1, 2, 3]
+    head = s3_client.head_object(Bucket=bucket, Key=f"{PREFIX}/big-bytes.bin")
+    assert head["Metadata"]["sha256"] == _sha(data) and s3.get_bytes("big-bytes.bin") == data
 
 
 def test_s3_refused_upload_missing_bucket(s3_endpoint: str, tmp_path: Path) -> None:
@@ -311,72 +341,183 @@ def test_s3_wrong_credentials(s3_endpoint: str, bucket: str) -> None:
         set_auth("inf")
 
 
-def _failing_parts(fail: Callable[[int], bytes]) -> Callable[[S3Storage, IO[bytes], int], Iterator[bytes]]:
-    def parts(self: S3Storage, f: IO[bytes], part_size: int) -> Iterator[bytes]:
-        number = 0
-        while chunk := f.read(part_size):
-            number += 1
-            yield fail(number) if number == 2 else chunk
+def test_s3_upload_failing_midway_leaves_nothing(s3_endpoint: str, bucket: str, s3_client: Any, tmp_path: Path) -> None:
+    """The connection drops at part 2: boto3 aborts the multipart upload; no object, no upload left open."""
+    s3 = _s3(s3_endpoint, bucket, max_attempts=1)
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(12 * MiB))
+    calls: list[str] = []
+    s3.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
 
-    return parts
+    def drop_part_2(request: Any, **_: Any) -> None:
+        if "partNumber=2&" in request.url + "&":
+            raise ConnectionClosedError(endpoint_url=request.url)
+
+    s3.client.meta.events.register("before-send.s3.UploadPart", drop_part_2)
+    with pytest.raises(StorageError, match=r"cannot reach http://127\.0\.0\.1:\d+ to upload .*/jobs/t/big\.bin"):
+        s3.put_file(src, "big.bin")
+    assert calls.count("CreateMultipartUpload") == 1 and "UploadPart" in calls
+    assert "AbortMultipartUpload" in calls and "CompleteMultipartUpload" not in calls
+    assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
+    assert not s3.exists("big.bin")
+    assert s3_client.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
 
 
-def _io_error(_: int) -> bytes:
+class _FileFailingAt:
+    """A file whose reads from byte `at` on go through `fail` (a failing disk, a file changed meanwhile)."""
+
+    def __init__(self, f: IO[bytes], at: int, fail: Callable[[IO[bytes], int], bytes]) -> None:
+        self._f, self._at, self._fail = f, at, fail
+
+    def read(self, n: int = -1) -> bytes:
+        return self._fail(self._f, n) if self._f.tell() >= self._at else self._f.read(n)
+
+    def __getattr__(self, name: str) -> Any:  # readinto (the hashing before the upload), seek, tell, close
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _FileFailingAt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+def _io_error(f: IO[bytes], n: int) -> bytes:
     raise OSError(errno.EIO, "Input/output error")
 
 
+def _other_bytes(f: IO[bytes], n: int) -> bytes:
+    return os.urandom(len(f.read(n)))
+
+
+@pytest.mark.parametrize(
+    ("fail", "error", "match"),
+    [
+        (_io_error, StorageError, r"big\.bin.*Input/output error; the multipart upload was aborted"),
+        (_other_bytes, ChecksumMismatch, r"big\.bin has sha256 .* while uploaded.* changed .*; the upload .* aborted"),
+    ],
+)
 def test_s3_multipart_failure_is_aborted(
-    s3_endpoint: str, bucket: str, s3_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3_endpoint: str,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fail: Callable[[IO[bytes], int], bytes],
+    error: type[Exception],
+    match: str,
 ) -> None:
+    """The source fails as the upload reads part 2: the disk fails, or the file changed after it was hashed."""
     s3 = _s3(s3_endpoint, bucket)
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(12 * MiB))
 
-    monkeypatch.setattr(S3Storage, "_iter_parts", _failing_parts(_io_error))  # the disk fails at part 2
-    with pytest.raises(StorageError, match=r"big\.bin.*Input/output error; the multipart upload was aborted"):
+    def open_failing(path: Any, *args: Any, **kwargs: Any) -> Any:
+        f = open(path, *args, **kwargs)  # noqa: SIM115
+        return _FileFailingAt(f, 5 * MiB, fail) if path == src else f
+
+    monkeypatch.setattr(s3_module, "open", open_failing, raising=False)
+    with pytest.raises(error, match=match):
         s3.put_file(src, "big.bin")
     assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
     assert not s3.exists("big.bin")
 
-    monkeypatch.setattr(S3Storage, "_iter_parts", _failing_parts(lambda n: os.urandom(5 * MiB)))  # file changes
-    with pytest.raises(ChecksumMismatch, match="changed or is corrupted; the upload .* was aborted"):
-        s3.put_file(src, "big.bin")
-    assert "Uploads" not in s3_client.list_multipart_uploads(Bucket=bucket)
-    assert not s3.exists("big.bin")
+
+_S3_ENV = {
+    "PBS2P_S3_ENDPOINT_URL": "http://127.0.0.1:9",
+    "PBS2P_S3_REGION": "eu-west-3",
+    "PBS2P_S3_PATH_STYLE": "true",
+    "PBS2P_S3_CHECKSUMS": "0",
+    "PBS2P_S3_MULTIPART_THRESHOLD": "16MiB",
+    "PBS2P_S3_PART_SIZE": "8MiB",
+    "PBS2P_S3_MAX_CONCURRENCY": "2",
+    "PBS2P_S3_MAX_ATTEMPTS": "3",
+    "AWS_ACCESS_KEY_ID": "ak",
+    "AWS_SECRET_ACCESS_KEY": "sk",
+    "AWS_SESSION_TOKEN": "tok",
+}
 
 
-def test_storage_from_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert isinstance(storage_from_url(str(tmp_path)), LocalStorage)
-    local = storage_from_url(f"file://{tmp_path}/x y")
-    assert isinstance(local, LocalStorage) and local.root == tmp_path / "x y"
+def test_s3_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry point reads S3Settings() from PBS2P_S3_* and AWS_* and passes it to storage_from_url."""
+    for name, value in _S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    settings = S3Settings()
+    assert settings.to_dict() == {
+        "endpoint_url": "http://127.0.0.1:9",
+        "region": "eu-west-3",
+        "path_style": True,
+        "checksums": False,
+        "multipart_threshold": 16 * MiB,
+        "part_size": 8 * MiB,
+        "max_concurrency": 2,
+        "max_attempts": 3,
+        "access_key": "ak",
+        "secret_key": "sk",
+        "session_token": "tok",
+    }
+    assert "sk" not in repr(settings) and "tok" not in repr(settings)
 
-    monkeypatch.setenv("PBS2P_S3_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("PBS2P_S3_REGION", "eu-west-3")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ak")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sk")
-    monkeypatch.setenv("PBS2P_S3_PATH_STYLE", "true")
-    s3 = storage_from_url("s3://my-bucket/some/prefix/", part_size=8 * MiB)
+    s3 = storage_from_url("s3://my-bucket/some/prefix/", settings)
     assert isinstance(s3, S3Storage)
-    assert (s3.bucket, s3.prefix, s3.endpoint_url, s3.region, s3.part_size) == (
+    assert (s3.bucket, s3.prefix, s3.endpoint_url, s3.region) == (
         "my-bucket",
         "some/prefix",
         "http://127.0.0.1:9",
         "eu-west-3",
-        8 * MiB,
     )
-    assert s3.client.meta.config.s3["addressing_style"] == "path"
-    assert s3.client.meta.config.signature_version == "s3v4"
-    other = storage_from_url("s3://my-bucket", region="us-west-2")
+    assert (s3.multipart_threshold, s3.part_size, s3.checksums) == (16 * MiB, 8 * MiB, False)
+    assert (s3.transfer.multipart_threshold, s3.transfer.multipart_chunksize) == (16 * MiB, 8 * MiB)
+    assert s3.transfer.max_request_concurrency == 2 and s3.transfer.num_download_attempts == 1 + 3
+    config = s3.client.meta.config
+    assert config.s3["addressing_style"] == "path" and config.signature_version == "s3v4"
+    assert config.retries["total_max_attempts"] == 1 + 3  # botocore's max_attempts counts the retries
+    url = s3.url("k.bin", expires=60)  # signed here, with the keys from the environment
+    assert url is not None and url.startswith("http://127.0.0.1:9/my-bucket/some/prefix/k.bin?")
+    assert "X-Amz-Credential=ak%2F" in url and "%2Feu-west-3%2Fs3%2F" in url and "X-Amz-Security-Token=tok" in url
+
+    # to another process as a plain dict: the same settings back, whatever that process's environment says
+    values = settings.to_dict()
+    monkeypatch.setenv("PBS2P_S3_REGION", "us-west-2")
+    assert S3Settings.from_dict(values).to_dict() == values
+    with pytest.raises(StorageError, match="unknown S3 settings"):
+        S3Settings.from_dict({**values, "endpoint": "x"})
+
+    monkeypatch.setenv("PBS2P_S3_PATH_STYLE", "maybe")
+    with pytest.raises(ValidationError, match="PBS2P_S3_PATH_STYLE='maybe' is not a boolean"):
+        S3Settings()
+    monkeypatch.setenv("PBS2P_S3_PATH_STYLE", "1")
+    with pytest.raises(ValidationError, match="part_size"):
+        S3Settings(part_size="1MiB")  # below S3's minimum part size
+    with pytest.raises(ValidationError, match="endpoint"):
+        S3Settings(endpoint="x")  # no such setting
+
+
+def test_storage_from_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without settings, an s3:// URL gets S3Settings' defaults: the environment is not read here."""
+    assert isinstance(storage_from_url(str(tmp_path)), LocalStorage)
+    local = storage_from_url(f"file://{tmp_path}/x y")
+    assert isinstance(local, LocalStorage) and local.root == tmp_path / "x y"
+
+    for name, value in _S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):  # boto3's own region lookup
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    s3 = storage_from_url("s3://my-bucket/some/prefix/")
+    assert isinstance(s3, S3Storage)
+    defaults = S3Settings.defaults()
+    assert (s3.bucket, s3.prefix, s3.endpoint_url, s3.region) == ("my-bucket", "some/prefix", None, "us-east-1")
+    assert (s3.multipart_threshold, s3.part_size, s3.checksums) == (64 * MiB, 64 * MiB, True)
+    assert (s3.part_size, s3.transfer.max_request_concurrency) == (defaults.part_size, defaults.max_concurrency)
+    assert s3.client.meta.config.s3["addressing_style"] == "auto"
+    assert s3.client.meta.config.retries["total_max_attempts"] == 1 + defaults.max_attempts
+    other = storage_from_url("s3://my-bucket", S3Settings(region="us-west-2", path_style=False))
     assert isinstance(other, S3Storage) and other.region == "us-west-2" and other.prefix == ""
 
     for bad in ["gs://b/p", "http://host/x", "s3://", "s3:/bucket", "file://host/x", "s3://Bad_Bucket/p"]:
         with pytest.raises(StorageError, match=r"s3://BUCKET/PREFIX|file:///"):
             storage_from_url(bad)
-    with pytest.raises(StorageError, match="unknown storage settings"):
-        storage_from_url("s3://my-bucket", endpoint="x")
-    monkeypatch.setenv("PBS2P_S3_PATH_STYLE", "maybe")
-    with pytest.raises(StorageError, match="PBS2P_S3_PATH_STYLE"):
-        storage_from_url("s3://my-bucket")
 
 
 # ---------------------------------------------------------------------------------------------- local
