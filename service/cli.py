@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", help="revoke a key by its prefix (the first 12 characters)")
     kr.add_argument("prefix")
     _add_jobs_parser(sub)
+    _add_db_parser(sub)
     return ap
 
 
@@ -311,6 +312,15 @@ def _add_jobs_parser(sub: Any) -> None:
     jd = jsub.add_parser("download", help="download an artifact, verifying every file's sha256")
     jd.add_argument("job_id")
     jd.add_argument("-o", "--out", type=Path, required=True)
+
+
+def _add_db_parser(sub: Any) -> None:
+    db = sub.add_parser("db", help="the job store's schema (in PBS2P_DATABASE_URL / PBS2P_DATA_DIR; serve upgrades it)")
+    dsub = db.add_subparsers(dest="db_cmd", required=True)
+    dsub.add_parser("upgrade", help="migrate the database to the newest schema revision (safe to run any time)")
+    dsub.add_parser("current", help="the database's schema revision; changes nothing")
+    dd = dsub.add_parser("downgrade", help="take the database back to REVISION (before running an older pbs2p)")
+    dd.add_argument("revision", help="e.g. 0001; `pbs2p db current` says where it is")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             _keys(args)
         elif args.cmd == "jobs":
             _jobs(args)
+        elif args.cmd == "db":
+            _db(args)
     except Pbs2pError as exc:
         print(f"pbs2p: error: {exc}", file=sys.stderr)
         return 2
@@ -380,6 +392,26 @@ def _keys(args: argparse.Namespace) -> None:
     else:
         n = store.revoke_key(args.prefix)
         print(f"revoked {n} key(s)", file=sys.stderr)
+
+
+def _db(args: argparse.Namespace) -> None:
+    from . import migrations
+    from .settings import Settings
+    from .store import make_engine
+
+    engine = make_engine(Settings().db_url)
+    try:
+        if args.db_cmd == "current":
+            print(migrations.current(engine).describe())
+            return
+        if args.db_cmd == "downgrade":
+            migrations.downgrade(engine, args.revision)
+            print(migrations.current(engine).describe())
+            return
+        found, now = migrations.upgrade(engine)
+        print(f"already at {found.describe()}" if found.revision == now else f"upgraded {found.short} -> {now}")
+    finally:
+        engine.dispose()
 
 
 class _JobBar:
