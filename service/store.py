@@ -67,8 +67,6 @@ class Base(DeclarativeBase):
 
 
 # The tables as the code reads and writes them; the database gets them from the revisions in service/migrations.
-
-
 class ApiKeyRow(Base):
     __tablename__ = "api_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
