@@ -2,6 +2,9 @@
 
 Every state change is a compare-and-set (`UPDATE ... WHERE id = :id AND state IN (:expected)`): two
 dispatchers, or a dispatcher and a cancel request, can never both win. API keys are stored as sha256 hashes.
+
+The schema is versioned by Alembic (service/migrations): opening a store upgrades its database to the newest
+revision. A change to the models below goes with a new revision (tests/test_migrations.py checks they agree).
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from pbs2p_core.errors import Pbs2pError
+from . import migrations
 
 
 class JobState(enum.StrEnum):
@@ -63,6 +66,7 @@ class Base(DeclarativeBase):
     pass
 
 
+# The tables as the code reads and writes them; the database gets them from the revisions in service/migrations.
 class ApiKeyRow(Base):
     __tablename__ = "api_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -175,25 +179,33 @@ def decode_cursor(cursor: str) -> int:
     return seq
 
 
+def make_engine(url: str) -> Engine:
+    """The store's engine for `url` (SQLite: WAL, a busy timeout, the file's directory made; PostgreSQL: a pool)."""
+    kwargs: dict[str, Any]
+    if url.startswith("sqlite"):  # a local file: no stale connections; one per API thread (anyio's 40)
+        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 40}
+    else:
+        kwargs = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+    engine = create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        event.listen(engine, "connect", _sqlite_pragmas)
+        if engine.url.database not in (None, "", ":memory:"):
+            Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+    return engine
+
+
 class Store:
     def __init__(self, url: str) -> None:
+        """Open the store at `url`, upgrading its schema to the newest revision first (service/migrations: an
+        empty database gets every revision, one made before migrations is stamped 0001 then upgraded)."""
         self.url = url
-        kwargs: dict[str, Any]
-        if url.startswith("sqlite"):  # a local file: no stale connections; one per API thread (anyio's 40)
-            kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 40}
-        else:
-            kwargs = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
-        self.engine: Engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-            if self.engine.url.database not in (None, "", ":memory:"):
-                Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         try:
-            Base.metadata.create_all(self.engine)
-        except OperationalError as exc:
-            where = self.engine.url.render_as_string(hide_password=True)
-            raise Pbs2pError(f"cannot open the job store at {where}: {exc.orig}; check PBS2P_DATABASE_URL") from exc
+            migrations.upgrade(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()

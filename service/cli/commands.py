@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", help="revoke a key by its prefix (the first 12 characters)")
     kr.add_argument("prefix")
     _add_jobs_parser(sub)
+    db = sub.add_parser("db", help="the job store's schema (in PBS2P_DATABASE_URL / PBS2P_DATA_DIR; serve upgrades it)")
+    dsub = db.add_subparsers(dest="db_cmd", required=True)
+    dsub.add_parser("upgrade", help="migrate the database to the newest schema revision (safe to run any time)")
+    dsub.add_parser("current", help="the database's schema revision; changes nothing")
+    dd = dsub.add_parser("downgrade", help="take the database back to REVISION (before running an older pbs2p)")
+    dd.add_argument("revision", help="e.g. 0001; `pbs2p db current` says where it is")
     return ap
 
 
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             from .jobs import run_jobs_command  # extra: service
 
             run_jobs_command(args, config_from_args(args) if args.jobs_cmd == "submit" else None)
+        elif args.cmd == "db":
+            _db(args)
     except Pbs2pError as exc:
         print(f"pbs2p: error: {exc}", file=sys.stderr)
         return 2
@@ -237,6 +245,26 @@ def _keys(args: argparse.Namespace) -> None:
     else:
         n = store.revoke_key(args.prefix)
         print(f"revoked {n} key(s)", file=sys.stderr)
+
+
+def _db(args: argparse.Namespace) -> None:
+    from service import migrations  # extra: service
+    from service.settings import Settings  # extra: service
+    from service.store import make_engine  # extra: service
+
+    engine = make_engine(Settings().db_url)
+    try:
+        if args.db_cmd == "current":
+            print(migrations.current(engine).describe())
+            return
+        if args.db_cmd == "downgrade":
+            migrations.downgrade(engine, args.revision)
+            print(migrations.current(engine).describe())
+            return
+        found, now = migrations.upgrade(engine)
+        print(f"already at {found.describe()}" if found.revision == now else f"upgraded {found.short} -> {now}")
+    finally:
+        engine.dispose()
 
 
 if __name__ == "__main__":
