@@ -88,7 +88,7 @@ def main() -> int:
 
     from pbs2p_core.config import CompressionConfig
     from service.cli import run_eval
-    from workers.pipeline import compress_model
+    from workers.local import compress_model
 
     props = torch.cuda.get_device_properties(0)
     device = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}"

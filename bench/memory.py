@@ -55,7 +55,7 @@ def child(kind: str, model: Path, out: Path, samples: int, seqlen: int, workers:
     import torch
 
     from pbs2p_core.config import CompressionConfig
-    from workers.pipeline import compress_model
+    from workers.local import compress_model
 
     calib = torch.randint(0, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     cfg = CompressionConfig.from_options(calib_samples=samples, seqlen=seqlen, batch_size=4)

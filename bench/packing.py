@@ -36,7 +36,7 @@ from pbs2p_core.format import (  # noqa: E402
 )
 from pbs2p_core.solver import LinearResult, nm_mask  # noqa: E402
 from pbs2p_testing.real import real_model_dir  # noqa: E402
-from workers.checkpoint import WeightReader  # noqa: E402
+from workers.weights import WeightReader  # noqa: E402
 
 MODEL = "smollm2-135m"
 

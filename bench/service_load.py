@@ -418,15 +418,15 @@ def main() -> None:
 
     from service.demo import start_service, stop_service
 
+    from service.jobstore import JobStore
     from service.settings import Settings
-    from service.store import Store
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pbs2p-load-") as tmp:
         root = Path(tmp)
         long_dir, small_dir, calib = build_inputs(root, a.long_layers)
         data = root / "service"
-        store = Store(Settings(data_dir=data).db_url)
+        store = JobStore(Settings(data_dir=data).db_url)
         key = store.create_key("load")
         store.close()
         env = {

@@ -12,7 +12,7 @@ import torch
 from pbs2p_core.families import family_for
 from pbs2p_core.format import MANIFEST_FILE, TIMINGS_FILE, dense_state_dict, unpack_linear, verify_artifact
 from pbs2p_core.format.loader import iter_files
-from workers.pipeline import CompressReport
+from workers.report import CompressReport
 
 from .tiny import BATCH
 

@@ -18,8 +18,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.api import create_app
+from service.jobstore import JobStore
 from service.settings import Settings
-from service.store import Store
 from workers.storage import LocalStorage, storage_from_url
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever the env says
@@ -93,7 +93,7 @@ class Service:
 
     url: str
     settings: Settings
-    store: Store
+    store: JobStore
     storage: LocalStorage
     root: Path  # the only allowed model root
 
@@ -106,7 +106,7 @@ class Service:
 def running_service(data_dir: Path, root: Path, **settings: Any) -> Iterator[Service]:
     """The app of `create_app` over a SQLite store and local storage in `data_dir`; models allowed under `root`."""
     cfg = Settings(data_dir=data_dir, model_roots=str(root), dispatcher=False, poll_seconds=0.05, **settings)
-    store = Store(f"sqlite:///{data_dir / 'jobs.db'}")
+    store = JobStore(f"sqlite:///{data_dir / 'jobs.db'}")
     storage = storage_from_url(str(data_dir / "artifacts"))
     assert isinstance(storage, LocalStorage)
     app = create_app(cfg, store, storage, dispatcher=None)

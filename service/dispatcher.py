@@ -26,8 +26,8 @@ from workers.evaluation import EvalSpec
 from workers.job import JobSpec, RayOptions, Upload, run_job
 from workers.storage import Storage, storage_from_url
 
+from .jobstore import ACTIVE, Job, JobState, JobStore
 from .settings import Settings
-from .store import ACTIVE, Job, JobState, Store
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class JobProgress:
     """The progress callback of one job: records stage, block i of L and an ETA in the store (at most every
     half second), and raises when the job must stop (cancel, lost ownership, shutdown)."""
 
-    def __init__(self, store: Store, job_id: str, owner: str, stopping: threading.Event) -> None:
+    def __init__(self, store: JobStore, job_id: str, owner: str, stopping: threading.Event) -> None:
         self.store, self.job_id, self.owner, self.stopping = store, job_id, owner, stopping
         self.last_write = 0.0
         self.compress_start: tuple[float, int] | None = None  # (time, blocks done) when block work began
@@ -97,7 +97,7 @@ class JobProgress:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, store: Store, storage: Storage) -> None:
+    def __init__(self, settings: Settings, store: JobStore, storage: Storage) -> None:
         self.settings, self.store, self.storage = settings, store, storage
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.stopping = threading.Event()

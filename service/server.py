@@ -11,15 +11,15 @@ from workers.storage import storage_from_url
 
 from .api import create_app
 from .dispatcher import Dispatcher
+from .jobstore import JobStore
 from .settings import Settings
-from .store import Store
 
 log = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.db_url)
+    store = JobStore(settings.db_url)
     storage = storage_from_url(settings.artifacts_url, settings.s3)
     dispatcher = Dispatcher(settings, store, storage) if settings.dispatcher else None
     return create_app(settings, store, storage, dispatcher)

@@ -15,8 +15,9 @@ from typing import Any
 from pbs2p_core.config import CompressionConfig
 
 from .evaluation import EvalSpec, check_device, evaluate_model
+from .local import compress_model
 from .model_refs import fetch_model
-from .pipeline import CompressReport, ProgressFn, compress_model
+from .report import CompressReport, ProgressFn
 from .settings import WorkerSettings
 from .storage import Storage
 from .text import calibration_for

@@ -150,8 +150,8 @@ def _fetch_s3(url: str, settings: WorkerSettings) -> Path:
     target = settings.models_dir / ("s3-" + hashlib.sha256(url.encode()).hexdigest()[:16])
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return local_model(target)
-    store = storage_from_url(url, settings.s3)
-    objects = store.list()
+    storage = storage_from_url(url, settings.s3)
+    objects = storage.list()
     names = [o.key.rsplit("/", 1)[-1] for o in objects]
     if not any(n.endswith(".safetensors") for n in names):
         raise Pbs2pError(f"{url} holds no *.safetensors weights; upload a model directory in safetensors")
@@ -161,5 +161,5 @@ def _fetch_s3(url: str, settings: WorkerSettings) -> Path:
             f"{url} holds {total} bytes, above this service's limit of {settings.max_model_bytes} "
             f"(PBS2P_MAX_MODEL_BYTES)"
         )
-    store.download_dir("", target)
+    storage.download_dir("", target)
     return local_model(target)

@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from workers.storage import Storage
 
+from ..jobstore import JobStore
 from ..settings import Settings
-from ..store import Store
 from .dashboard import mount_dashboard
 from .deps import AppState
 from .metrics import Metrics
@@ -24,7 +24,7 @@ from .problems import add_problem_handlers, problem_openapi
 from .routes import artifacts, jobs, ops
 
 
-def create_app(settings: Settings, store: Store, storage: Storage, dispatcher: Any = None) -> FastAPI:
+def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher: Any = None) -> FastAPI:
     """The API over `store` and `storage`; `dispatcher` (optional) is started and stopped with the app."""
 
     @asynccontextmanager

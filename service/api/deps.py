@@ -13,8 +13,8 @@ from starlette.concurrency import run_in_threadpool
 
 from workers.storage import Storage
 
+from ..jobstore import Job, JobStore, hash_key
 from ..settings import Settings
-from ..store import Job, Store, hash_key
 from .metrics import Metrics
 from .problems import Problem
 
@@ -26,7 +26,7 @@ class AppState:
     """Everything the routes of one app share (kept as `app.state.pbs2p`)."""
 
     settings: Settings
-    store: Store
+    store: JobStore
     storage: Storage
     dispatcher: Any
     metrics: Metrics
@@ -68,7 +68,7 @@ Tenant = Annotated[str, Depends(tenant)]
 JobId = Annotated[str, Path(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-def find_job(store: Store, job_id: str, who: str) -> Job:
+def find_job(store: JobStore, job_id: str, who: str) -> Job:
     job = store.get(job_id, tenant=who)
     if job is None:  # another tenant's job is indistinguishable from no job
         raise Problem(404, "Not found", f"no job {job_id}")

@@ -7,13 +7,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from ..store import Store
+from ..jobstore import JobStore
 
 
 class Metrics:
     """Prometheus metrics of one app: requests by route and status, latency, jobs by state (read at scrape)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: JobStore) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "pbs2p_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry

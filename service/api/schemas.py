@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pbs2p_core.config import CompressionConfig
 from workers.evaluation import EvalSpec
 
-from ..store import Job, JobState
+from ..jobstore import Job, JobState
 
 _STRICT = ConfigDict(extra="forbid")
 

@@ -231,10 +231,10 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _keys(args: argparse.Namespace) -> None:
+    from service.jobstore import JobStore  # extra: service
     from service.settings import Settings  # extra: service
-    from service.store import Store  # extra: service
 
-    store = Store(Settings().db_url)
+    store = JobStore(Settings().db_url)
     if args.keys_cmd == "create":
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", args.tenant):
             raise Pbs2pError(
@@ -249,8 +249,8 @@ def _keys(args: argparse.Namespace) -> None:
 
 def _db(args: argparse.Namespace) -> None:
     from service import migrations  # extra: service
+    from service.jobstore import make_engine  # extra: service
     from service.settings import Settings  # extra: service
-    from service.store import make_engine  # extra: service
 
     engine = make_engine(Settings().db_url)
     try:

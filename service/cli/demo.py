@@ -18,8 +18,8 @@ from pbs2p_core.errors import Pbs2pError
 from pbs2p_core.format import inspect_artifact
 
 from ..client import Client
+from ..jobstore import JobStore
 from ..settings import Settings
-from ..store import Store
 from .progress import JobBar
 
 MODEL = "smollm2-135m"
@@ -74,7 +74,7 @@ def run_demo(cfg: CompressionConfig, out: Path, windows: int) -> int:
     t = time.perf_counter()
     data_dir = (out / "service").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = Store(Settings(data_dir=data_dir).db_url).create_key("demo")  # what `pbs2p keys create` does
+    key = JobStore(Settings(data_dir=data_dir).db_url).create_key("demo")  # what `pbs2p keys create` does
     proc, url = start_service(data_dir)
     print(f"service up at {url} (data in {data_dir}, log in {data_dir / 'service.log'})", file=sys.stderr)
     try:

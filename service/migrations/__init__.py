@@ -1,5 +1,5 @@
 """The job store's schema, versioned with Alembic: `upgrade(engine)` brings a database to the newest revision (run by
-`Store(url)` whenever it opens one, and by `pbs2p db upgrade`), `current(engine)` says where a database stands.
+`JobStore(url)` whenever it opens one, and by `pbs2p db upgrade`), `current(engine)` says where a database stands.
 
 The migration environment (env.py, versions/) ships inside the package and is configured here in code; no alembic.ini
 is read at run time (the one at the repository root is for developers writing a revision, docs/deploy.md).

@@ -1,6 +1,6 @@
 """Alembic's environment for the job store.
 
-At run time (`Store(url)`, `pbs2p db upgrade`) service.migrations hands over a connection, already inside the
+At run time (`JobStore(url)`, `pbs2p db upgrade`) service.migrations hands over a connection, already inside the
 transaction that holds the migration lock: every revision runs in it and it commits once, at the end.
 
 From the `alembic` command (developers: alembic.ini at the repository root) there is no connection: the database is
@@ -23,9 +23,9 @@ if connection is not None:
     with context.begin_transaction():
         context.run_migrations()
 else:
+    from service.jobstore import Base, make_engine
     from service.migrations import migration_transaction
     from service.settings import Settings
-    from service.store import Base, make_engine
 
     engine = make_engine(config.get_main_option("sqlalchemy.url") or Settings().db_url)
     try:

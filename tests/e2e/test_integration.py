@@ -19,7 +19,7 @@ from pbs2p_core.format import (
     unpack_linear,
     verify_artifact,
 )
-from workers.pipeline import compress_model
+from workers.local import compress_model
 
 pytestmark = pytest.mark.integration
 

@@ -24,8 +24,8 @@ from pbs2p_testing.artifacts import file_hashes
 from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
 from service.cli.demo import start_service, stop_service
 from service.client import Client
+from service.jobstore import JobStore
 from service.settings import Settings
-from service.store import Store
 from workers.evaluation import EvalSpec, evaluate_model
 from workers.job import JobSpec, run_job
 from workers.settings import WorkerSettings
@@ -49,7 +49,7 @@ def tiny_config(root: Path) -> dict[str, Any]:
 
 def service(data: Path, root: Path | None = None, **env: str) -> tuple[subprocess.Popen[bytes], str, str]:
     """Start `pbs2p serve` on `data` (in its own process group); returns it, its URL and a fresh API key."""
-    key = Store(Settings(data_dir=data, database_url=env.get("PBS2P_DATABASE_URL", "")).db_url).create_key("t")
+    key = JobStore(Settings(data_dir=data, database_url=env.get("PBS2P_DATABASE_URL", "")).db_url).create_key("t")
     base = {"PBS2P_POLL_SECONDS": "0.2", "PBS2P_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
     if root is not None:
         base["PBS2P_MODEL_ROOTS"] = str(root)
@@ -171,7 +171,7 @@ def test_s3_artifacts_and_postgres_store(
         client.download(job["id"], tmp_path / "dl")
     finally:
         stop_service(proc)
-    with Store(pg_url).session() as s:  # the job lives in PostgreSQL
+    with JobStore(pg_url).session() as s:  # the job lives in PostgreSQL
         from sqlalchemy import text
 
         assert s.execute(text("SELECT state FROM jobs")).scalars().all() == ["SUCCEEDED"]

@@ -41,7 +41,7 @@ from pbs2p_core.solver import LinearResult, compress_linear, nm_mask
 from pbs2p_testing.artifacts import logits
 from pbs2p_testing.cli import run_cli
 from pbs2p_testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config
-from workers.pipeline import compress_model
+from workers.local import compress_model
 
 
 @pytest.fixture(autouse=True, scope="module")

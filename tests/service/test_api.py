@@ -19,7 +19,7 @@ import pytest
 from pbs2p_core.config import CompressionConfig
 from pbs2p_testing.servers import Service, running_service
 from pbs2p_testing.tiny import make_model, save_tokenizer
-from service.store import JobState, encode_cursor
+from service.jobstore import JobState, encode_cursor
 
 PROBLEM = "application/problem+json"
 

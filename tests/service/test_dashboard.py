@@ -20,8 +20,8 @@ import pytest
 from pbs2p_core.config import Ablations
 from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
 from service.cli.demo import start_service, stop_service
+from service.jobstore import JobStore
 from service.settings import Settings
-from service.store import Store
 
 CHROMIUM = Path(os.environ.get("PBS2P_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -62,7 +62,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def service(browser: Any, files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     data = tmp_path_factory.mktemp("dashboard_service")
-    key = Store(Settings(data_dir=data).db_url).create_key("tenant")
+    key = JobStore(Settings(data_dir=data).db_url).create_key("tenant")
     env = {
         "PBS2P_MODEL_ROOTS": str(files["root"]),
         "PBS2P_POLL_SECONDS": "0.3",

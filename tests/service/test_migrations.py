@@ -40,7 +40,7 @@ from sqlalchemy import (
 from pbs2p_core.errors import Pbs2pError
 from service import migrations
 from service.cli import main
-from service.store import Base, JobState, Store
+from service.jobstore import Base, JobState, JobStore
 
 PG_URL = os.environ.get("PBS2P_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 HEAD = "0002"
@@ -79,7 +79,7 @@ ALREADY_V2 = {"method": "pbs2p", "pattern": "6:8", "ablations": {"spbo_mode": "f
 
 
 def legacy_tables() -> MetaData:
-    """The job store's tables exactly as service/store.py declared them before migrations (`Base.metadata`, made
+    """The job store's tables exactly as service/store.py (now service/jobstore.py) declared them before migrations (`Base.metadata`, made
     with create_all), frozen here: the migrations must take over a database that code made."""
     md = MetaData()
     Table(
@@ -128,7 +128,7 @@ def dumps(obj: Any) -> str:
 
 
 def request_hash(model: str, config: Any, evaluate: Any, name: str | None) -> str:
-    """The store's hash of a create request (Store.create_job)."""
+    """The store's hash of a create request (JobStore.create_job)."""
     return hashlib.sha256(dumps([model, config, evaluate, name]).encode()).hexdigest()
 
 
@@ -291,7 +291,7 @@ def test_a_store_made_before_migrations_is_stamped_and_upgraded_with_every_row_k
     keys_before, jobs_before = rows(engine, "api_keys", "id"), rows(engine, "jobs", "seq")
     assert migrations.current(engine).describe().startswith("0001 without alembic_version")
 
-    store = Store(db_url)
+    store = JobStore(db_url)
     try:
         assert version_of(engine) == [HEAD]
         assert rows(engine, "api_keys", "id") == keys_before
@@ -325,7 +325,7 @@ def test_a_store_made_before_migrations_is_stamped_and_upgraded_with_every_row_k
     finally:
         store.close()
 
-    again = Store(db_url)  # up to date: left as it is
+    again = JobStore(db_url)  # up to date: left as it is
     try:
         assert version_of(engine) == [HEAD] and len(rows(engine, "jobs", "seq")) == len(jobs_before) + 1
     finally:
@@ -337,7 +337,7 @@ def test_a_store_made_before_migrations_is_stamped_and_upgraded_with_every_row_k
 def test_b_an_empty_database_gets_the_head_and_the_store_works(db_url: str) -> None:
     engine = engine_of(db_url)
     assert migrations.current(engine).describe().startswith("empty")
-    store = Store(db_url)
+    store = JobStore(db_url)
     try:
         assert version_of(engine) == [HEAD]
         assert migrations.current(engine).describe() == f"{HEAD} (head)"
@@ -357,7 +357,7 @@ def test_c_downgrade_to_0001_restores_the_flat_configs(db_url: str) -> None:
     engine = engine_of(db_url)
     fill_legacy(engine)
     before = rows(engine, "jobs", "seq")
-    Store(db_url).close()
+    JobStore(db_url).close()
     migrations.downgrade(engine, "0001")
     try:
         assert version_of(engine) == ["0001"]
@@ -396,12 +396,12 @@ OPEN_TOGETHER = """
 import logging, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
-from service.store import Store
+from service.jobstore import JobStore
 url, gate, i, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 (gate / f"ready{i}").touch()  # every process imported everything; they open the store at the same moment
 while len(list(gate.glob("ready*"))) < n:
     time.sleep(0.002)
-Store(url).close()
+JobStore(url).close()
 print("opened")
 """
 
@@ -435,13 +435,13 @@ def test_d_processes_opening_one_database_together_migrate_it_once(db_url: str, 
 
 def test_d_threads_opening_one_database_together(db_url: str) -> None:
     barrier = threading.Barrier(4)
-    stores: list[Store] = []
+    stores: list[JobStore] = []
     errors: list[BaseException] = []
 
     def open_it() -> None:
         barrier.wait()
         try:
-            stores.append(Store(db_url))
+            stores.append(JobStore(db_url))
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -462,13 +462,13 @@ def test_d_threads_opening_one_database_together(db_url: str) -> None:
 
 # -- (e) a database newer than this code ----------------------------------------------------------------------
 def test_e_an_unknown_revision_is_refused_with_what_to_do(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    Store(db_url).close()
+    JobStore(db_url).close()
     engine = engine_of(db_url)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     try:
         with pytest.raises(Pbs2pError, match=r"revision '0099'.*does not know.*newer pbs2p.*pbs2p db downgrade 0002"):
-            Store(db_url)
+            JobStore(db_url)
         with pytest.raises(Pbs2pError, match="0099"):
             migrations.current(engine)
         assert version_of(engine) == ["0099"]  # untouched

@@ -27,8 +27,8 @@ from schemathesis.specs.openapi.checks import (
 from pbs2p_core.config import CompressionConfig
 from pbs2p_testing.servers import Service, running_service
 from service.api import create_app
+from service.jobstore import JobState, JobStore
 from service.settings import Settings
-from service.store import JobState, Store
 from workers.storage import LocalStorage
 
 CHECKS = [
@@ -60,7 +60,7 @@ def spec_of_the_app() -> dict[str, Any]:
     """The app's OpenAPI spec, built in-process at import (schemathesis parametrizes tests at collection time, and its
     fixture-based lazy loading does not work with this pytest); the test checks the running app serves the same."""
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store("sqlite://")
+        store = JobStore("sqlite://")
         try:
             return create_app(Settings(data_dir=Path(tmp)), store, LocalStorage(tmp)).openapi()
         finally:

@@ -27,7 +27,7 @@ from pbs2p_testing.artifacts import file_hashes
 from pbs2p_testing.tiny import calib_ids, make_model, save_tokenizer, tiny_config, tiny_job_config, write_text
 from service.cli import commands as cli
 from workers.distributed import NAMESPACE, compress_model_ray, init_ray
-from workers.pipeline import compress_model
+from workers.local import compress_model
 from workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]

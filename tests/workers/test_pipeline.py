@@ -1,4 +1,5 @@
-"""The per-block pipeline (workers/pipeline.py) on seeded tiny random models of every family, CPU only."""
+"""The per-block pipeline (workers/local.py, block.py, plan.py, model_stream.py) on seeded tiny random models
+of every family, CPU only."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from pbs2p_testing.artifacts import (
     tensors,
 )
 from pbs2p_testing.tiny import BATCH, CONFIGS, calib_ids, make_model, tiny_job_config
-from workers.pipeline import BlockModel, compress_model
+from workers.local import compress_model
+from workers.model_stream import BlockModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from pbs2p_core.format import MANIFEST_FILE
 from workers.storage import LocalStorage, ObjectNotFound, Storage, StorageError, check_key, join_key
 
-from ...store import Job, JobState
+from ...jobstore import Job, JobState
 from ..deps import OwnJob, State
 from ..problems import Problem, error_responses
 from ..schemas import ArtifactFile, ArtifactPublic

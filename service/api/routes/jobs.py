@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from pbs2p_core.errors import Pbs2pError
 from workers.model_refs import check_model_ref, check_text
 
-from ...store import IdempotencyConflict, JobState, decode_cursor, encode_cursor
+from ...jobstore import IdempotencyConflict, JobState, decode_cursor, encode_cursor
 from ..deps import JobId, OwnJob, State, Tenant, find_job
 from ..problems import Problem, error_responses, invalid_field
 from ..schemas import JobCreate, JobList, JobPublic

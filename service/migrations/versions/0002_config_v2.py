@@ -68,7 +68,7 @@ def _dumps(obj: Any) -> str:
 
 
 def _request_hash(model: str, config: Any, evaluate: str | None, name: str | None) -> str:
-    """What the store computes at create time (Store.create_job), from the columns as stored."""
+    """What the store computes at create time (JobStore.create_job), from the columns as stored."""
     ev = json.loads(evaluate) if evaluate else None
     return hashlib.sha256(_dumps([model, config, ev, name]).encode()).hexdigest()
 

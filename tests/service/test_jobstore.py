@@ -1,4 +1,4 @@
-"""The job store (service/store.py) against SQLite (a temporary file) and a real PostgreSQL (127.0.0.1:5432, a fresh
+"""The job store (service/jobstore.py) against SQLite (a temporary file) and a real PostgreSQL (127.0.0.1:5432, a fresh
 schema per test): hashed API keys, tenant isolation, pagination, idempotency, compare-and-set transitions, concurrent
 claims and recovery of jobs whose dispatcher is gone."""
 
@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from service.store import (
+from service.jobstore import (
     ACTIVE,
     ApiKeyRow,
     IdempotencyConflict,
     Job,
     JobState,
-    Store,
+    JobStore,
     decode_cursor,
     encode_cursor,
 )
@@ -52,9 +52,9 @@ def postgres() -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
     if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+        s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
         yield s
         s.close()
         return
@@ -64,7 +64,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     sep = "&" if "?" in base else "?"
-    s = Store(f"{base}{sep}options=-csearch_path%3D{schema}")
+    s = JobStore(f"{base}{sep}options=-csearch_path%3D{schema}")
     try:
         with s.session() as sess:  # the tables really are in the fresh schema
             assert sess.execute(text("select current_schema()")).scalar() == schema
@@ -76,7 +76,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         admin.dispose()
 
 
-def make_jobs(store: Store, tenant: str, n: int, **kw: Any) -> list[Job]:
+def make_jobs(store: JobStore, tenant: str, n: int, **kw: Any) -> list[Job]:
     return [store.create_job(tenant, f"org/model-{i}", CONFIG, name=f"j{i}", **kw)[0] for i in range(n)]
 
 
@@ -92,14 +92,14 @@ def in_threads(n: int, fn: Callable[[int], T]) -> list[T]:
         return list(pool.map(run, range(n)))
 
 
-def state_of(store: Store, job_id: str) -> JobState:
+def state_of(store: JobStore, job_id: str) -> JobState:
     job = store.get(job_id)
     assert job is not None
     return job.state
 
 
 # -- API keys -------------------------------------------------------------------------------------------------
-def test_keys_are_stored_hashed_and_can_be_revoked(store: Store) -> None:
+def test_keys_are_stored_hashed_and_can_be_revoked(store: JobStore) -> None:
     key = store.create_key("acme")
     other = store.create_key("acme")
     assert key.startswith("pbs2p_") and key != other
@@ -121,7 +121,7 @@ def test_keys_are_stored_hashed_and_can_be_revoked(store: Store) -> None:
 
 
 # -- jobs: create, get, list ----------------------------------------------------------------------------------
-def test_create_get_and_tenant_isolation(store: Store) -> None:
+def test_create_get_and_tenant_isolation(store: JobStore) -> None:
     job, created = store.create_job("a", "org/m", CONFIG, evaluate={"data": "wiki"}, name="first")
     assert created and job.state == JobState.QUEUED and job.tenant == "a" and job.attempts == 0
     assert job.config == CONFIG and job.evaluate == {"data": "wiki"} and job.name == "first"
@@ -137,7 +137,7 @@ def test_create_get_and_tenant_isolation(store: Store) -> None:
     assert store.list_jobs("c") == ([], None)
 
 
-def test_list_newest_first_with_cursor_pages_without_gaps_or_repeats(store: Store) -> None:
+def test_list_newest_first_with_cursor_pages_without_gaps_or_repeats(store: JobStore) -> None:
     mine = make_jobs(store, "a", 7)
     make_jobs(store, "b", 3)  # interleaved tenants must not disturb the pages
     mine += make_jobs(store, "a", 3)
@@ -159,7 +159,7 @@ def test_list_newest_first_with_cursor_pages_without_gaps_or_repeats(store: Stor
     assert [j.id for j in page] == expected and nxt is None  # an exact fit has no next page
 
 
-def test_list_filters_by_state(store: Store) -> None:
+def test_list_filters_by_state(store: JobStore) -> None:
     jobs = make_jobs(store, "a", 4)
     assert store.transition(jobs[1].id, [JobState.QUEUED], JobState.CANCELLED)
     assert store.transition(jobs[2].id, [JobState.QUEUED], JobState.FAILED, error="boom")
@@ -183,7 +183,7 @@ def test_cursor_rejects_what_the_store_did_not_hand_out() -> None:
 
 
 # -- idempotency ----------------------------------------------------------------------------------------------
-def test_idempotency_key_returns_the_same_job_or_conflicts(store: Store) -> None:
+def test_idempotency_key_returns_the_same_job_or_conflicts(store: JobStore) -> None:
     job, created = store.create_job("a", "org/m", CONFIG, name="x", idempotency_key="k1")
     again, created_again = store.create_job("a", "org/m", CONFIG, name="x", idempotency_key="k1")
     assert created and not created_again and again.id == job.id
@@ -198,7 +198,7 @@ def test_idempotency_key_returns_the_same_job_or_conflicts(store: Store) -> None
     assert len(store.list_jobs("a")[0]) == 3
 
 
-def test_concurrent_creation_with_one_key_makes_one_job(store: Store) -> None:
+def test_concurrent_creation_with_one_key_makes_one_job(store: JobStore) -> None:
     n = 8
     results = in_threads(n, lambda i: store.create_job("a", "org/m", CONFIG, idempotency_key="same"))
     assert len({job.id for job, _ in results}) == 1
@@ -207,7 +207,7 @@ def test_concurrent_creation_with_one_key_makes_one_job(store: Store) -> None:
 
 
 # -- compare-and-set ------------------------------------------------------------------------------------------
-def test_transition_is_compare_and_set(store: Store) -> None:
+def test_transition_is_compare_and_set(store: JobStore) -> None:
     (job,) = make_jobs(store, "a", 1)
     assert not store.transition(job.id, [JobState.RUNNING], JobState.UPLOADING)  # wrong expected state
     assert not store.transition("job_missing", [JobState.QUEUED], JobState.RUNNING)
@@ -226,14 +226,14 @@ def test_transition_is_compare_and_set(store: Store) -> None:
     assert not store.transition(job.id, [JobState.QUEUED, JobState.RUNNING], JobState.CANCELLED)
 
 
-def test_racing_transitions_have_one_winner(store: Store) -> None:
+def test_racing_transitions_have_one_winner(store: JobStore) -> None:
     (job,) = make_jobs(store, "a", 1)
     wins = in_threads(6, lambda i: store.transition(job.id, [JobState.QUEUED], JobState.CANCELLED, error=f"t{i}"))
     assert sum(wins) == 1
     assert state_of(store, job.id) == JobState.CANCELLED
 
 
-def test_concurrent_claims_take_each_job_exactly_once(store: Store) -> None:
+def test_concurrent_claims_take_each_job_exactly_once(store: JobStore) -> None:
     jobs = make_jobs(store, "a", 12)
 
     def worker(i: int) -> list[str]:
@@ -249,7 +249,7 @@ def test_concurrent_claims_take_each_job_exactly_once(store: Store) -> None:
     assert store.claim("late") is None
 
 
-def test_claim_takes_the_oldest_queued_job(store: Store) -> None:
+def test_claim_takes_the_oldest_queued_job(store: JobStore) -> None:
     jobs = make_jobs(store, "a", 3)
     assert store.transition(jobs[0].id, [JobState.QUEUED], JobState.CANCELLED)
     job = store.claim("o")
@@ -257,7 +257,7 @@ def test_claim_takes_the_oldest_queued_job(store: Store) -> None:
 
 
 # -- heartbeats and recovery ----------------------------------------------------------------------------------
-def test_heartbeat_refreshes_only_the_owners_active_jobs(store: Store) -> None:
+def test_heartbeat_refreshes_only_the_owners_active_jobs(store: JobStore) -> None:
     make_jobs(store, "a", 2)
     mine, theirs = store.claim("me"), store.claim("them")
     assert mine is not None and theirs is not None
@@ -273,7 +273,7 @@ def test_heartbeat_refreshes_only_the_owners_active_jobs(store: Store) -> None:
     assert sorted(store.owners()) == ["me", "them"]
 
 
-def test_set_progress_reports_cancelling_and_lost_ownership(store: Store) -> None:
+def test_set_progress_reports_cancelling_and_lost_ownership(store: JobStore) -> None:
     make_jobs(store, "a", 1)
     job = store.claim("me")
     assert job is not None
@@ -285,7 +285,7 @@ def test_set_progress_reports_cancelling_and_lost_ownership(store: Store) -> Non
     assert got is not None and got.progress == {"stage": "block", "block": 2, "blocks": 4}
 
 
-def test_recover_requeues_stale_and_dead_owners_and_finishes_cancels(store: Store) -> None:
+def test_recover_requeues_stale_and_dead_owners_and_finishes_cancels(store: JobStore) -> None:
     jobs = make_jobs(store, "a", 5)
     stale, dead, alive, cancelling, queued = jobs
     for owner in ("o-stale", "o-dead", "o-alive", "o-cancel"):
@@ -312,7 +312,7 @@ def test_recover_requeues_stale_and_dead_owners_and_finishes_cancels(store: Stor
     assert again.started_at == requeued.started_at  # the first start is kept
 
 
-def test_counts_has_every_state(store: Store) -> None:
+def test_counts_has_every_state(store: JobStore) -> None:
     assert store.counts() == {s.value: 0 for s in JobState}
     jobs = make_jobs(store, "a", 3) + make_jobs(store, "b", 1)
     assert store.claim("o") is not None

@@ -33,7 +33,7 @@ from pbs2p_core.format import pack_linear, unpack_linear
 from pbs2p_core.format.manifest import SEP
 from pbs2p_core.solver import LinearResult
 
-from .pipeline import BlockReport, LinearReport
+from .report import BlockReport, LinearReport
 from .storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)

@@ -194,7 +194,7 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-class Store:
+class JobStore:
     def __init__(self, url: str) -> None:
         """Open the store at `url`, upgrading its schema to the newest revision first (service/migrations: an
         empty database gets every revision, one made before migrations is stamped 0001 then upgraded)."""
