@@ -6,7 +6,9 @@ import threading
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 # accelerate's init_empty_weights patches nn.Module.register_parameter for the whole process and restores it
 # on exit. Two threads (two jobs in one process) interleaving patch and restore would leave the patch on for
@@ -16,8 +18,5 @@ _LOCK = threading.Lock()
 
 def empty_causal_lm(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     """`AutoModelForCausalLM.from_config(config)` with meta parameters; buffers (rotary inv_freq) are real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     with _LOCK, init_empty_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)  # never trust_remote_code

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import MANIFEST_FILE, verify_artifact
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -111,8 +112,6 @@ class Client:
     def download(self, job_id: str, dest: Path) -> list[dict[str, Any]]:
         """Every artifact file into `dest`, each checked against the manifest's sha256 (manifest last), then the
         whole artifact verified as `pbs2p_core` loads it."""
-        from pbs2p_core.format import MANIFEST_FILE, verify_artifact
-
         listing = self._call("GET", f"/v1/jobs/{job_id}/artifact").json()
         dest.mkdir(parents=True, exist_ok=True)
         (dest / MANIFEST_FILE).unlink(missing_ok=True)  # an older manifest must not vouch for new files

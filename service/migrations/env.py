@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from alembic import context
 
+from service.jobstore import Base, make_engine
+from service.migrations import migration_transaction
+from service.settings import Settings
+
 config = context.config
 connection = config.attributes.get("connection")
 
@@ -23,10 +27,6 @@ if connection is not None:
     with context.begin_transaction():
         context.run_migrations()
 else:
-    from service.jobstore import Base, make_engine
-    from service.migrations import migration_transaction
-    from service.settings import Settings
-
     engine = make_engine(config.get_main_option("sqlalchemy.url") or Settings().db_url)
     try:
         with migration_transaction(engine) as conn:  # the same lock as the service's own upgrades

@@ -6,30 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from workers.sources import calibration_windows, eval_windows, load_documents
+from transformers import AutoTokenizer
 
 from pbs2p_core.config import CompressionConfig
-from pbs2p_core.evaluate import perplexity
-from pbs2p_core.format import (
-    decode_linear,
-    inspect_artifact,
-    is_artifact,
-    load_artifact,
-    unpack_linear,
-    verify_artifact,
-)
-from workers.local import compress_model
+from pbs2p_core.format import decode_linear, inspect_artifact, unpack_linear, verify_artifact
+from workers.evaluation import EvalSpec
+from workers.job import JobSpec, run_job
+from workers.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
-
-
-def _ppl(model_dir: Path, ids: torch.Tensor) -> float:
-    if is_artifact(model_dir):  # the compressed artifact, packed linears decoded per forward
-        model = load_artifact(model_dir, mode="packed")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return perplexity(model, ids, bos=False, batch_size=2).ppl
 
 
 def test_real_model_end_to_end(real_model: Path, tmp_path: Path) -> None:
@@ -37,10 +22,10 @@ def test_real_model_end_to_end(real_model: Path, tmp_path: Path) -> None:
     measured by bench/quality.py with enough calibration, not asserted here. 8 x 256 calibration tokens: more
     than the MLP's 1536 inputs (with fewer, the Hessians are rank-deficient and the model can end up worse than
     a uniform guess)."""
-    tok = AutoTokenizer.from_pretrained(real_model)
-    calib = calibration_windows(tok, load_documents("wiki", "calib"), n=8, seqlen=256, seed=0)
     cfg = CompressionConfig.from_options(method="pbs2p", pattern="6:8", calib_samples=8, seqlen=256, batch_size=4)
-    pbs2p = compress_model(real_model, tmp_path / "pbs2p", cfg, calib)
+    spec = JobSpec(str(real_model), cfg, evaluate=EvalSpec(seqlen=128, windows=2))  # the one job path
+    job = run_job(spec, tmp_path / "pbs2p", WorkerSettings())
+    pbs2p = job.report
     # every compressed linear reproduces its outputs better than dropping it would
     assert all(0 < lr.rel_error < 1 for b in pbs2p.blocks for lr in b.linears)
     assert sum(b.n_keep for b in pbs2p.blocks) == 6 * len(pbs2p.blocks)  # the average N is the target's
@@ -61,7 +46,7 @@ def test_real_model_end_to_end(real_model: Path, tmp_path: Path) -> None:
     total = inspect_artifact(tmp_path / "pbs2p")["total"]
     assert total["linears"] == 7 * len(pbs2p.blocks)
     assert 0 <= total["true_bits"] - pbs2p.bits["true_bits"] < 8 * 3 * total["linears"] / total["weights"]
-    # the compressed model still is a language model, worse than FP
-    ids, _ = eval_windows(tok, load_documents("wiki", "eval"), seqlen=128, windows=2)
-    fp, q = _ppl(real_model, ids), _ppl(tmp_path / "pbs2p", ids)
-    assert math.isfinite(q) and fp < q < tok.vocab_size
+    # the compressed model (loaded packed) still is a language model, worse than FP, on held-out text
+    fp, q = job.metrics["ppl_before"], job.metrics["ppl_after"]
+    assert job.metrics["eval_windows"] == 2 and job.metrics["eval_tokens"] == 2 * 127
+    assert math.isfinite(q) and fp < q < AutoTokenizer.from_pretrained(real_model).vocab_size

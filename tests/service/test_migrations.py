@@ -79,7 +79,7 @@ ALREADY_V2 = {"method": "pbs2p", "pattern": "6:8", "ablations": {"spbo_mode": "f
 
 
 def legacy_tables() -> MetaData:
-    """The job store's tables exactly as service/store.py (now service/jobstore.py) declared them before migrations (`Base.metadata`, made
+    """The job store's tables exactly as service/jobstore.py declared them before migrations (`Base.metadata`, made
     with create_all), frozen here: the migrations must take over a database that code made."""
     md = MetaData()
     Table(
