@@ -279,6 +279,10 @@ function layerTable(blocks) {
     })));
 }
 
+// A nested object as [dotted name, value] pairs: {ablations: {spbo_report: true}} -> [["ablations.spbo_report", true]].
+const dotted = (obj, prefix = "") => Object.entries(obj).flatMap(([k, v]) =>
+  (v && typeof v === "object" && !Array.isArray(v) ? dotted(v, `${prefix}${k}.`) : [[prefix + k, v]]));
+
 const stat = (label, value, id) => h("div", { class: "stat", id }, h("div", { class: "label", text: label }), h("div", { class: "value", text: value }));
 
 async function jobPage(id) {
@@ -308,11 +312,11 @@ async function jobPage(id) {
         stat("timings", `prepare ${secs(t.prepare_s)} · compress ${secs(t.compress_s)} · evaluate ${secs(t.evaluate_s)}`, "timings")),
       blocks.length ? h("div", { class: "card" }, h("h3", { text: `Kept weights N per block (${j.config.allocation} allocation, ${j.config.pattern} target dashed)` }), h("div", { class: "chart" }, nChart(blocks, j.config.pattern))) : null,
       blocks.length ? h("div", { class: "card" }, h("h3", { text: "Per-layer reconstruction error" }),
-        j.config.spbo_report ? null : h("p", { class: "muted", text: "“Before SPBO” needs the config field spbo_report: true." }),
+        j.config.ablations?.spbo_report ? null : h("p", { class: "muted", text: "“Before SPBO” needs the config field ablations.spbo_report: true." }),
         h("div", { class: "scroll" }, layerTable(blocks))) : null,
       h("details", { class: "card", open: !blocks.length },
         h("summary", { text: "Config" }),
-        h("dl", { id: "config" }, Object.entries({ ...j.config, ...(j.evaluate ? { evaluate: j.evaluate } : {}) })
+        h("dl", { id: "config" }, dotted({ ...j.config, ...(j.evaluate ? { evaluate: j.evaluate } : {}) })
           .flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { class: "mono", text: typeof v === "object" ? JSON.stringify(v) : String(v) })])))));
   };
   render(job);
