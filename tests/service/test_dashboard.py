@@ -1,7 +1,8 @@
 """The web dashboard (service/static) in a real headless browser: Debian's chromium driven by Playwright.
 
-One `pbs2p serve` child process on a seeded tiny Llama; the browser signs in, submits a job through the form,
-follows it live to SUCCEEDED and opens its report. Where chromium is missing the tests skip (fail under CI).
+One `pbs2p serve` child process on a seeded tiny Llama; the browser signs in, submits a job through the form
+(generated from /openapi.json: one input per config field), follows it live to SUCCEEDED and opens its report.
+Where chromium is missing the tests skip (fail under CI).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pbs2p_core.config import Ablations
+from pbs2p_core.config import Ablations, CompressionConfig
 from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
 from service.cli.demo import start_service, stop_service
 from service.jobstore import JobStore
@@ -99,6 +100,7 @@ def page(browser: Any, service: dict[str, str]) -> Iterator[Any]:
     pg.errors = []
     pg.on("response", lambda r: "/v1/" in r.url and pg.api.append((r.request.method, r.url, r.status)))
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.on("console", lambda m: "Content Security Policy" in m.text and pg.errors.append(m.text))  # CSP kept
     yield pg
     context.close()
     assert not pg.errors, pg.errors  # no uncaught JavaScript error on any page
@@ -155,6 +157,53 @@ def wait_terminal(service: dict[str, str], job_id: str, timeout: float = 600.0) 
     pytest.fail(f"job {job_id} not final after {timeout:.0f} s; see {service['log']}")
 
 
+def resolved(spec: dict[str, Any], node: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A property's schema as the form reads it: `$ref` (siblings win), `allOf: [X]`, `anyOf: [X, null]` taken
+    off; and whether null is allowed."""
+    nullable = False
+    while True:
+        node = dict(node)
+        alts = [a for a in node.get("anyOf", []) if a.get("type") != "null"]
+        if "$ref" in node:
+            target: Any = spec
+            for key in node.pop("$ref").split("/")[1:]:
+                target = target[key]
+            node = {**target, **node}
+        elif len(node.get("allOf", [])) == 1:
+            node = {**node.pop("allOf")[0], **node}
+        elif "anyOf" in node and len(alts) == 1:
+            nullable = nullable or len(alts) < len(node.pop("anyOf"))
+            node = {**alts[0], **node}
+        else:
+            return node, nullable
+
+
+def schema_fields(spec: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> dict[str, tuple[dict, bool]]:
+    """Every field the form should have, by dotted name: the leaves of the JobCreate schema, recursively, minus
+    constants (config.version); an optional object (evaluate) is a field itself (its checkbox) and has fields."""
+    out: dict[str, tuple[dict, bool]] = {}
+    for name, raw in schema["properties"].items():
+        sub, nullable = resolved(spec, raw)
+        if "const" in sub:
+            continue
+        if "properties" not in sub or nullable:
+            out[prefix + name] = (sub, nullable)
+        if "properties" in sub:
+            out.update(schema_fields(spec, sub, f"{prefix}{name}."))
+    return out
+
+
+def open_form(page: Any, service: dict[str, str]) -> None:
+    sign_in(page, service)
+    page.wait_for_selector("#jobs")
+    page.click("a.button[href='#/new']")
+    page.wait_for_selector("#submit")
+
+
+def open_ablations(page: Any) -> None:
+    page.click("details[data-field='config.ablations'] > summary")
+
+
 def test_without_a_key_the_page_shows_no_data(page: Any, service: dict[str, str], other_job: str) -> None:
     ids = all_job_ids(service)
     assert other_job in ids
@@ -192,10 +241,71 @@ def test_the_key_stays_in_the_tab_and_sign_out_clears_it(page: Any, service: dic
     assert other_job not in page.content()
 
 
+def test_the_form_has_one_input_per_schema_field(page: Any, service: dict[str, str]) -> None:
+    """The form is generated from /openapi.json: exactly one input per JobCreate field (recursively, without
+    config.version), of the schema's kind, bounds and pattern, starting at the schema's default."""
+    spec = httpx.get(f"{service['url']}/openapi.json").json()
+    want = schema_fields(spec, spec["components"]["schemas"]["JobCreate"])
+    config = {f"config.{k}" for k in CompressionConfig.model_fields if k not in ("version", "ablations")}
+    config |= {f"config.ablations.{k}" for k in Ablations.model_fields}
+    assert {k for k in want if k.startswith("config.")} == config  # the schema is the config's
+    optional = {k for k, (_, null) in want.items() if null}  # each with an empty "default" choice
+    assert optional == {
+        "name",
+        "config.spbo_steps",
+        "config.ablations.salient_allocation",
+        "evaluate",
+        "evaluate.windows",
+    }
+
+    open_form(page, service)
+    got = page.eval_on_selector_all(
+        "#submit [name]",
+        """els => els.map(e => ({name: e.name, tag: e.tagName, type: e.type, value: e.value, checked: e.checked,
+            min: e.getAttribute("min"), max: e.getAttribute("max"), pattern: e.getAttribute("pattern"),
+            options: e.tagName === "SELECT" ? [...e.options].map(o => o.value) : null}))""",
+    )
+    names = [g["name"] for g in got]
+    assert len(names) == len(set(names)), names  # one input per field
+    assert set(names) == set(want)
+    assert "config.version" not in names
+    for g in got:
+        s, nullable = want[g["name"]]
+        default = s.get("default")
+        where = f"{g['name']}: {g}"
+        if "properties" in s:  # an optional object: a checkbox, off (the schema's default is none)
+            assert g["type"] == "checkbox" and not g["checked"], where
+        elif "enum" in s:
+            assert g["tag"] == "SELECT" and g["options"] == [""] * nullable + s["enum"], where
+            assert g["value"] == ("" if default is None else default), where
+        elif s["type"] == "boolean":
+            assert g["type"] == "checkbox" and g["checked"] == default, where
+        elif s["type"] in ("integer", "number"):
+            assert g["type"] == "number", where
+            lo, hi = s.get("minimum", s.get("exclusiveMinimum")), s.get("maximum", s.get("exclusiveMaximum"))
+            assert (float(g["min"]), float(g["max"])) == (lo, hi), where
+            assert (g["value"] == "") if default is None else (float(g["value"]) == default), where
+        elif s["type"] == "array":  # comma-separated
+            assert g["type"] == "text" and g["value"] == ", ".join(map(str, default)), where
+        else:
+            assert s["type"] == "string" and g["type"] == "text", where
+            assert g["pattern"] == s.get("pattern") and g["value"] == (default or ""), where
+        if s.get("description") and "properties" not in s:
+            assert page.text_content(f'.field[data-field="{g["name"]}"] .help') == s["description"]
+    # the ablations collapsed, evaluate off (its fields disabled until checked)
+    ablations = page.locator("details[data-field='config.ablations']")
+    assert ablations.get_attribute("open") is None
+    assert page.inner_text("details[data-field='config.ablations'] > summary") == "Ablations and diagnostics"
+    assert page.is_disabled("[name='evaluate.data']")
+    page.check("[name=evaluate]")
+    assert page.is_enabled("[name='evaluate.data']")
+    open_ablations(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-form.png"), full_page=True)
+
+
 def test_the_form_shows_the_validation_problem(page: Any, service: dict[str, str], files: dict[str, Path]) -> None:
-    sign_in(page, service)
-    page.wait_for_selector("#jobs")
-    page.click("a.button[href='#/new']")
+    open_form(page, service)
     page.fill("[name=model]", str(files["model"]))
     page.fill("[name='config.pattern']", "9:8")
     page.click("#submit button[type=submit]")
@@ -206,33 +316,77 @@ def test_the_form_shows_the_validation_problem(page: Any, service: dict[str, str
     assert ("POST", f"{service['url']}/v1/jobs", 422) in page.api
     assert page.url.endswith("#/new")  # still on the form, the values kept
     assert page.input_value("[name=model]") == str(files["model"])
+    assert page.input_value("[name='config.pattern']") == "9:8"
 
-    page.fill("[name='config.pattern']", "6:8")  # a config JSON that is no JSON: refused before any request
-    page.fill("[name=config]", "{block_size: 32")
+
+def test_each_server_error_appears_at_its_field(page: Any, service: dict[str, str], files: dict[str, Path]) -> None:
+    """422s: each error beside the field its path names (the longest prefix that is a field:
+    config.skip_modules.1 -> config.skip_modules), an ablation's in the ablations, opened to show it."""
+    open_form(page, service)
+    page.fill("[name=model]", str(files["model"]))
+    page.fill("[name='config.skip_modules']", "lm_head, " + "x" * 300)  # the second one too long
+    page.click("#submit button[type=submit]")
+    page.wait_for_selector('.field[data-field="config.skip_modules"].invalid')
+    assert "256" in page.inner_text('.field[data-field="config.skip_modules"] .ferror')
+    assert "config.skip_modules.1" in page.inner_text("#form-error")
+
+    # once the fields are valid, the checks across fields: two errors, each at the field to change
+    page.fill("[name='config.skip_modules']", "lm_head")
+    page.fill("[name='config.spbo_steps']", "5")  # more than M - N = 2 for the default 6:8
+    open_ablations(page)
+    page.select_option("[name='config.ablations.arb_variant']", "arb-rc")  # with the default salient_columns 16
+    page.click("details[data-field='config.ablations'] > summary")  # closed again: the error opens it
+    page.click("#submit button[type=submit]")
+    page.wait_for_selector('.field[data-field="config.spbo_steps"].invalid')
+    assert [s for m, u, s in page.api if m == "POST"] == [422, 422]
+    assert "M - N = 2" in page.inner_text('.field[data-field="config.spbo_steps"] .ferror')
+    assert "salient_columns=0" in page.inner_text('.field[data-field="config.ablations.arb_variant"] .ferror')
+    assert page.get_attribute("details[data-field='config.ablations']", "open") is not None
+    assert page.locator(".field.invalid").count() == 2  # the first answer's error is gone
+    assert page.inner_text('.field[data-field="config.skip_modules"] .ferror') == ""
+    detail = page.inner_text("#form-error")
+    assert "config.spbo_steps" in detail and "config.ablations.arb_variant" in detail
+    assert page.input_value("[name='config.ablations.arb_variant']") == "arb-rc"  # the input kept
+    assert page.input_value("[name='config.spbo_steps']") == "5"
+
+
+def test_a_value_the_form_cannot_parse_is_refused_before_any_request(
+    page: Any, service: dict[str, str], files: dict[str, Path]
+) -> None:
+    open_form(page, service)
+    page.fill("[name=model]", str(files["model"]))
+    open_ablations(page)
+    page.fill("[name='config.ablations.salient_search']", "8, abc")
+    page.fill("[name='config.seed']", "1.5")
     sent = len(page.api)
     page.click("#submit button[type=submit]")
-    page.wait_for_selector('.field[data-field="config"].invalid')
-    assert len(page.api) == sent
+    page.wait_for_selector('.field[data-field="config.ablations.salient_search"].invalid')
+    assert "'abc' is not an integer" in page.inner_text('.field[data-field="config.ablations.salient_search"] .ferror')
+    assert "'1.5' is not an integer" in page.inner_text('.field[data-field="config.seed"] .ferror')
+    assert "config.ablations.salient_search" in page.inner_text("#form-error")
+    assert len(page.api) == sent  # no request
+    assert page.input_value("[name='config.ablations.salient_search']") == "8, abc"
 
 
 def test_submit_follow_and_report(page: Any, service: dict[str, str], files: dict[str, Path]) -> None:
     t0 = time.perf_counter()
     spbo = "spbo_report" in Ablations.model_fields  # "error before SPBO" exists once the config has the field
-    sign_in(page, service)
-    page.wait_for_selector("#jobs")
-    page.click("a.button[href='#/new']")
+    open_form(page, service)
     page.fill("[name=model]", str(files["model"]))
     page.fill("[name=name]", "dashboard-e2e")
     page.fill("[name='config.pattern']", "6:8")
     page.fill("[name='config.calib']", str(files["calib"]))
     page.fill("[name='config.calib_samples']", "4")
     page.fill("[name='config.seqlen']", "32")
+    page.fill("[name='config.block_size']", "32")
+    page.fill("[name='config.salient_columns']", "2")
     if spbo:
-        page.select_option("[name='config.spbo_report']", "true")
+        open_ablations(page)
+        page.check("[name='config.ablations.spbo_report']")
+    page.check("[name=evaluate]")
     page.fill("[name='evaluate.data']", str(files["calib"]))
     page.fill("[name='evaluate.windows']", "2")
     page.fill("[name='evaluate.seqlen']", "32")
-    page.fill("[name=config]", '{"block_size": 32, "salient_columns": 2}')
     page.click("#submit button[type=submit]")
 
     # back on the jobs page: the new row follows the event stream; record every text it shows
@@ -279,6 +433,10 @@ def test_submit_follow_and_report(page: Any, service: dict[str, str], files: dic
     assert page.inner_text("#true-bits .value") == f"{m['true_bits']:.3f}"
     assert page.inner_text("#paper-bits .value") == f"{m['paper_bits']:.3f}"
     assert "compress" in page.inner_text("#timings")
+    hint = page.locator("#job p.muted", has_text="Before SPBO")  # shown where the job did not report it
+    assert hint.count() == (0 if spbo else 1)
+    listed = page.locator("#config dt").all_text_contents()  # the config, nested fields by their dotted names
+    assert "ablations.spbo_report" in listed and "evaluate.windows" in listed and "ablations" not in listed
 
     # the artifact: the listing with sha256s, one file downloaded through the page (a blob, with the key)
     page.click("#job button:has-text('Files')")
@@ -298,6 +456,37 @@ def test_submit_follow_and_report(page: Any, service: dict[str, str], files: dic
     print(f"screenshot: {shot} (job {job_id} in {time.perf_counter() - t0:.0f} s)")
 
 
+def test_the_form_sends_only_the_changed_fields(page: Any, service: dict[str, str], files: dict[str, Path]) -> None:
+    """A few values changed (one of them an ablation): the body holds just those, and the job's config has them
+    and the server's defaults everywhere else."""
+    open_form(page, service)
+    page.fill("[name=model]", str(files["model"]))
+    page.fill("[name='config.pattern']", "5:8")
+    page.fill("[name='config.seed']", "3")
+    page.fill("[name='config.calib_samples']", "64")  # typed, but the default: not sent
+    open_ablations(page)
+    page.check("[name='config.ablations.spbo_report']")
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/v1/jobs")) as answer:
+        page.click("#submit button[type=submit]")
+    changed = {"pattern": "5:8", "seed": 3, "ablations": {"spbo_report": True}}
+    assert answer.value.request.post_data_json == {"model": str(files["model"]), "config": changed}
+    assert answer.value.status == 201, answer.value.text()
+    job_id = answer.value.json()["id"]
+    page.wait_for_selector(f'#jobs tr[data-job="{job_id}"]')  # back on the list
+    httpx.post(f"{service['url']}/v1/jobs/{job_id}/cancel", headers=headers(service))  # not needed to run
+
+    job = httpx.get(f"{service['url']}/v1/jobs/{job_id}", headers=headers(service)).json()
+    defaults = CompressionConfig().to_dict()
+    assert job["config"] == CompressionConfig.from_dict(changed).to_dict()
+    assert {k: v for k, v in job["config"].items() if k not in changed} == {
+        k: v for k, v in defaults.items() if k not in changed
+    }
+    assert {k: v for k, v in job["config"]["ablations"].items() if k != "spbo_report"} == {
+        k: v for k, v in defaults["ablations"].items() if k != "spbo_report"
+    }
+    assert job["evaluate"] is None and job["name"] is None
+
+
 def test_a_failed_job_shows_its_error(page: Any, service: dict[str, str]) -> None:
     """The job page of a FAILED job (the API's answer stubbed in the browser): the error, the config, no report."""
     job_id = "job_failed_in_the_browser"
@@ -307,7 +496,7 @@ def test_a_failed_job_shows_its_error(page: Any, service: dict[str, str]) -> Non
         "name": None,
         "state": "FAILED",
         "model": "smollm2-135m",
-        "config": {"method": "pbs2p", "pattern": "6:8", "calib": "wiki"},
+        "config": {"method": "pbs2p", "pattern": "6:8", "calib": "wiki", "ablations": {"spbo_mode": "fixed"}},
         "evaluate": None,
         "created_at": "2026-01-01T00:00:00Z",
         "updated_at": "2026-01-01T00:01:00Z",
@@ -333,4 +522,7 @@ def test_a_failed_job_shows_its_error(page: Any, service: dict[str, str]) -> Non
     text = page.inner_text("#job .ptext")
     assert "block 3 of 30" in text and "ETA" not in text  # where it stopped; no ETA for a final job
     assert page.locator("#config dt", has_text="pattern").count() == 1
+    names, values = page.locator("#config dt").all_text_contents(), page.locator("#config dd").all_text_contents()
+    listed = list(zip(names, values, strict=True))
+    assert ("ablations.spbo_mode", "fixed") in listed  # the ablations nested, by their dotted names
     assert not [u for _, u, _ in page.api if u.endswith("/events")]  # nothing to follow

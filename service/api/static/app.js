@@ -279,6 +279,10 @@ function layerTable(blocks) {
     })));
 }
 
+// A nested object as [dotted name, value] pairs: {ablations: {spbo_report: true}} -> [["ablations.spbo_report", true]].
+const dotted = (obj, prefix = "") => Object.entries(obj).flatMap(([k, v]) =>
+  (v && typeof v === "object" && !Array.isArray(v) ? dotted(v, `${prefix}${k}.`) : [[prefix + k, v]]));
+
 const stat = (label, value, id) => h("div", { class: "stat", id }, h("div", { class: "label", text: label }), h("div", { class: "value", text: value }));
 
 async function jobPage(id) {
@@ -308,66 +312,221 @@ async function jobPage(id) {
         stat("timings", `prepare ${secs(t.prepare_s)} · compress ${secs(t.compress_s)} · evaluate ${secs(t.evaluate_s)}`, "timings")),
       blocks.length ? h("div", { class: "card" }, h("h3", { text: `Kept weights N per block (${j.config.allocation} allocation, ${j.config.pattern} target dashed)` }), h("div", { class: "chart" }, nChart(blocks, j.config.pattern))) : null,
       blocks.length ? h("div", { class: "card" }, h("h3", { text: "Per-layer reconstruction error" }),
-        j.config.spbo_report ? null : h("p", { class: "muted", text: "“Before SPBO” needs the config field spbo_report: true." }),
+        j.config.ablations?.spbo_report ? null : h("p", { class: "muted", text: "“Before SPBO” needs the config field ablations.spbo_report: true." }),
         h("div", { class: "scroll" }, layerTable(blocks))) : null,
       h("details", { class: "card", open: !blocks.length },
         h("summary", { text: "Config" }),
-        h("dl", { id: "config" }, Object.entries({ ...j.config, ...(j.evaluate ? { evaluate: j.evaluate } : {}) })
+        h("dl", { id: "config" }, dotted({ ...j.config, ...(j.evaluate ? { evaluate: j.evaluate } : {}) })
           .flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { class: "mono", text: typeof v === "object" ? JSON.stringify(v) : String(v) })])))));
   };
   render(job);
   if (!TERMINAL.has(job.state)) follow(job, render, signal);
 }
 
-function field(label, name, input, hint) {
-  input.name = name;
-  input.id = `f-${name}`;
-  return h("div", { class: "field", "data-field": name }, h("label", { for: input.id, text: label }), input,
-    hint ? h("small", { class: "muted", text: hint }) : null, h("div", { class: "ferror" }));
+// ---------------------------------------------------------------------------------------------- new job form
+// Generated from the API's own OpenAPI document: one input per field of JobCreate (its config with the
+// ablations nested, and evaluate), each starting at the schema's default. On submit only the fields changed
+// from their defaults are sent, so the server's defaults (and its validation) apply to everything else.
+
+const SECTIONS = { "config.ablations": { title: "Ablations and diagnostics", collapsed: true } };
+const DEFAULT = Symbol("the server's default"); // what an input reads as when nothing is to be sent for it
+let openapi = null; // the promise of /openapi.json: fetched once per page load (again after a failure)
+
+class FieldError extends Error {}
+
+function apiSchema() {
+  openapi ??= fetch("/openapi.json", { headers: { Accept: "application/json" } }).then((res) => {
+    if (!res.ok) throw new ApiError(res.status, { detail: `/openapi.json: ${res.status} ${res.statusText}` });
+    return res.json();
+  });
+  openapi.catch(() => { openapi = null; });
+  return openapi;
 }
 
-function newJobPage() {
-  const i = (attrs) => h("input", attrs);
+// A property's schema with what pydantic wraps it in taken off: `$ref` (its siblings win: a field's own
+// description over its model's), `allOf: [X]` and `anyOf: [X, {type: "null"}]` (X, nullable); an array's
+// `items` resolved too.
+function resolve(spec, node) {
+  let out = node, nullable = false;
+  for (;;) {
+    const { $ref, allOf, anyOf, ...rest } = out;
+    const alts = (anyOf || []).filter((a) => a.type !== "null");
+    if ($ref) {
+      const target = $ref.split("/").slice(1).reduce((o, k) => o?.[k.replaceAll("~1", "/").replaceAll("~0", "~")], spec);
+      if (!target) throw new Error(`schema ${$ref} not found in /openapi.json`);
+      out = { ...target, ...rest };
+    } else if (allOf?.length === 1) out = { ...allOf[0], ...rest };
+    else if (anyOf && alts.length === 1) {
+      nullable ||= alts.length < anyOf.length;
+      out = { ...alts[0], ...rest };
+    } else if (Array.isArray(out.type) && out.type.filter((t) => t !== "null").length === 1) {
+      nullable ||= out.type.includes("null");
+      out = { ...out, type: out.type.find((t) => t !== "null") };
+    } else return { ...out, nullable, ...(out.items ? { items: resolve(spec, out.items) } : {}) };
+  }
+}
+
+function kindOf(s) {
+  if (s.properties) return "object";
+  if (s.enum) return "enum";
+  if (s.type === "array" && ["string", "integer", "number"].includes(s.items?.type)) return "list";
+  if (["boolean", "integer", "number", "string"].includes(s.type)) return s.type;
+  return "json"; // a shape the form has no input for: typed as JSON
+}
+
+const shown = (v, kind) => (kind === "list" ? v.join(", ") : kind === "json" ? JSON.stringify(v) : String(v));
+
+// One input for the leaf field `path`; `read()` gives its JSON value, DEFAULT, or throws FieldError.
+function leafField(s, path, name, required, toggles) {
+  const kind = kindOf(s);
+  const def = "default" in s ? s.default : s.nullable ? null : undefined;
+  const text = def === undefined || def === null ? "" : shown(def, kind);
+  const hint = s.nullable && !text ? "(default)" : text || null;
+  let input;
+  if (kind === "enum") {
+    input = h("select", {}, s.nullable ? h("option", { value: "", text: "(default)" }) : null,
+      s.enum.map((v) => h("option", { value: String(v), text: String(v), selected: v === def })));
+  } else if (kind === "boolean") {
+    input = h("input", { type: "checkbox", checked: def === true });
+  } else if (kind === "integer" || kind === "number") {
+    input = h("input", { type: "number", step: kind === "integer" ? 1 : "any", value: text, placeholder: hint,
+      min: s.minimum ?? s.exclusiveMinimum, max: s.maximum ?? s.exclusiveMaximum });
+  } else {
+    input = h("input", { type: "text", value: text, spellcheck: "false", required,
+      placeholder: s.examples?.[0] ?? (kind === "list" ? `comma-separated ${s.items.type}s` : hint),
+      pattern: kind === "string" ? s.pattern : null, maxlength: kind === "string" ? s.maxLength : null });
+  }
+  input.name = path;
+  input.id = `f-${path}`;
+  const label = kind === "boolean" ? h("label", { class: "check" }, input, name) : h("label", { for: input.id, text: name });
+  const el = h("div", { class: `field ${kind}`, "data-field": path }, label, kind === "boolean" ? null : input,
+    s.description ? h("small", { class: "muted help", text: s.description }) : null,
+    text || kind === "list" ? h("small", { class: "muted default", text: `default: ${text || "none"}` }) : null,
+    h("div", { class: "ferror" }));
+
+  const number = (t, what) => {
+    const x = Number(t);
+    if (!Number.isFinite(x) || (what === "integer" && !/^[+-]?\d+$/.test(t))) {
+      throw new FieldError(`'${t}' is not ${what === "integer" ? "an integer" : "a number"}`);
+    }
+    return x;
+  };
+  const read = () => {
+    if (kind === "boolean") return input.checked;
+    if (kind === "enum") return input.value === "" ? DEFAULT : s.enum.find((v) => String(v) === input.value);
+    const t = input.value.trim();
+    if (kind === "integer" || kind === "number") {
+      if (input.validity.badInput) throw new FieldError(`not ${kind === "integer" ? "an integer" : "a number"}`);
+      return t === "" ? DEFAULT : number(t, kind);
+    }
+    if (kind === "list") {
+      if (t === "" && s.nullable) return DEFAULT;
+      const type = s.items.type;
+      const items = t.split(",").map((x) => x.trim()).filter((x) => x !== "");
+      if (type === "string") return items;
+      try {
+        return items.map((x) => number(x, type));
+      } catch (e) {
+        throw new FieldError(`${e.message}; write ${type}s separated by commas, e.g. 8, 16`);
+      }
+    }
+    if (t === "") return required ? "" : DEFAULT;
+    if (kind === "json") {
+      try { return JSON.parse(t); } catch { throw new FieldError("not JSON; write a JSON value"); }
+    }
+    return t;
+  };
+  return { path, def, required, toggles, el, read };
+}
+
+// The fields of object schema `s` under `prefix`: a grid of its leaves, then a section per nested object
+// (a <fieldset>; a collapsed <details> where SECTIONS says; a nullable object behind a checkbox named by its
+// path, sent only when checked). Constants (config.version) have nothing to choose and are left out.
+function objectFields(spec, s, prefix, form, toggles = []) {
+  const grid = h("div", { class: "grid" });
+  const sections = [];
+  for (const [name, raw] of Object.entries(s.properties)) {
+    const sub = resolve(spec, raw), path = prefix + name;
+    if ("const" in sub) continue;
+    if (kindOf(sub) !== "object") {
+      const leaf = leafField(sub, path, name, !!s.required?.includes(name), toggles);
+      form.leaves.push(leaf);
+      grid.append(leaf.el);
+      continue;
+    }
+    const opts = SECTIONS[path] || {};
+    const about = [sub.description ? h("small", { class: "muted help", text: sub.description }) : null, h("div", { class: "ferror" })];
+    if (sub.nullable) {
+      const box = h("input", { type: "checkbox", name: path, id: `f-${path}`, checked: sub.default != null });
+      const set = h("fieldset", { class: "section", "data-field": path, disabled: !box.checked },
+        h("legend", {}, h("label", { class: "check" }, box, opts.title ?? name)), about,
+        objectFields(spec, sub, `${path}.`, form, [...toggles, box]));
+      box.addEventListener("change", () => { set.disabled = !box.checked; });
+      form.toggles.push({ path, box, toggles });
+      sections.push(set);
+    } else if (opts.collapsed) {
+      sections.push(h("details", { class: "section", "data-field": path }, h("summary", { text: opts.title ?? name }), about,
+        objectFields(spec, sub, `${path}.`, form, toggles)));
+    } else {
+      sections.push(h("fieldset", { class: "section", "data-field": path }, h("legend", { text: opts.title ?? name }), about,
+        objectFields(spec, sub, `${path}.`, form, toggles)));
+    }
+  }
+  return [grid.childElementCount ? grid : null, ...sections];
+}
+
+// The request body: required fields always, others only where changed from their defaults; nested objects only
+// where something in them is set (a checked nullable object at least as {}). Parse errors as {field, message}.
+function collect(form) {
+  const body = {}, errors = [];
+  const on = (toggles) => toggles.every((b) => b.checked);
+  const put = (path, value) => {
+    const keys = path.split(".");
+    let o = body;
+    for (const k of keys.slice(0, -1)) o = o[k] ??= {};
+    o[keys.at(-1)] ??= value;
+  };
+  for (const f of form.leaves) {
+    if (!on(f.toggles)) continue;
+    try {
+      const v = f.read();
+      if (v !== DEFAULT && (f.required || JSON.stringify(v) !== JSON.stringify(f.def))) put(f.path, v);
+    } catch (e) {
+      if (!(e instanceof FieldError)) throw e;
+      errors.push({ field: f.path, message: e.message });
+    }
+  }
+  for (const t of form.toggles) if (t.box.checked && on(t.toggles)) put(t.path, {});
+  return { body, errors };
+}
+
+async function newJobPage() {
+  const signal = page.signal;
+  main.replaceChildren(h("p", { class: "muted", text: "loading the job schema…" }));
+  let spec;
+  try {
+    spec = await apiSchema();
+  } catch (err) {
+    if (!signal.aborted) main.replaceChildren(errorBox(err));
+    return;
+  }
+  if (signal.aborted) return;
+  const model = { leaves: [], toggles: [] };
   const form = h("form", { id: "submit", class: "card", novalidate: true },
     h("h2", { text: "New compression job" }),
+    h("p", { class: "muted", text: "Every field starts at its default (from the API's schema); only the fields you change are sent." }),
     h("div", { id: "form-error" }),
-    h("div", { class: "grid" },
-      field("Model", "model", i({ required: true, placeholder: "smollm2-135m, a local path, s3://… or hf:org/name" })),
-      field("Name (optional)", "name", i({})),
-      field("Method", "config.method", h("select", {}, ["pbs2p", "prune-binarize", "arb", "fp"].map((m) => h("option", { text: m })))),
-      field("Pattern N:M", "config.pattern", i({ value: "6:8" })),
-      field("Calibration text", "config.calib", i({ placeholder: "wiki" }), "'wiki' or a text file"),
-      field("Calibration samples", "config.calib_samples", i({ type: "number", min: 1, placeholder: "64" })),
-      field("Sequence length", "config.seqlen", i({ type: "number", min: 8, placeholder: "512" })),
-      field("Error before SPBO", "config.spbo_report", h("select", {}, h("option", { value: "", text: "not reported" }), h("option", { value: "true", text: "report (slower)" }))),
-      field("Evaluate on", "evaluate.data", i({ placeholder: "no evaluation" }), "'wiki' or a text file; empty: no perplexity"),
-      field("Evaluate windows", "evaluate.windows", i({ type: "number", min: 1, placeholder: "40" })),
-      field("Evaluate sequence length", "evaluate.seqlen", i({ type: "number", min: 8, placeholder: "512" }))),
-    field("Other config fields (JSON)", "config", h("textarea", { rows: 3, placeholder: '{"block_size": 128, "salient_columns": 8}' })),
+    objectFields(spec, resolve(spec, { $ref: "#/components/schemas/JobCreate" }), "", model),
     h("button", { type: "submit", class: "primary", text: "Submit" }));
-  const val = (name) => form.elements[name].value.trim();
-  const int = (name) => (val(name) === "" ? undefined : Number(val(name)));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     form.querySelectorAll(".ferror").forEach((e) => e.replaceChildren());
-    form.querySelectorAll(".field.invalid").forEach((e) => e.classList.remove("invalid"));
-    const formError = form.querySelector("#form-error");
-    formError.replaceChildren();
-    let config;
-    try {
-      config = val("config") ? JSON.parse(val("config")) : {};
-      if (typeof config !== "object" || Array.isArray(config) || config === null) throw new Error("not a JSON object");
-    } catch (e) {
-      return showErrors(form, new ApiError(0, { detail: `config: ${e.message}`, errors: [{ field: "config", message: e.message }] }));
-    }
-    for (const k of ["method", "pattern", "calib"]) if (val(`config.${k}`)) config[k] = val(`config.${k}`);
-    for (const k of ["calib_samples", "seqlen"]) if (int(`config.${k}`) !== undefined) config[k] = int(`config.${k}`);
-    if (val("config.spbo_report")) config.spbo_report = true;
-    const body = { model: val("model"), config };
-    if (val("name")) body.name = val("name");
-    if (val("evaluate.data")) {
-      body.evaluate = { data: val("evaluate.data") };
-      for (const k of ["windows", "seqlen"]) if (int(`evaluate.${k}`) !== undefined) body.evaluate[k] = int(`evaluate.${k}`);
+    form.querySelectorAll(".invalid").forEach((e) => e.classList.remove("invalid"));
+    form.querySelector("#form-error").replaceChildren();
+    const { body, errors } = collect(model);
+    if (errors.length) {
+      const detail = errors.map((e) => `${e.field}: ${e.message}`).join("; ");
+      return showErrors(form, new ApiError(0, { detail, errors }));
     }
     const button = form.querySelector("button[type=submit]");
     button.disabled = true;
@@ -383,18 +542,19 @@ function newJobPage() {
   main.replaceChildren(form);
 }
 
-// The problem's detail above the form, each errors[] message next to its field (the closest enclosing name).
+// The problem's detail above the form, each errors[] message next to its field: the longest name that is a
+// prefix of the error's path (config.skip_modules.0 -> config.skip_modules; config.version -> the config section).
 function showErrors(form, err) {
   form.querySelector("#form-error").replaceChildren(errorBox(err));
+  const boxes = new Map([...form.querySelectorAll("[data-field]")].map((el) => [el.dataset.field, el]));
   for (const e of err.problem?.errors || []) {
-    const names = [...form.querySelectorAll(".field")].map((f) => f.dataset.field);
     const parts = (e.field || "").split(".");
-    while (parts.length && !names.includes(parts.join("."))) parts.pop();
-    const box = parts.length && form.querySelector(`.field[data-field="${parts.join(".")}"]`);
-    if (box) {
-      box.classList.add("invalid");
-      box.querySelector(".ferror").append(h("div", { text: e.message }));
-    }
+    while (parts.length && !boxes.has(parts.join("."))) parts.pop();
+    const box = parts.length ? boxes.get(parts.join(".")) : null;
+    if (!box) continue;
+    box.classList.add("invalid");
+    box.querySelector(":scope > .ferror").append(h("div", { text: e.message }));
+    for (let d = box.closest("details"); d; d = d.parentElement.closest("details")) d.open = true;
   }
 }
 
