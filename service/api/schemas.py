@@ -18,12 +18,19 @@ _STRICT = ConfigDict(extra="forbid")
 
 class JobCreate(BaseModel):
     model_config = _STRICT
-    model: str = Field(..., min_length=1, max_length=1024, examples=["smollm2-135m"])
+    model: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        examples=["smollm2-135m"],
+        description="an alias (smollm2-135m), a Hugging Face id (org/name), s3://BUCKET/PREFIX of a model directory, "
+        "or an absolute path under the service's PBS2P_MODEL_ROOTS",
+    )
     config: CompressionConfig = Field(
         default_factory=CompressionConfig, description="the compression config; every field has a default"
     )
     evaluate: EvalSpec | None = None
-    name: str | None = Field(None, min_length=1, max_length=200)
+    name: str | None = Field(None, min_length=1, max_length=200, description="a name for the job, shown in lists")
 
 
 class Progress(BaseModel):
