@@ -1,5 +1,9 @@
 """Shared by the benchmarks: run one CLI command in a child process and measure its time and peak memory; check
-a command line without running it (`--dry-run`); write a results table (and the README's copy of it)."""
+a command line without running it (`--dry-run`); write a results table (and the README's copy of it).
+
+Light to import on purpose: bench/service_load.py's client processes (spawned, so they import the benchmark and
+this module again) must be up within the second before a load phase starts. torch and the command line's
+parser (seconds to import) are imported inside the two functions that use them."""
 
 from __future__ import annotations
 
@@ -14,11 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pbs2p_core.errors import Pbs2pError
-from service.cli.commands import build_parser, ray_options
-from service.cli.options import config_from_args
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -43,6 +43,9 @@ def run_cli(args: list[str]) -> tuple[dict[str, Any], float, float]:
 def check_cli(args: list[str]) -> str:
     """`pbs2p ARGS --json` parsed as the command line parses it, not run: every option must exist, and a
     compress's config and Ray options must validate. Returns the command line; exits naming a bad option."""
+    from service.cli.commands import build_parser, ray_options  # seconds to import: see the module's docstring
+    from service.cli.options import config_from_args
+
     parsed = build_parser().parse_args([*args, "--json"])  # an unknown option exits here (code 2)
     if parsed.cmd == "compress":
         try:
@@ -61,6 +64,8 @@ def dry_run(commands: list[list[str]]) -> None:
 
 
 def machine() -> str:
+    import torch  # seconds to import: see the module's docstring
+
     threads = torch.get_num_threads()
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads"
 
