@@ -6,43 +6,40 @@
    (random W, H = 2XᵀX/T): the per-linear costs that the README's 7B / 70B estimates scale from;
 4. with --ray: the same job through a local Ray cluster with one GPU worker per GPU, and whether its
    artifact is byte-identical to the in-process CUDA run.
-Writes bench/results/gpu_check.md. On a machine without CUDA it says so and exits with code 2.
-Usage: python bench/gpu_check.py [--calib-samples 16] [--seqlen 512] [--windows 20] [--no-big] [--ray]
+Writes bench/results/gpu_check.md (or --out DIR/gpu_check.md). On a machine without CUDA it says so and exits
+with code 2. Usage:
+  python bench/gpu_check.py [--calib-samples 16] [--seqlen 512] [--windows 20] [--no-big] [--ray] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import write_table  # noqa: E402
+from bench.common import add_out_option, write_table  # noqa: E402
+from pbs2p_core.config import CompressionConfig  # noqa: E402
+from pbs2p_core.solver import compress_linear  # noqa: E402
+from pbs2p_testing.artifacts import file_hashes  # noqa: E402
+from workers.evaluation import EvalSpec, evaluate_model  # noqa: E402
+from workers.local import compress_model  # noqa: E402
+from workers.model_refs import fetch_model  # noqa: E402
+from workers.settings import WorkerSettings  # noqa: E402
+from workers.text import calibration_for  # noqa: E402
 
 SMOLLM = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
 LLAMA_70B = [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]
 
 
-def hashes(out: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(out.iterdir()):
-        if f.name != "timings.json":
-            h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def time_linears(shapes: list[tuple[int, int]], tokens: int = 4096) -> list[tuple[tuple[int, int], float]]:
-    import torch
-
-    from pbs2p_core.config import CompressionConfig
-    from pbs2p_core.solver import compress_linear
-
     cfg = CompressionConfig.from_options(device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     compress_linear(torch.randn(64, 128, device="cuda"), torch.eye(128, device="cuda"), 6, cfg)  # warm-up
@@ -71,9 +68,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=20, help="evaluation windows")
     ap.add_argument("--no-big", action="store_true", help="skip the 7B / 70B linear shapes")
     ap.add_argument("--ray", action="store_true", help="also run the job on a local Ray cluster with GPU workers")
+    add_out_option(ap)
     a = ap.parse_args()
-
-    import torch
 
     if not torch.cuda.is_available():
         print(
@@ -83,20 +79,13 @@ def main() -> int:
         )
         return 2
 
-    from transformers import AutoTokenizer
-    from workers.sources import calibration_windows, load_documents, resolve_model
-
-    from pbs2p_core.config import CompressionConfig
-    from service.cli import run_eval
-    from workers.local import compress_model
-
     props = torch.cuda.get_device_properties(0)
     device = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}"
     print(f"device: {device}", flush=True)
-    model_dir = resolve_model(a.model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    calib = calibration_windows(tok, load_documents("wiki", "calib"), a.calib_samples, a.seqlen, 0)
+    settings = WorkerSettings()
+    model_dir = fetch_model(a.model, settings)
     cfg = CompressionConfig.from_options(calib_samples=a.calib_samples, seqlen=a.seqlen, device="cuda")
+    calib = calibration_for(model_dir, cfg)  # made before the clock starts: the compression alone is timed
     rows: list[list[str]] = [["device", device], ["torch / CUDA", f"{torch.__version__} / {torch.version.cuda}"]]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cuda"
@@ -108,16 +97,18 @@ def main() -> int:
         rows.append(["compress (pbs2p 6:8, CUDA)", f"{secs:.1f} s, {sum(blocks) / len(blocks):.2f} s per block"])
         rows.append(["peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"])
         rows.append(["mean layer error", f"{report.mean_rel_error:.4f}"])
-        fp = run_eval(a.model, seqlen=a.seqlen, windows=a.windows, device="cuda", progress=False)
-        q = run_eval(str(out), seqlen=a.seqlen, windows=a.windows, device="cuda", progress=False)
+        spec = EvalSpec(seqlen=a.seqlen, windows=a.windows)
+        fp = evaluate_model(model_dir, spec, device="cuda")
+        q = evaluate_model(out, spec, device="cuda")
         rows.append([f"perplexity ({a.windows} x {a.seqlen}, FP / pbs2p)", f"{fp['ppl']:.2f} / {q['ppl']:.2f}"])
         if a.ray:
-            from workers.distributed import compress_model_ray, init_ray
+            from workers.distributed import compress_model_ray, init_ray  # ray (an extra): imported only with --ray
 
             init_ray(None)
             t = time.perf_counter()
-            compress_model_ray(model_dir, Path(tmp) / "ray", cfg, calib, checkpoint_url=f"{tmp}/ckpt")
-            same = hashes(Path(tmp) / "ray") == hashes(out)
+            ckpt = f"{tmp}/ckpt"
+            compress_model_ray(model_dir, Path(tmp) / "ray", cfg, calib, settings=settings, checkpoint_url=ckpt)
+            same = file_hashes(Path(tmp) / "ray") == file_hashes(out)
             rows.append(["Ray job, GPU workers", f"{time.perf_counter() - t:.1f} s; artifact identical: {same}"])
     shapes = SMOLLM + ([] if a.no_big else LLAMA_7B + LLAMA_70B)
     timed = time_linears(shapes)
@@ -127,7 +118,7 @@ def main() -> int:
         + ", ".join(f"{R}x{C} {s:.2f} s" for (R, C), s in timed),
         f"Measured {datetime.date.today()}; written by bench/gpu_check.py, not edited by hand.",
     ]
-    write_table("gpu_check", "GPU check: the core on CUDA", ["what", "result"], rows, notes)
+    write_table("gpu_check", "GPU check: the core on CUDA", ["what", "result"], rows, notes, a.out)
     return 0
 
 

@@ -4,8 +4,10 @@ Synthetic Llamas of L and 2L blocks (random weights, written as safetensors) are
 pipeline and with Ray (a local cluster started by the job); each job runs in its own process and the peak
 of the summed memory of that process and all its descendants (Ray's GCS, raylet and workers included) is
 sampled with psutil: RSS every 0.1 s, and PSS (shared pages, e.g. Ray's object store, counted once) every
-0.5 s. The peak for 2L blocks must be at most 1.15x the peak for L. Writes bench/results/memory.md. Usage:
+0.5 s. The peak for 2L blocks must be at most 1.15x the peak for L. Writes bench/results/memory.md (or
+--out DIR/NAME.md). Usage:
   python bench/memory.py [--hidden 1024] [--intermediate 2816] [--blocks 8] [--calib-samples 16] [--seqlen 256]
+                         [--workers 2] [--name memory] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, machine, write_table  # noqa: E402
+from bench.common import ROOT, add_out_option, machine, write_table  # noqa: E402
+from pbs2p_core.config import CompressionConfig  # noqa: E402
+from workers.local import compress_model  # noqa: E402
+from workers.settings import WorkerSettings  # noqa: E402
 
 LIMIT = 1.15
 VOCAB = 512
@@ -33,9 +40,6 @@ VOCAB = 512
 
 def make_model(path: Path, blocks: int, hidden: int, intermediate: int) -> None:
     """A random Llama saved as safetensors (seeded; built on CPU once, a few hundred MB at most here)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     conf = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=hidden,
@@ -51,21 +55,21 @@ def make_model(path: Path, blocks: int, hidden: int, intermediate: int) -> None:
 
 
 def child(kind: str, model: Path, out: Path, samples: int, seqlen: int, workers: int) -> None:
-    """The job itself (run in a child process): compress `model` locally or on a fresh local Ray cluster."""
-    import torch
+    """The job itself (run in a child process): compress `model` locally or on a fresh local Ray cluster.
 
-    from pbs2p_core.config import CompressionConfig
-    from workers.local import compress_model
-
+    The calibration windows are random tokens (the model is random too): the compression alone is measured."""
     calib = torch.randint(0, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     cfg = CompressionConfig.from_options(calib_samples=samples, seqlen=seqlen, batch_size=4)
     if kind == "local":
         report = compress_model(model, out, cfg, calib)
     else:
-        from workers.distributed import compress_model_ray, init_ray
+        from workers.distributed import compress_model_ray, init_ray  # ray (an extra): only in a Ray child
 
         init_ray(None, num_cpus=workers, object_store_memory=1 << 30)
-        report = compress_model_ray(model, out, cfg, calib, workers=workers, checkpoint_url=str(out) + ".ckpt")
+        ckpt = str(out) + ".ckpt"
+        report = compress_model_ray(
+            model, out, cfg, calib, settings=WorkerSettings(), workers=workers, checkpoint_url=ckpt
+        )
     print(json.dumps({"seconds": report.seconds}))
 
 
@@ -156,6 +160,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2, help="Ray workers (and the local cluster's CPUs)")
     ap.add_argument("--name", default="memory", help="results file name (bench/results/NAME.md)")
+    add_out_option(ap)
     ap.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -219,7 +224,7 @@ def main() -> None:
         "processes",
         "job (s)",
     ]
-    write_table(a.name, "Memory: peak of the job vs number of blocks", header, rows, notes)
+    write_table(a.name, "Memory: peak of the job vs number of blocks", header, rows, notes, a.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The codes are synthetic but real-shaped and real-valued: every linear of SmolLM2
 of 128, a 6:8 mask (largest |w| per group), the 8 columns of largest norm as salient columns, and an ARB fit
 through `binarize_block` (2 iterations) with fp16 scales: the same tensors a compression job produces, at a
 fraction of its cost (packing time depends on shapes, not on how the code was found). Writes
-bench/results/packing.md. Usage: python bench/packing.py [--threads 2]
+bench/results/packing.md (or --out DIR/packing.md). Usage: python bench/packing.py [--threads 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, write_table  # noqa: E402
+from bench.common import add_out_option, machine, write_table  # noqa: E402
 from pbs2p_core.binarize import binarize_block  # noqa: E402
 from pbs2p_core.config import CompressionConfig  # noqa: E402
 from pbs2p_core.format import (  # noqa: E402
@@ -55,6 +55,7 @@ def synthetic_code(W: torch.Tensor, cfg: CompressionConfig) -> LinearResult:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_out_option(ap)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = CompressionConfig.from_options(pattern="6:8", calib_samples=1)
@@ -146,7 +147,7 @@ def main() -> None:
         "give identical logits. Forward times are single runs (noisy).",
         f"Measured {datetime.date.today()} on {machine()}; written by bench/packing.py, not edited by hand.",
     ]
-    write_table("packing", "Packing and unpacking the real model", ["what", "value"], rows, notes)
+    write_table("packing", "Packing and unpacking the real model", ["what", "value"], rows, notes, a.out)
 
 
 if __name__ == "__main__":

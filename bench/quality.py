@@ -1,8 +1,9 @@
 """Quality benchmark: every method and ablation on the real model, same calibration, held-out perplexity.
 
-Writes bench/results/quality.md (and .json). Each compression runs in its own process, so its wall time
-and peak memory (max RSS) are its own. Usage:
-  python bench/quality.py [--calib-samples 32] [--only NAME ...] [--seeds 0 1 2] [--append]
+Writes bench/results/quality.md (and .json; or --out DIR/NAME.md). Each compression runs in its own process,
+so its wall time and peak memory (max RSS) are its own. `--dry-run` prints the `pbs2p` command lines, each
+checked against the command line's parser and config, and runs nothing. Usage:
+  python bench/quality.py [--calib-samples 32] [--only NAME ...] [--seeds 0 1 2] [--append] [--out DIR] [--dry-run]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, machine, run_cli, write_table  # noqa: E402
+from bench.common import add_out_option, dry_run, machine, run_cli, write_table  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -60,6 +61,10 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
+def compress_args(opts: list[str], out: str, common: list[str], seed: int) -> list[str]:
+    return ["compress", MODEL, "-o", out, *opts, *common, "--seed", str(seed)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -78,13 +83,14 @@ def main() -> None:
     )
     ap.add_argument("--variants", action="store_true", help="run the optional variants instead of the methods")
     ap.add_argument("--sweep-calib", nargs="*", type=int, help="instead: pbs2p 6:8 with these calibration sizes")
+    add_out_option(ap)
+    ap.add_argument("--dry-run", action="store_true", help="print and check the pbs2p command lines; run nothing")
     a = ap.parse_args()
     if a.sweep_calib:
         return sweep_calib(a)
     common = ["--calib-samples", str(a.calib_samples), "--seqlen", str(a.seqlen), *a.extra]
     ev = ["--seqlen", str(a.seqlen), "--windows", str(a.windows)]
     setting = dict(calib_samples=a.calib_samples, seqlen=a.seqlen, windows=a.windows, extra=a.extra)
-    fp, _, _ = run_cli(["eval", MODEL, *ev])
     table = VARIANTS if a.variants else CONFIGS
 
     def wanted(name: str) -> bool:
@@ -93,18 +99,25 @@ def main() -> None:
     runs = [(name, opts, seed) for name, opts in table.items() for seed in a.seeds if wanted(name)]
     if a.merge:
         runs = []  # run nothing: the rows are this table's and those of the tables merged in
-    records = earlier(a.name, setting, {(n, s) for n, _, s in runs}) if a.append or a.merge else []
+    if a.dry_run:
+        cmds = [["eval", MODEL, *ev]]
+        for _, opts, seed in runs:
+            cmds += [compress_args(opts, "OUT", common, seed), ["eval", "OUT", *ev], ["inspect", "OUT"]]
+        dry_run(cmds)
+        return
+    fp, _, _ = run_cli(["eval", MODEL, *ev])
+    records = earlier(a.out, a.name, setting, {(n, s) for n, _, s in runs}) if a.append or a.merge else []
     for other in a.merge or []:  # rows measured in another run (another worktree, in parallel) of this table
         have = {(r["name"], r["seed"]) for r in records}
         records += [
             r
-            for r in earlier(other, setting, set())
+            for r in earlier(a.out, other, setting, set())
             if (r["name"], r["seed"]) not in have and r["seed"] in a.seeds and wanted(r["name"])
         ]
     with tempfile.TemporaryDirectory() as tmp:
         for name, opts, seed in runs:
             out = str(Path(tmp) / "out")
-            rep, secs, rss = run_cli(["compress", MODEL, "-o", out, *opts, *common, "--seed", str(seed)])
+            rep, secs, rss = run_cli(compress_args(opts, out, common, seed))
             q, _, _ = run_cli(["eval", out, *ev])
             info, _, _ = run_cli(["inspect", out])
             bits = info["total"]  # counted from the bytes the artifact holds
@@ -139,13 +152,14 @@ def main() -> None:
     ]
     if len(seeds) > 1:
         notes.insert(0, seed_summary(records))
-    write_table(a.name, "Quality on the real model", header, rows, notes)
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(records, indent=1))
+    write_table(a.name, "Quality on the real model", header, rows, notes, a.out)
+    (a.out / f"{a.name}.json").write_text(json.dumps(records, indent=1))
 
 
-def earlier(name: str, setting: dict, redo: set[tuple[str, int]]) -> list[dict]:
-    """--append: the rows of an earlier run of this table (same calibration and evaluation), minus those redone."""
-    path = RESULTS / f"{name}.json"
+def earlier(results: Path, name: str, setting: dict, redo: set[tuple[str, int]]) -> list[dict]:
+    """--append: the rows of an earlier run of this table in `results` (same calibration and evaluation), minus
+    those redone."""
+    path = results / f"{name}.json"
     old = json.loads(path.read_text()) if path.exists() else []
     for r in old:
         if any(r.get(k, setting[k]) != v for k, v in setting.items()):
@@ -172,14 +186,22 @@ def seed_summary(records: list[dict]) -> str:
 def sweep_calib(a: argparse.Namespace) -> None:
     """How perplexity falls with more calibration data (pbs2p 6:8, defaults otherwise)."""
     ev = ["--seqlen", str(a.seqlen), "--windows", str(a.windows)]
+
+    def compress(n: int, out: str) -> list[str]:
+        return ["compress", MODEL, "-o", out, "--calib-samples", str(n), "--seqlen", str(a.seqlen), *a.extra]
+
+    if a.dry_run:
+        cmds = [["eval", MODEL, *ev]]
+        for n in a.sweep_calib:
+            cmds += [compress(n, "OUT"), ["eval", "OUT", *ev]]
+        dry_run(cmds)
+        return
     fp, _, _ = run_cli(["eval", MODEL, *ev])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.sweep_calib:
             out = str(Path(tmp) / "out")
-            rep, secs, _ = run_cli(
-                ["compress", MODEL, "-o", out, "--calib-samples", str(n), "--seqlen", str(a.seqlen), *a.extra]
-            )
+            rep, secs, _ = run_cli(compress(n, out))
             q, _, _ = run_cli(["eval", out, *ev])
             rows.append([str(n), str(n * a.seqlen), f"{q['ppl']:.1f}", f"{rep['mean_rel_error']:.4f}", f"{secs:.0f}"])
             print(rows[-1], flush=True)
@@ -189,7 +211,7 @@ def sweep_calib(a: argparse.Namespace) -> None:
         f"Measured {datetime.date.today()} on {machine()}; written by bench/quality.py --sweep-calib.",
     ]
     header = ["calibration windows", "tokens", "wiki ppl", "layer error", "time (s)"]
-    write_table("quality_calib", "Perplexity against calibration data", header, rows, notes)
+    write_table("quality_calib", "Perplexity against calibration data", header, rows, notes, a.out)
 
 
 if __name__ == "__main__":

@@ -5,24 +5,30 @@ Starts one local Ray cluster (127.0.0.1, as many CPUs as the largest worker coun
 artifacts of different worker counts are identical, and the perplexity cost of independent propagation.
 Then it times `compress_linear` alone for a few shapes (one thread, like one CPU worker), fits
 t = a·(R·C² + C³) + b·R·C, and estimates 7B and 70B jobs from it (an estimate, not a measurement).
-Writes bench/results/scaling.md. Usage:
-  python bench/scaling.py [--calib-samples 32] [--seqlen 512] [--windows 40] [--workers 1 2] [--local]
+Writes bench/results/scaling.md (or --out DIR/NAME.md). `--dry-run` prints the `pbs2p` command lines, checked
+against the command line's parser and config, and starts nothing. Usage:
+  python bench/scaling.py [--calib-samples 32] [--seqlen 512] [--windows 40] [--workers 1 2] [--local] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import heapq
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, run_cli, write_table  # noqa: E402
+from bench.common import add_out_option, dry_run, machine, run_cli, write_table  # noqa: E402
+from pbs2p_core.config import CompressionConfig  # noqa: E402
+from pbs2p_core.solver import compress_linear  # noqa: E402
+from pbs2p_testing.artifacts import file_hashes  # noqa: E402
 
 # (blocks, [(out, in) of q, k, v, o, gate, up, down]): Llama-2-7B and Llama-3-70B (GQA: k, v are 1024 wide)
 MODELS: dict[str, tuple[int, list[tuple[int, int]]]] = {
@@ -33,21 +39,8 @@ MEASURED_SHAPES = [(192, 576), (576, 576), (1536, 576), (576, 1536), (1024, 1024
 SMOLLM_BLOCK = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
-def file_hashes(out: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(out.iterdir()):
-        if f.name != "timings.json":
-            h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def linear_costs(shapes: list[tuple[int, int]], tokens: int = 4096) -> dict[tuple[int, int], float]:
     """Seconds of one compress_linear (default pbs2p 6:8) per (out, in) shape, one thread, random W and H."""
-    import torch
-
-    from pbs2p_core.config import CompressionConfig
-    from pbs2p_core.solver import compress_linear
-
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     cfg = CompressionConfig()
@@ -65,8 +58,6 @@ def linear_costs(shapes: list[tuple[int, int]], tokens: int = 4096) -> dict[tupl
 
 def fit(costs: dict[tuple[int, int], float]) -> tuple[float, float]:
     """Least squares (a, b) of t = a·(R·C² + C³) + b·R·C (GEMM-like and elementwise parts)."""
-    import torch
-
     A = torch.tensor([[R * C * C + C**3, R * C] for R, C in costs], dtype=torch.float64)
     t = torch.tensor(list(costs.values()), dtype=torch.float64)
     scale = A.abs().max(0).values
@@ -99,6 +90,35 @@ def estimate(a: float, b: float, overhead_per_param: float, workers: int) -> dic
     return out
 
 
+class Job(NamedTuple):
+    mode: str  # propagation
+    label: str
+    workers: int | None  # None: local, no Ray
+    out: Path
+    args: list[str]  # of `pbs2p`
+
+
+def jobs(a: argparse.Namespace, address: str, tmp: Path) -> list[Job]:
+    """Every job, in the order they run: per propagation mode, (local,) then each worker count on Ray."""
+    calib = ["--calib-samples", str(a.calib_samples), "--seqlen", str(a.seqlen)]
+    out: list[Job] = []
+    for mode in ("sequential", "independent"):
+        counts: list[int | None] = [*([None] if a.local else []), *a.workers]
+        for w in counts:
+            k = len(out)
+            path = tmp / f"{mode}-{k}"
+            args = ["compress", a.model, "-o", str(path), "--propagation", mode, *calib]
+            if w is not None:
+                args += ["--ray", address, "--workers", str(w)]
+                args += ["--job-id", f"bench-{mode}-{k}", "--checkpoint", f"{tmp}/ckpt"]
+            out.append(Job(mode, "local (no Ray)" if w is None else f"ray, {w} worker(s)", w, path, args))
+    return out
+
+
+def eval_args(out: Path, a: argparse.Namespace) -> list[str]:
+    return ["eval", str(out), "--seqlen", str(a.seqlen), "--windows", str(a.windows)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -108,39 +128,39 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--local", action="store_true", help="also run each job without Ray (one process)")
     ap.add_argument("--name", default="scaling", help="results file name (bench/results/NAME.md)")
+    add_out_option(ap)
+    ap.add_argument("--dry-run", action="store_true", help="print and check the pbs2p command lines; start nothing")
     a = ap.parse_args()
+    if a.dry_run:
+        planned = jobs(a, "127.0.0.1:6379", Path("TMP"))  # Ray's address is known once the cluster is up
+        firsts: dict[str, Path] = {}  # each mode's first artifact is evaluated
+        for j in planned:
+            firsts.setdefault(j.mode, j.out)
+        dry_run([j.args for j in planned] + [eval_args(out, a) for out in firsts.values()])
+        return
 
-    from workers.distributed import init_ray
+    from workers.distributed import init_ray  # ray (an extra): not imported for --help or --dry-run
 
     address = init_ray(None, num_cpus=max(a.workers))
-    calib = ["--calib-samples", str(a.calib_samples), "--seqlen", str(a.seqlen)]
     rows: list[list[str]] = []
     block_secs: dict[str, float] = {}
     ppl: dict[str, float] = {}
-    same: dict[str, set[str]] = {}
+    same: dict[str, set[frozenset[tuple[str, str]]]] = {}
+    base: dict[str, float] = {}  # per mode: the wall time of its first Ray job
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("sequential", "independent"):
-            base = None
-            runs = [(f"ray, {w} worker(s)", ["--ray", address, "--workers", str(w)]) for w in a.workers]
-            if a.local:
-                runs.insert(0, ("local (no Ray)", []))
-            for label, extra in runs:
-                out = Path(tmp) / f"{mode}-{len(rows)}"
-                args = ["compress", a.model, "-o", str(out), "--propagation", mode, *calib, *extra]
-                if extra:
-                    args += ["--job-id", f"bench-{mode}-{len(rows)}", "--checkpoint", f"{tmp}/ckpt"]
-                report, wall, _ = run_cli(args)
-                if extra and base is None:
-                    base = wall
-                speed = f"{base / wall:.2f}" if extra and base else ""
-                same.setdefault(mode, set()).add(file_hashes(out))
-                print(f"{mode} {label}: {wall:.1f} s", flush=True)
-                if mode not in ppl:
-                    res, _, _ = run_cli(["eval", str(out), "--seqlen", str(a.seqlen), "--windows", str(a.windows)])
-                    ppl[mode] = res["ppl"]
-                if extra and extra[-1] == "1":  # per block, 1 worker: forward, Hessians, linears, checkpoint
-                    block_secs[mode] = sum(b["seconds"] for b in report["blocks"]) / len(report["blocks"])
-                rows.append([label, mode, f"{wall:.0f}", f"{report['seconds']:.0f}", speed, f"{ppl[mode]:.2f}"])
+        for job in jobs(a, address, Path(tmp)):
+            report, wall, _ = run_cli(job.args)
+            if job.workers is not None:
+                base.setdefault(job.mode, wall)
+            speed = f"{base[job.mode] / wall:.2f}" if job.workers is not None else ""
+            same.setdefault(job.mode, set()).add(frozenset(file_hashes(job.out).items()))
+            print(f"{job.mode} {job.label}: {wall:.1f} s", flush=True)
+            if job.mode not in ppl:
+                res, _, _ = run_cli(eval_args(job.out, a))
+                ppl[job.mode] = res["ppl"]
+            if job.workers == 1:  # per block, 1 worker: forward, Hessians, linears, checkpoint
+                block_secs[job.mode] = sum(b["seconds"] for b in report["blocks"]) / len(report["blocks"])
+            rows.append([job.label, job.mode, f"{wall:.0f}", f"{report['seconds']:.0f}", speed, f"{ppl[job.mode]:.2f}"])
     costs = linear_costs(MEASURED_SHAPES)
     ca, cb = fit(costs)
     # forward + Hessians + checkpoint per block = 1-worker block time minus its linears, per block parameter
@@ -177,7 +197,7 @@ def main() -> None:
         f"Measured {datetime.date.today()} on {machine()}; written by bench/scaling.py, not edited by hand.",
     ]
     header = ["run", "propagation", "wall (s)", "job (s)", "speedup vs 1 worker", "ppl"]
-    write_table(a.name, "Scaling: workers and propagation modes", header, rows, notes)
+    write_table(a.name, "Scaling: workers and propagation modes", header, rows, notes, a.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Service load benchmark (issue 5): while one job runs, many concurrent clients poll and submit over loopback.
 
-Starts `pbs2p serve` (service/demo.py: start_service) on a temporary data directory with one worker CPU for Ray
+Starts `pbs2p serve` (service/cli/demo.py: start_service) on a temporary data directory with one worker CPU for Ray
 (PBS2P_RAY_NUM_CPUS=1, one torch thread) and one running job at a time, submits one long job (a seeded tiny
 Llama with many blocks) and waits until it compresses. Then, for each `--think` value, `--clients` asyncio
 clients (aiohttp by default, one keep-alive connection each, spread over `--procs` processes) loop for
@@ -17,8 +17,13 @@ histogram (/metrics, from its middleware), CPU used by the service process, the 
 machine, and the clients' event-loop lag (a saturated client inflates the latencies it measures). The clients
 use aiohttp because httpx.AsyncClient needs several times more CPU per request (`--client httpx` to compare).
 
-Writes bench/results/service_load.md and .json. Usage:
+Writes bench/results/service_load.md and .json (or --out DIR/NAME.md and .json). Usage:
   python bench/service_load.py [--seconds 30] [--clients 200] [--think 0 1 5] [--procs 1] [--long-layers 160]
+                               [--out DIR]
+
+Only light modules are imported at the top: with --procs > 1 the client processes (spawned) import this module
+again and must be up within the second before a phase starts; torch, the tiny models' builders and the
+service's modules (seconds to import) are imported where the main process uses them.
 """
 
 from __future__ import annotations
@@ -42,11 +47,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, machine, write_table  # noqa: E402
+from bench.common import ROOT, add_out_option, machine, write_table  # noqa: E402
 
 GET_JOB, LIST = "GET /v1/jobs/{id}", "GET /v1/jobs?limit=20"
 POST_NEW, POST_REPLAY, POST_RACE = "POST /v1/jobs", "POST (replay)", "POST (race pair)"
@@ -61,9 +69,10 @@ AIM_MS = 50.0
 
 
 def build_inputs(root: Path, long_layers: int) -> tuple[Path, Path, Path]:
-    """(long model dir, small model dir, calibration text) under `root`, from the pipeline tests' seeded builders."""
-    import torch
-    from tests.test_pipeline import make_model, save_tokenizer, write_text
+    """(long model dir, small model dir, calibration text) under `root`, from the tests' seeded tiny builders."""
+    import torch  # not at the top: see the module's docstring
+
+    from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
 
     torch.set_num_threads(1)
     long_dir, small_dir = root / "long", root / "small"
@@ -226,8 +235,6 @@ async def _load(ctx: dict[str, Any], indices: list[int]) -> dict[str, Any]:
                 _lag_monitor(rec, end), *[_client(i, send_httpx, ctx, rec, start, end) for i in indices]
             )
     else:
-        import aiohttp
-
         conn = aiohttp.TCPConnector(limit=n, limit_per_host=n)
         timeout = aiohttp.ClientTimeout(total=30.0)
         async with aiohttp.ClientSession(ctx["url"], headers=headers, connector=conn, timeout=timeout) as ah:
@@ -284,8 +291,6 @@ def pct(sorted_values: list[float], q: float) -> float:
 
 def server_histogram(http: httpx.Client) -> dict[str, dict[float, float]]:
     """The service's own latency histogram: route -> {bucket upper bound (s): cumulative count}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     out: dict[str, dict[float, float]] = {}
     for fam in text_string_to_metric_families(http.get("/metrics").text):
         if fam.name == "pbs2p_http_request_seconds":
@@ -313,7 +318,6 @@ def server_quantiles(before: dict[str, dict[float, float]], after: dict[str, dic
 
 def cpu_snapshot(pid: int) -> tuple[float, float, float]:
     """(service process CPU s, its whole process tree's CPU s incl. Ray, machine busy CPU s)."""
-    import psutil
 
     def used(p: psutil.Process) -> float:
         try:
@@ -414,10 +418,11 @@ def main() -> None:
     ap.add_argument("--long-layers", type=int, default=160, help="blocks of the long job's model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="service_load", help="results file name (bench/results/NAME.md)")
+    add_out_option(ap)
     a = ap.parse_args()
 
-    from service.demo import start_service, stop_service
-
+    # not at the top: see the module's docstring
+    from service.cli.demo import start_service, stop_service
     from service.jobstore import JobStore
     from service.settings import Settings
 
@@ -490,7 +495,6 @@ def main() -> None:
 
 def code_version() -> str:
     """The commit measured, and the service's files changed since it (the working tree is what ran)."""
-    from bench.common import ROOT
 
     def git(*args: str) -> str:
         try:
@@ -617,12 +621,12 @@ def report(
     ]
     header = ["phase", "route", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "max ms", "req/s"]
     title = f"Service under load: {a.clients} clients polling and submitting while a job runs"
-    write_table(a.name, title, header, rows, notes)
+    write_table(a.name, title, header, rows, notes, a.out)
     out = {
         "date": str(datetime.date.today()),
         "machine": machine(),
         "code": code_version(),
-        "args": vars(a),
+        "args": {k: v for k, v in vars(a).items() if k != "out"},  # what was measured, not where it was written
         "routes": records,
         "checks": {**checks, "errors": errors, "replays": replays, "replay_mismatch": mismatched, "pass": ok},
         "long_job": {"after_load": long_after["state"], "progress": prog, "final": long_final},
@@ -646,7 +650,7 @@ def report(
             for ph in phases
         ],
     }
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(out, indent=1))
+    (a.out / f"{a.name}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
