@@ -25,7 +25,6 @@ import re
 import urllib.parse
 
 from .base import (
-    MANIFEST_NAME,
     ChecksumMismatch,
     ObjectInfo,
     ObjectNotFound,
@@ -40,7 +39,6 @@ from .s3 import S3Settings, S3Storage
 
 __all__ = [
     "ACCEPTED_URLS",
-    "MANIFEST_NAME",
     "ChecksumMismatch",
     "LocalStorage",
     "ObjectInfo",

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from pbs2p_core.errors import Pbs2pError
+from pbs2p_core.format import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".pbs2p-partial"  # temp files of local writes; never a key, never listed
 
 _CHUNK = 1 * MiB
@@ -252,7 +252,7 @@ class Storage(ABC):
         self,
         local_dir: str | os.PathLike[str],
         prefix: str,
-        manifest_name: str = MANIFEST_NAME,
+        manifest_name: str = MANIFEST_FILE,
         on_put: Callable[[ObjectInfo], None] | None = None,
     ) -> builtins.list[ObjectInfo]:
         """Upload every file of `local_dir` under `prefix`, the manifest last; returns the objects written.
@@ -318,7 +318,7 @@ class Storage(ABC):
         return written
 
     def download_dir(
-        self, prefix: str, local_dir: str | os.PathLike[str], manifest_name: str = MANIFEST_NAME
+        self, prefix: str, local_dir: str | os.PathLike[str], manifest_name: str = MANIFEST_FILE
     ) -> builtins.list[ObjectInfo]:
         """Download the files under `prefix` into `local_dir`, each verified against the manifest (size and
         sha256); the manifest is written last. Without a manifest, every object under the prefix is fetched,
