@@ -43,6 +43,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" \
 # hadolint ignore=DL3006
 FROM torch-${VARIANT} AS build
 COPY pyproject.toml /src/
+COPY pbs2p /src/pbs2p
 COPY pbs2p_core /src/pbs2p_core
 COPY workers /src/workers
 COPY service /src/service

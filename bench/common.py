@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.errors import Pbs2pError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -28,7 +28,7 @@ def run_cli(args: list[str]) -> tuple[dict[str, Any], float, float]:
     """`pbs2p ARGS --json` in a child process: (its JSON output, wall seconds, peak RSS in MiB)."""
     t = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args, "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "pbs2p.service.cli", *args, "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
     out = proc.stdout.read()
@@ -43,8 +43,8 @@ def run_cli(args: list[str]) -> tuple[dict[str, Any], float, float]:
 def check_cli(args: list[str]) -> str:
     """`pbs2p ARGS --json` parsed as the command line parses it, not run: every option must exist, and a
     compress's config and Ray options must validate. Returns the command line; exits naming a bad option."""
-    from service.cli.commands import build_parser, ray_options  # seconds to import: see the module's docstring
-    from service.cli.options import config_from_args
+    from pbs2p.service.cli.commands import build_parser, ray_options  # seconds to import: see the module's docstring
+    from pbs2p.service.cli.options import config_from_args
 
     parsed = build_parser().parse_args([*args, "--json"])  # an unknown option exits here (code 2)
     if parsed.cmd == "compress":

@@ -25,14 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_out_option, write_table  # noqa: E402
-from pbs2p_core.config import CompressionConfig  # noqa: E402
-from pbs2p_core.solver import compress_linear  # noqa: E402
-from pbs2p_testing.artifacts import file_hashes  # noqa: E402
-from workers.evaluation import EvalSpec, evaluate_model  # noqa: E402
-from workers.local import compress_model  # noqa: E402
-from workers.model_refs import fetch_model  # noqa: E402
-from workers.settings import WorkerSettings  # noqa: E402
-from workers.text import calibration_for  # noqa: E402
+from pbs2p.core.config import CompressionConfig  # noqa: E402
+from pbs2p.core.solver import compress_linear  # noqa: E402
+from pbs2p.testing.artifacts import file_hashes  # noqa: E402
+from pbs2p.workers.evaluation import EvalSpec, evaluate_model  # noqa: E402
+from pbs2p.workers.local import compress_model  # noqa: E402
+from pbs2p.workers.model_refs import fetch_model  # noqa: E402
+from pbs2p.workers.settings import WorkerSettings  # noqa: E402
+from pbs2p.workers.text import calibration_for  # noqa: E402
 
 SMOLLM = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -102,7 +102,10 @@ def main() -> int:
         q = evaluate_model(out, spec, device="cuda")
         rows.append([f"perplexity ({a.windows} x {a.seqlen}, FP / pbs2p)", f"{fp['ppl']:.2f} / {q['ppl']:.2f}"])
         if a.ray:
-            from workers.distributed import compress_model_ray, init_ray  # ray (an extra): imported only with --ray
+            from pbs2p.workers.distributed import (  # ray (an extra): imported only with --ray
+                compress_model_ray,
+                init_ray,
+            )
 
             init_ray(None)
             t = time.perf_counter()

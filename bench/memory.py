@@ -30,9 +30,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, add_out_option, machine, write_table  # noqa: E402
-from pbs2p_core.config import CompressionConfig  # noqa: E402
-from workers.local import compress_model  # noqa: E402
-from workers.settings import WorkerSettings  # noqa: E402
+from pbs2p.core.config import CompressionConfig  # noqa: E402
+from pbs2p.workers.local import compress_model  # noqa: E402
+from pbs2p.workers.settings import WorkerSettings  # noqa: E402
 
 LIMIT = 1.15
 VOCAB = 512
@@ -63,7 +63,7 @@ def child(kind: str, model: Path, out: Path, samples: int, seqlen: int, workers:
     if kind == "local":
         report = compress_model(model, out, cfg, calib)
     else:
-        from workers.distributed import compress_model_ray, init_ray  # ray (an extra): only in a Ray child
+        from pbs2p.workers.distributed import compress_model_ray, init_ray  # ray (an extra): only in a Ray child
 
         init_ray(None, num_cpus=workers, object_store_memory=1 << 30)
         ckpt = str(out) + ".ckpt"

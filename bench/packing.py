@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_out_option, machine, write_table  # noqa: E402
-from pbs2p_core.binarize import binarize_block  # noqa: E402
-from pbs2p_core.config import CompressionConfig  # noqa: E402
-from pbs2p_core.format import (  # noqa: E402
+from pbs2p.core.binarize import binarize_block  # noqa: E402
+from pbs2p.core.config import CompressionConfig  # noqa: E402
+from pbs2p.core.format import (  # noqa: E402
     ArtifactWriter,
     PackedLinear,
     decode_linear,
@@ -34,9 +34,9 @@ from pbs2p_core.format import (  # noqa: E402
     unpack_linear,
     verify_artifact,
 )
-from pbs2p_core.solver import LinearResult, nm_mask  # noqa: E402
-from pbs2p_testing.real import real_model_dir  # noqa: E402
-from workers.weights import WeightReader  # noqa: E402
+from pbs2p.core.solver import LinearResult, nm_mask  # noqa: E402
+from pbs2p.testing.real import real_model_dir  # noqa: E402
+from pbs2p.workers.weights import WeightReader  # noqa: E402
 
 MODEL = "smollm2-135m"
 

@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_out_option, dry_run, machine, run_cli, write_table  # noqa: E402
-from pbs2p_core.config import CompressionConfig  # noqa: E402
-from pbs2p_core.solver import compress_linear  # noqa: E402
-from pbs2p_testing.artifacts import file_hashes  # noqa: E402
+from pbs2p.core.config import CompressionConfig  # noqa: E402
+from pbs2p.core.solver import compress_linear  # noqa: E402
+from pbs2p.testing.artifacts import file_hashes  # noqa: E402
 
 # (blocks, [(out, in) of q, k, v, o, gate, up, down]): Llama-2-7B and Llama-3-70B (GQA: k, v are 1024 wide)
 MODELS: dict[str, tuple[int, list[tuple[int, int]]]] = {
@@ -139,7 +139,7 @@ def main() -> None:
         dry_run([j.args for j in planned] + [eval_args(out, a) for out in firsts.values()])
         return
 
-    from workers.distributed import init_ray  # ray (an extra): not imported for --help or --dry-run
+    from pbs2p.workers.distributed import init_ray  # ray (an extra): not imported for --help or --dry-run
 
     address = init_ray(None, num_cpus=max(a.workers))
     rows: list[list[str]] = []

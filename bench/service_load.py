@@ -72,7 +72,7 @@ def build_inputs(root: Path, long_layers: int) -> tuple[Path, Path, Path]:
     """(long model dir, small model dir, calibration text) under `root`, from the tests' seeded tiny builders."""
     import torch  # not at the top: see the module's docstring
 
-    from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
+    from pbs2p.testing.tiny import make_model, save_tokenizer, write_text
 
     torch.set_num_threads(1)
     long_dir, small_dir = root / "long", root / "small"
@@ -422,9 +422,9 @@ def main() -> None:
     a = ap.parse_args()
 
     # not at the top: see the module's docstring
-    from service.cli.demo import start_service, stop_service
-    from service.jobstore import JobStore
-    from service.settings import Settings
+    from pbs2p.service.cli.demo import start_service, stop_service
+    from pbs2p.service.jobstore import JobStore
+    from pbs2p.service.settings import Settings
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pbs2p-load-") as tmp:

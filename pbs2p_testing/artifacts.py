@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from pbs2p_core.families import family_for
-from pbs2p_core.format import MANIFEST_FILE, TIMINGS_FILE, dense_state_dict, unpack_linear, verify_artifact
-from pbs2p_core.format.loader import iter_files
-from workers.report import CompressReport
+from pbs2p.core.families import family_for
+from pbs2p.core.format import MANIFEST_FILE, TIMINGS_FILE, dense_state_dict, unpack_linear, verify_artifact
+from pbs2p.core.format.loader import iter_files
+from pbs2p.workers.report import CompressReport
 
 from .tiny import BATCH
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.cli import main
+from pbs2p.service.cli import main
 
 
 def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:

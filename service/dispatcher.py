@@ -19,12 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
-from workers.distributed import init_ray, shutdown_ray
-from workers.evaluation import EvalSpec
-from workers.job import JobSpec, RayOptions, Upload, run_job
-from workers.storage import Storage, storage_from_url
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.workers.distributed import init_ray, shutdown_ray
+from pbs2p.workers.evaluation import EvalSpec
+from pbs2p.workers.job import JobSpec, RayOptions, Upload, run_job
+from pbs2p.workers.storage import Storage, storage_from_url
 
 from .jobstore import ACTIVE, Job, JobState, JobStore
 from .settings import Settings

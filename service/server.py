@@ -7,7 +7,7 @@ import logging
 import uvicorn
 from fastapi import FastAPI
 
-from workers.storage import storage_from_url
+from pbs2p.workers.storage import storage_from_url
 
 from .api import create_app
 from .dispatcher import Dispatcher

@@ -12,8 +12,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from workers.settings import WorkerSettings
-from workers.storage import S3Settings
+from pbs2p.workers.settings import WorkerSettings
+from pbs2p.workers.storage import S3Settings
 
 # S3Settings' PBS2P_S3_* (its keys are the usual AWS_*), nested as `Settings.s3`: listed here so that
 # `settings_doc` covers every PBS2P_* variable the service image reads

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from pbs2p_testing.real import missing_packages, real_model_dir
-from pbs2p_testing.servers import moto_server
+from pbs2p.testing.real import missing_packages, real_model_dir
+from pbs2p.testing.servers import moto_server
 
 
 def _missing(msg: str) -> None:

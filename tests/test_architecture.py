@@ -10,29 +10,41 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pbs2p_core", "workers", "service", "pbs2p_testing")
-# who may import whom: each layer only the ones below it (pbs2p_testing builds on everything, nothing on it)
+# the folders and the installed names they are (pbs2p/ links them)
+PACKAGES = {
+    "pbs2p_core": "pbs2p.core",
+    "workers": "pbs2p.workers",
+    "service": "pbs2p.service",
+    "pbs2p_testing": "pbs2p.testing",
+}
+# who may import whom: each layer only the ones below it (pbs2p.testing builds on everything, nothing on it)
 MAY_IMPORT = {
-    "pbs2p_core": set(),
-    "workers": {"pbs2p_core"},
-    "service": {"pbs2p_core", "workers"},
-    "pbs2p_testing": {"pbs2p_core", "workers", "service"},
+    "pbs2p.core": set(),
+    "pbs2p.workers": {"pbs2p.core"},
+    "pbs2p.service": {"pbs2p.core", "pbs2p.workers"},
+    "pbs2p.testing": {"pbs2p.core", "pbs2p.workers", "pbs2p.service"},
 }
 # a function-level import of a project module is allowed only at an optional extra's edge, marked so
 EXTRA_MARK = "# extra:"
 EXTRAS = {"ray", "service"}
+FOLDER_NAMES = set(PACKAGES)  # importable from the repository's root too, but a second copy of every module
 MAX_LINES = 500
 
 
 def modules() -> dict[str, Path]:
+    """Installed module name -> source file, e.g. pbs2p.core.format.linear -> pbs2p_core/format/linear.py."""
     out = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, name in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = [name, *path.relative_to(ROOT / folder).with_suffix("").parts]
             if parts[-1] == "__init__":
                 parts.pop()
             out[".".join(parts)] = path
     return out
+
+
+def layer(module: str) -> str:
+    return ".".join(module.split(".")[:2])
 
 
 MODULES = modules()
@@ -76,18 +88,28 @@ def imports(module: str) -> Iterator[tuple[str, ast.stmt, bool]]:
 
 
 def test_the_project_has_its_layers() -> None:
-    assert {m.split(".")[0] for m in MODULES} == set(PACKAGES)
-    assert "pbs2p_core.format.linear" in MODULES and "workers.job" in MODULES and "service.api.app" in MODULES
+    assert {layer(m) for m in MODULES} == set(PACKAGES.values())
+    assert {"pbs2p.core.format.linear", "pbs2p.workers.job", "pbs2p.service.api.app"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_layer_direction(module: str) -> None:
-    layer = module.split(".")[0]
+    own = layer(module)
     for name, node, _ in imports(module):
-        other = name.split(".")[0]
-        assert other == layer or other in MAY_IMPORT[layer], (
-            f"{MODULES[module].relative_to(ROOT)}:{node.lineno}: {layer} must not import {other} ({name})"
+        other = layer(name)
+        assert other == own or other in MAY_IMPORT[own], (
+            f"{MODULES[module].relative_to(ROOT)}:{node.lineno}: {own} must not import {other} ({name})"
         )
+
+
+@pytest.mark.parametrize("path", sorted({*MODULES.values(), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py")}))
+def test_imports_use_the_installed_names(path: Path) -> None:
+    """`pbs2p.core`, never the folder `pbs2p_core`: importing both would load every module twice."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] not in FOLDER_NAMES, f"{path.relative_to(ROOT)}:{node.lineno}: {name}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -101,7 +123,7 @@ def test_no_function_level_imports_of_the_project(module: str) -> None:
             continue
         mark = lines[node.lineno - 1].partition(EXTRA_MARK)[2].strip()
         assert mark in EXTRAS, f"{where}: import of {name} inside a function or block; move it to module level"
-        assert name.split(".")[0] != module.split(".")[0] or name.startswith(("workers.distributed", "service")), where
+        assert layer(name) != layer(module) or name.startswith(("pbs2p.workers.distributed", "pbs2p.service")), where
 
 
 def test_no_import_cycles() -> None:

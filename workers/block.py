@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pbs2p_core.bits import count_bits
-from pbs2p_core.config import CompressionConfig, NMPattern
-from pbs2p_core.hessian import HessianAccumulator
-from pbs2p_core.solver import LinearResult, compress_linear
+from pbs2p.core.bits import count_bits
+from pbs2p.core.config import CompressionConfig, NMPattern
+from pbs2p.core.hessian import HessianAccumulator
+from pbs2p.core.solver import LinearResult, compress_linear
 
 from .model_stream import BlockModel, Capture, release_memory
 from .report import BlockReport, LinearReport

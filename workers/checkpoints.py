@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.format import pack_linear, unpack_linear
-from pbs2p_core.format.manifest import SEP
-from pbs2p_core.solver import LinearResult
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.format import pack_linear, unpack_linear
+from pbs2p.core.format.manifest import SEP
+from pbs2p.core.solver import LinearResult
 
 from .report import BlockReport, LinearReport
 from .storage import ObjectNotFound, Storage
@@ -40,11 +40,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# the sources whose code decides the numbers: a change to any of them invalidates checkpoints
-_ROOT = Path(__file__).resolve().parent.parent
-# every .py file below them, subpackages included: the core computes the numbers, workers decide what it is fed
-# and in which order (a file moved or added anywhere there changes the fingerprint)
-_CODE_DIRS = ("pbs2p_core", "workers")
+# the sources whose code decides the numbers: a change to any of them invalidates checkpoints. Every .py file
+# below them, subpackages included: the core computes the numbers, workers decide what it is fed and in which
+# order (a file moved or added anywhere there changes the fingerprint). Paths are taken inside the installed
+# `pbs2p` package (not resolved: in the repository pbs2p/core links to pbs2p_core/), so a wheel and a checkout of
+# the same sources have the same code version.
+_ROOT = Path(__file__).parent.parent
+_CODE_DIRS = ("core", "workers")
 
 
 def check_job_id(job_id: str) -> str:

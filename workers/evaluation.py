@@ -10,9 +10,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.evaluate import perplexity
-from pbs2p_core.format import is_artifact, load_artifact
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.evaluate import perplexity
+from pbs2p.core.format import is_artifact, load_artifact
 
 from .text import eval_windows, load_documents
 

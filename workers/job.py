@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pbs2p_core.config import CompressionConfig
+from pbs2p.core.config import CompressionConfig
 
 from .evaluation import EvalSpec, check_device, evaluate_model
 from .local import compress_model

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.format import ArtifactWriter
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.format import ArtifactWriter
 
 from .block import compress_block, solve_here
 from .model_stream import BlockModel

@@ -19,7 +19,7 @@ from typing import Literal
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.errors import Pbs2pError
 
 from .packaged import MODEL_ALIASES, prepare_alias
 from .settings import WorkerSettings

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.families import Family, family_for
-from pbs2p_core.format import MANIFEST_FILE
-from pbs2p_core.skeleton import empty_causal_lm
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.families import Family, family_for
+from pbs2p.core.format import MANIFEST_FILE
+from pbs2p.core.skeleton import empty_causal_lm
 
 from .weights import WeightReader
 

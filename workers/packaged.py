@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.errors import Pbs2pError
 
 log = logging.getLogger(__name__)
 

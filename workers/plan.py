@@ -8,9 +8,9 @@ import logging
 import torch
 from torch import nn
 
-from pbs2p_core.cfs import allocate, allocate_by_error, block_cosine, block_importance, n_bounds
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.solver import oneshot_linear
+from pbs2p.core.cfs import allocate, allocate_by_error, block_cosine, block_importance, n_bounds
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.solver import oneshot_linear
 
 from .block import block_linears, collect_hessians
 from .model_stream import BlockModel, Capture, release_memory

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from pbs2p_core.bits import BitCount
-from pbs2p_core.config import CompressionConfig
+from pbs2p.core.bits import BitCount
+from pbs2p.core.config import CompressionConfig
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 from transformers import AutoTokenizer
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import Pbs2pError
 
 from .packaged import wiki_file
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.errors import Pbs2pError
 
 
 class WeightReader:

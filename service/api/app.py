@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from workers.storage import Storage
+from pbs2p.workers.storage import Storage
 
 from ..jobstore import JobStore
 from ..settings import Settings

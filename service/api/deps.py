@@ -11,7 +11,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from workers.storage import Storage
+from pbs2p.workers.storage import Storage
 
 from ..jobstore import Job, JobStore, hash_key
 from ..settings import Settings

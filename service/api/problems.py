@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pbs2p_core.config import error_message
+from pbs2p.core.config import error_message
 
 from .schemas import ProblemDetails
 

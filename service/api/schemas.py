@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pbs2p_core.config import CompressionConfig
-from workers.evaluation import EvalSpec
+from pbs2p.core.config import CompressionConfig
+from pbs2p.workers.evaluation import EvalSpec
 
 from ..jobstore import Job, JobState
 

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.format import export_dense, format_inspect, inspect_artifact
-from workers.evaluation import EvalSpec, evaluate_model
-from workers.job import JobSpec, RayOptions, run_job
-from workers.model_refs import fetch_model
-from workers.settings import WorkerSettings
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.format import export_dense, format_inspect, inspect_artifact
+from pbs2p.workers.evaluation import EvalSpec, evaluate_model
+from pbs2p.workers.job import JobSpec, RayOptions, run_job
+from pbs2p.workers.model_refs import fetch_model
+from pbs2p.workers.settings import WorkerSettings
 
 from .options import add_config_options, config_from_args
 from .progress import Progress
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 def _compress(args: argparse.Namespace) -> None:
     ray = ray_options(args)
     if ray is not None:  # the job's own lines (resume, checkpointed blocks) are shown
-        logging.getLogger("workers.distributed").setLevel(logging.INFO)
+        logging.getLogger("pbs2p.workers.distributed").setLevel(logging.INFO)
     spec = JobSpec(args.model, config_from_args(args), ray=ray)
     bar = Progress()
     try:
@@ -221,8 +221,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from service.server import serve  # extra: service
-    from service.settings import Settings  # extra: service
+    from pbs2p.service.server import serve  # extra: service
+    from pbs2p.service.settings import Settings  # extra: service
 
     overrides = {
         k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None
@@ -231,8 +231,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _keys(args: argparse.Namespace) -> None:
-    from service.jobstore import JobStore  # extra: service
-    from service.settings import Settings  # extra: service
+    from pbs2p.service.jobstore import JobStore  # extra: service
+    from pbs2p.service.settings import Settings  # extra: service
 
     store = JobStore(Settings().db_url)
     if args.keys_cmd == "create":
@@ -248,9 +248,9 @@ def _keys(args: argparse.Namespace) -> None:
 
 
 def _db(args: argparse.Namespace) -> None:
-    from service import migrations  # extra: service
-    from service.jobstore import make_engine  # extra: service
-    from service.settings import Settings  # extra: service
+    from pbs2p.service import migrations  # extra: service
+    from pbs2p.service.jobstore import make_engine  # extra: service
+    from pbs2p.service.settings import Settings  # extra: service
 
     engine = make_engine(Settings().db_url)
     try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.format import inspect_artifact
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.format import inspect_artifact
 
 from ..client import Client
 from ..jobstore import JobStore
@@ -41,7 +41,11 @@ def start_service(
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "service.log", "ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(  # its own process group: the service and its local Ray stop together
-            [sys.executable, "-m", "service.cli", "serve"], env=full_env, stdout=log, stderr=log, start_new_session=True
+            [sys.executable, "-m", "pbs2p.service.cli", "serve"],
+            env=full_env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import Pbs2pError
 
 from ..client import Client
 from .progress import JobBar

@@ -11,8 +11,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from pbs2p_core.config import Ablations, CompressionConfig, ConfigError
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.config import Ablations, CompressionConfig, ConfigError
+from pbs2p.core.errors import Pbs2pError
 
 # extra spellings kept for the options' earlier names
 ALIASES = {"skip_modules": ("--skip",)}

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.errors import Pbs2pError
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from service.jobstore import Base, make_engine
-from service.migrations import migration_transaction
-from service.settings import Settings
+from pbs2p.service.jobstore import Base, make_engine
+from pbs2p.service.migrations import migration_transaction
+from pbs2p.service.settings import Settings
 
 config = context.config
 connection = config.attributes.get("connection")

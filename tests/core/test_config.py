@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pbs2p_core.config import ABLATION_FIELDS, Ablations, CompressionConfig, ConfigError, NMPattern
+from pbs2p.core.config import ABLATION_FIELDS, Ablations, CompressionConfig, ConfigError, NMPattern
 
 
 @pytest.mark.parametrize(

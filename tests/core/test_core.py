@@ -6,13 +6,13 @@ import itertools
 import pytest
 import torch
 
-from pbs2p_core.binarize import ArbFit, arb, arb_error, binarize_block
-from pbs2p_core.bits import SCALE_BITS, count_bits
-from pbs2p_core.cfs import allocate, allocate_by_error, block_importance
-from pbs2p_core.config import CompressionConfig, NMPattern
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.refit import layer_error, refit_scales
-from pbs2p_core.solver import (
+from pbs2p.core.binarize import ArbFit, arb, arb_error, binarize_block
+from pbs2p.core.bits import SCALE_BITS, count_bits
+from pbs2p.core.cfs import allocate, allocate_by_error, block_importance
+from pbs2p.core.config import CompressionConfig, NMPattern
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.refit import layer_error, refit_scales
+from pbs2p.core.solver import (
     _code_block,
     column_blocks,
     compress_linear,
@@ -249,7 +249,7 @@ def test_empty_models_built_in_threads_leave_nothing_patched():
 
     from transformers import LlamaConfig
 
-    from pbs2p_core.skeleton import empty_causal_lm
+    from pbs2p.core.skeleton import empty_causal_lm
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64)  # fmt: skip

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pbs2p_core import evaluate
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.evaluate import PerplexityResult, perplexity
+from pbs2p.core import evaluate
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.evaluate import PerplexityResult, perplexity
 
 VOCAB = 128
 

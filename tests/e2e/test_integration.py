@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.format import decode_linear, inspect_artifact, unpack_linear, verify_artifact
-from workers.evaluation import EvalSpec
-from workers.job import JobSpec, run_job
-from workers.settings import WorkerSettings
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.format import decode_linear, inspect_artifact, unpack_linear, verify_artifact
+from pbs2p.workers.evaluation import EvalSpec
+from pbs2p.workers.job import JobSpec, run_job
+from pbs2p.workers.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 

@@ -17,18 +17,18 @@ from typing import Any
 import httpx
 import pytest
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.format import MANIFEST_FILE
-from pbs2p_testing.artifacts import file_hashes
-from pbs2p_testing.tiny import make_model, save_tokenizer, write_text
-from service.cli.demo import start_service, stop_service
-from service.client import Client
-from service.jobstore import JobStore
-from service.settings import Settings
-from workers.evaluation import EvalSpec, evaluate_model
-from workers.job import JobSpec, run_job
-from workers.settings import WorkerSettings
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.format import MANIFEST_FILE
+from pbs2p.service.cli.demo import start_service, stop_service
+from pbs2p.service.client import Client
+from pbs2p.service.jobstore import JobStore
+from pbs2p.service.settings import Settings
+from pbs2p.testing.artifacts import file_hashes
+from pbs2p.testing.tiny import make_model, save_tokenizer, write_text
+from pbs2p.workers.evaluation import EvalSpec, evaluate_model
+from pbs2p.workers.job import JobSpec, run_job
+from pbs2p.workers.settings import WorkerSettings
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

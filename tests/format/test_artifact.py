@@ -19,11 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from pbs2p_core.binarize import BlockCode, round_scale
-from pbs2p_core.bits import count_bits
-from pbs2p_core.config import CompressionConfig, NMPattern
-from pbs2p_core.errors import ArtifactError, Pbs2pError
-from pbs2p_core.format.bitpack import (
+from pbs2p.core.binarize import BlockCode, round_scale
+from pbs2p.core.bits import count_bits
+from pbs2p.core.config import CompressionConfig, NMPattern
+from pbs2p.core.errors import ArtifactError, Pbs2pError
+from pbs2p.core.format.bitpack import (
     decode_mask,
     encode_mask,
     pack_bits,
@@ -32,16 +32,16 @@ from pbs2p_core.format.bitpack import (
     rank_tables,
     unpack_bits,
 )
-from pbs2p_core.format.inspect import inspect_artifact
-from pbs2p_core.format.linear import decode_linear, expected_tensors, pack_linear, unpack_linear
-from pbs2p_core.format.loader import PackedLinear, dense_state_dict, load_artifact, verify_artifact
-from pbs2p_core.format.manifest import SEP, ST_DTYPES
-from pbs2p_core.format.writer import ArtifactWriter
-from pbs2p_core.solver import LinearResult, compress_linear, nm_mask
-from pbs2p_testing.artifacts import logits
-from pbs2p_testing.cli import run_cli
-from pbs2p_testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config
-from workers.local import compress_model
+from pbs2p.core.format.inspect import inspect_artifact
+from pbs2p.core.format.linear import decode_linear, expected_tensors, pack_linear, unpack_linear
+from pbs2p.core.format.loader import PackedLinear, dense_state_dict, load_artifact, verify_artifact
+from pbs2p.core.format.manifest import SEP, ST_DTYPES
+from pbs2p.core.format.writer import ArtifactWriter
+from pbs2p.core.solver import LinearResult, compress_linear, nm_mask
+from pbs2p.testing.artifacts import logits
+from pbs2p.testing.cli import run_cli
+from pbs2p.testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config
+from pbs2p.workers.local import compress_model
 
 
 @pytest.fixture(autouse=True, scope="module")

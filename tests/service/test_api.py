@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_testing.servers import Service, running_service
-from pbs2p_testing.tiny import make_model, save_tokenizer
-from service.jobstore import JobState, encode_cursor
+from pbs2p.core.config import CompressionConfig
+from pbs2p.service.jobstore import JobState, encode_cursor
+from pbs2p.testing.servers import Service, running_service
+from pbs2p.testing.tiny import make_model, save_tokenizer
 
 PROBLEM = "application/problem+json"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_testing.artifacts import saved_report
-from pbs2p_testing.cli import run_cli
-from pbs2p_testing.tiny import VOCAB, make_model, save_tokenizer, write_text
-from service.cli import commands as cli
-from service.cli.options import config_from_args
+from pbs2p.core.config import CompressionConfig
+from pbs2p.service.cli import commands as cli
+from pbs2p.service.cli.options import config_from_args
+from pbs2p.testing.artifacts import saved_report
+from pbs2p.testing.cli import run_cli
+from pbs2p.testing.tiny import VOCAB, make_model, save_tokenizer, write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -172,7 +172,7 @@ def test_cli_refuses_foreign_output_dir(
 
 
 def test_cli_subprocess_exit_code(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "service.cli", "compress", str(tmp_path / "m"), "-o", str(tmp_path / "o")]
+    argv = [sys.executable, "-m", "pbs2p.service.cli", "compress", str(tmp_path / "m"), "-o", str(tmp_path / "o")]
     proc = subprocess.run([*argv, "--pattern", "9:8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""

@@ -79,7 +79,7 @@ def _yaml_docs(path: Path) -> list[Any]:
 
 
 def _settings() -> dict[str, str]:
-    from service.settings import settings_doc
+    from pbs2p.service.settings import settings_doc
 
     doc = settings_doc()
     assert doc and all(k.startswith("PBS2P_") for k in doc)
@@ -362,7 +362,7 @@ def test_compose_variables_come_from_env_example(compose: dict[str, Any]) -> Non
 
 def test_compose_fixed_settings_are_valid(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The values docker-compose.yml fixes (not interpolated) load into the service's Settings."""
-    from service.settings import Settings
+    from pbs2p.service.settings import Settings
 
     env = _env_dict(compose["services"]["api"]["environment"])
     for var in _settings():
@@ -469,7 +469,7 @@ def test_k8s_secrets_are_referenced_never_committed(k8s: list[tuple[Path, dict[s
 def test_every_setting_is_in_the_configmap_or_a_secret(
     k8s: list[tuple[Path, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.settings import Settings
+    from pbs2p.service.settings import Settings
 
     cm = _one(k8s, "ConfigMap")
     data = cm["data"]
@@ -580,7 +580,7 @@ def test_dockerfile_entry_points_exist() -> None:
     health = next(a for w, a in ins if w == "HEALTHCHECK")
     health_cmd = _exec_form(health.split(" CMD ", 1)[1])
     scripts = _project()["scripts"]
-    assert cmd[0] in scripts and scripts[cmd[0]] == "service.cli:main"
+    assert cmd[0] in scripts and scripts[cmd[0]] == "pbs2p.service.cli:main"
     assert entry == ["/usr/bin/tini", "--"] and re.search(r"apt-get install [^&]*\btini\b", DOCKERFILE.read_text())
     # pbs2p-healthcheck is this repository's script, copied into the image; its role exists
     copies = [a.split() for w, a in ins if w == "COPY" and not a.startswith("--from")]
@@ -607,7 +607,7 @@ def test_pbs2p_subcommands_of_the_deployment_exist(compose: dict[str, Any], k8s:
         assert c[1] in DEPLOY_SUBCOMMANDS, f"{' '.join(c)}: add {c[1]!r} to DEPLOY_SUBCOMMANDS if it is meant"
         if DEPLOY_SUBCOMMANDS[c[1]] and len(c) > 2 and not c[2].startswith("-"):
             assert c[2] in DEPLOY_SUBCOMMANDS[c[1]], " ".join(c)
-    from service.cli.commands import build_parser
+    from pbs2p.service.cli.commands import build_parser
 
     parser = build_parser()
     commands = _subparsers(parser)

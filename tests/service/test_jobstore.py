@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from service.jobstore import (
+from pbs2p.service.jobstore import (
     ACTIVE,
     ApiKeyRow,
     IdempotencyConflict,

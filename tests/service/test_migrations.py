@@ -37,10 +37,10 @@ from sqlalchemy import (
     text,
 )
 
-from pbs2p_core.errors import Pbs2pError
-from service import migrations
-from service.cli import main
-from service.jobstore import Base, JobState, JobStore
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.service import migrations
+from pbs2p.service.cli import main
+from pbs2p.service.jobstore import Base, JobState, JobStore
 
 PG_URL = os.environ.get("PBS2P_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 HEAD = "0002"
@@ -396,7 +396,7 @@ OPEN_TOGETHER = """
 import logging, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
-from service.jobstore import JobStore
+from pbs2p.service.jobstore import JobStore
 url, gate, i, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 (gate / f"ready{i}").touch()  # every process imported everything; they open the store at the same moment
 while len(list(gate.glob("ready*"))) < n:

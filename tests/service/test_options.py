@@ -10,11 +10,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 import httpx
 import pytest
 
-from pbs2p_core.config import Ablations, CompressionConfig
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_testing.servers import Service, running_service
-from service.cli import commands
-from service.cli.options import ConfigOption, config_from_args, config_options
+from pbs2p.core.config import Ablations, CompressionConfig
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.service.cli import commands
+from pbs2p.service.cli.options import ConfigOption, config_from_args, config_options
+from pbs2p.testing.servers import Service, running_service
 
 OPTIONS = config_options()
 # values the generic rules below cannot derive: (a valid non-default value, an invalid one)

@@ -24,12 +24,12 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_testing.servers import Service, running_service
-from service.api import create_app
-from service.jobstore import JobState, JobStore
-from service.settings import Settings
-from workers.storage import LocalStorage
+from pbs2p.core.config import CompressionConfig
+from pbs2p.service.api import create_app
+from pbs2p.service.jobstore import JobState, JobStore
+from pbs2p.service.settings import Settings
+from pbs2p.testing.servers import Service, running_service
+from pbs2p.workers.storage import LocalStorage
 
 CHECKS = [
     not_a_server_error,

@@ -21,14 +21,14 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_testing.artifacts import file_hashes
-from pbs2p_testing.tiny import calib_ids, make_model, save_tokenizer, tiny_config, tiny_job_config, write_text
-from service.cli import commands as cli
-from workers.distributed import NAMESPACE, compress_model_ray, init_ray
-from workers.local import compress_model
-from workers.settings import WorkerSettings
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.service.cli import commands as cli
+from pbs2p.testing.artifacts import file_hashes
+from pbs2p.testing.tiny import calib_ids, make_model, save_tokenizer, tiny_config, tiny_job_config, write_text
+from pbs2p.workers.distributed import NAMESPACE, compress_model_ray, init_ray
+from pbs2p.workers.local import compress_model
+from pbs2p.workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_worker_error_is_the_jobs_error(cluster: str, tmp_path: Path) -> None:
 def test_resume_and_fingerprint_mismatch(
     cluster: str, model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="workers")
+    caplog.set_level(logging.INFO, logger="pbs2p.workers")
     cfg, other = tiny_job_config(), tiny_job_config(pattern="4:8")
     run_ray(model, tmp_path / "a", cfg, tmp_path / "ckpt", workers=1, job_id="j1", keep_checkpoint=True)
     assert (tmp_path / "ckpt" / "j1" / "block-00002.json").is_file()
@@ -155,7 +155,7 @@ def worker_pids(job_id: str) -> dict[int, int]:
 def test_killed_workers(cluster: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SIGKILL to the job's workers while it runs: a linear worker (its calls are retried on the restarted
     process) and then the block lead (the block is redone from the previous block's checkpoint)."""
-    caplog.set_level(logging.INFO, logger="workers")
+    caplog.set_level(logging.INFO, logger="pbs2p.workers")
     conf = tiny_config("llama", layers=6, hidden=256)
     conf.intermediate_size = 512
     torch.manual_seed(0)
@@ -204,7 +204,7 @@ def test_killed_coordinator_resumes(cluster: str, tmp_path: Path) -> None:
     args = ["compress", str(src), "-o", str(tmp_path / "ray"), "--calib", str(text)]
     args += ["--calib-samples", "8", "--seqlen", "32", "--batch-size", "4"]
     ray_args = ["--ray", cluster, "--workers", "2", "--job-id", "X", "--checkpoint", str(tmp_path / "ckpt")]
-    cmd = [sys.executable, "-m", "service.cli", *args, *ray_args]
+    cmd = [sys.executable, "-m", "pbs2p.service.cli", *args, *ray_args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None
     seen = []

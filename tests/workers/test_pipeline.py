@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.families import FAMILIES
-from pbs2p_core.format import MANIFEST_FILE, load_artifact
-from pbs2p_testing.artifacts import (
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.families import FAMILIES
+from pbs2p.core.format import MANIFEST_FILE, load_artifact
+from pbs2p.testing.artifacts import (
     assert_nm,
     file_hashes,
     linear_names,
@@ -20,9 +20,9 @@ from pbs2p_testing.artifacts import (
     source_tensors,
     tensors,
 )
-from pbs2p_testing.tiny import BATCH, CONFIGS, calib_ids, make_model, tiny_job_config
-from workers.local import compress_model
-from workers.model_stream import BlockModel
+from pbs2p.testing.tiny import BATCH, CONFIGS, calib_ids, make_model, tiny_job_config
+from pbs2p.workers.local import compress_model
+from pbs2p.workers.model_stream import BlockModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -23,8 +23,8 @@ import pytest
 from botocore.exceptions import ConnectionClosedError
 from pydantic import ValidationError
 
-import workers.storage.s3 as s3_module
-from workers.storage import (
+import pbs2p.workers.storage.s3 as s3_module
+from pbs2p.workers.storage import (
     ChecksumMismatch,
     LocalStorage,
     ObjectNotFound,

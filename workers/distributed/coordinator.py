@@ -32,9 +32,9 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.format import ArtifactWriter
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.format import ArtifactWriter
 
 from ..checkpoints import JobCheckpoint, check_job_id, fingerprint
 from ..model_stream import BlockModel

@@ -12,8 +12,8 @@ from typing import Any
 import ray
 import torch
 
-from pbs2p_core.config import CompressionConfig
-from pbs2p_core.solver import LinearResult, compress_linear
+from pbs2p.core.config import CompressionConfig
+from pbs2p.core.solver import LinearResult, compress_linear
 
 from ..block import LinearSolver, compress_block
 from ..checkpoints import JobCheckpoint

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pbs2p_core.errors import Pbs2pError
-from pbs2p_core.format import MANIFEST_FILE
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.format import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 

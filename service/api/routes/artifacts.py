@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
-from pbs2p_core.format import MANIFEST_FILE
-from workers.storage import LocalStorage, ObjectNotFound, Storage, StorageError, check_key, join_key
+from pbs2p.core.format import MANIFEST_FILE
+from pbs2p.workers.storage import LocalStorage, ObjectNotFound, Storage, StorageError, check_key, join_key
 
 from ...jobstore import Job, JobState
 from ..deps import OwnJob, State

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from pbs2p_core.errors import Pbs2pError
-from workers.model_refs import check_model_ref, check_text
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.workers.model_refs import check_model_ref, check_text
 
 from ...jobstore import IdempotencyConflict, JobState, decode_cursor, encode_cursor
 from ..deps import JobId, OwnJob, State, Tenant, find_job

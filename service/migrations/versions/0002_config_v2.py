@@ -32,7 +32,7 @@ down_revision: str | None = "0001"
 branch_labels: str | None = None
 depends_on: str | None = None
 
-log = logging.getLogger("service.migrations")
+log = logging.getLogger("pbs2p.service.migrations")
 
 ABLATIONS = (
     "spbo_mode",
