@@ -1,8 +1,8 @@
-"""Collect, then solve: the per-linear Hessian H = 2/T · X Xᵀ and its inverse Cholesky factor."""
+"""Collect, then solve: the per-linear Hessian H = 2/T · X Xᵀ (summed per calibration shard, then over the shards
+in order) and its inverse Cholesky factor."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -10,20 +10,27 @@ import torch
 from .errors import Pbs2pError
 
 
-class HessianAccumulator:
-    """Running mean of 2 · x xᵀ over calibration tokens, in fp32 (fixed order -> deterministic)."""
+class HessianSum:
+    """Σ x xᵀ over the tokens of one calibration shard, in fp32, batches added in order (deterministic)."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.S = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # (T, C)
-        t = x.shape[0]
-        self.H *= self.tokens / (self.tokens + t)
-        self.tokens += t
-        x = x * math.sqrt(2.0 / self.tokens)
-        self.H.addmm_(x.T, x)
+        x = x.reshape(-1, x.shape[-1]).to(self.S.device, torch.float32)  # (T, C)
+        self.tokens += x.shape[0]
+        self.S.addmm_(x.T, x)
+
+
+def reduce_hessians(parts: list[HessianSum]) -> torch.Tensor:
+    """H = 2/T · Σ_shards S, summed in the order given (shard order): the same bits however the shards were
+    spread over workers."""
+    total = parts[0].S.clone()
+    for p in parts[1:]:
+        total += p.S.to(total.device)
+    tokens = sum(p.tokens for p in parts)
+    return total.mul_(2.0 / max(tokens, 1))
 
 
 @dataclass

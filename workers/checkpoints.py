@@ -6,8 +6,8 @@ Layout under `<job_id>/`:
 - `block-00003.safetensors` + `block-00003.json`: the compressed block. Plain tensors (norms, skipped
   linears) under their names; every compressed linear packed exactly as the artifact packs it (`pack_linear`,
   fields `name:sign`, `name:mask`, ...), its layout and report numbers in the JSON.
-- `inputs-00004.safetensors` (sequential propagation): the next block's calibration inputs. Only the newest
-  two are kept; independent propagation stores none (its inputs are the FP model's, recomputed on resume).
+- `inputs-00004-s0003.safetensors`: the calibration inputs of block 4 for shard 3 (the outputs of block 3), one
+  file per shard, written by the worker that holds the shard. Only the newest two blocks' are kept.
 The block's JSON is written LAST and holds the sha256 of the block's files: a block without it is not done,
 and a file that does not match it is refused. Everything is safetensors or JSON; nothing is unpickled.
 """
@@ -38,7 +38,7 @@ from .storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # the sources whose code decides the numbers: a change to any of them invalidates checkpoints. Every .py file
 # below them, subpackages included: the core computes the numbers, workers decide what it is fed and in which
@@ -108,7 +108,7 @@ class StoredBlock:
 
 def _block_report(d: dict[str, Any]) -> BlockReport:
     linears = [LinearReport(**{**lr, "shape": tuple(lr["shape"])}) for lr in d["linears"]]
-    return BlockReport(d["index"], d["n_keep"], d["cosine"], d["seconds"], linears)
+    return BlockReport(d["index"], d["n_keep"], d["cosine"], d["seconds"], linears, dict(d.get("phases") or {}))
 
 
 class JobCheckpoint:
@@ -172,8 +172,8 @@ class JobCheckpoint:
         return f"block-{index:05d}"
 
     @staticmethod
-    def inputs_name(index: int) -> str:
-        return f"inputs-{index:05d}.safetensors"
+    def inputs_name(index: int, shard: int) -> str:
+        return f"inputs-{index:05d}-s{shard:04d}.safetensors"
 
     def _put_tensors(self, tensors: dict[str, torch.Tensor], name: str) -> str:
         with tempfile.TemporaryDirectory(prefix="pbs2p-ckpt-") as tmp:
@@ -189,6 +189,11 @@ class JobCheckpoint:
             self.storage.get_file(self._key(name), path, expected_sha256=sha256)
             return load_file(path)
 
+    def save_inputs(self, index: int, shard: int, x: torch.Tensor) -> tuple[str, str]:
+        """Shard `shard`'s calibration inputs of block `index`: (file name, sha256), for the block's marker."""
+        name = self.inputs_name(index, shard)
+        return name, self._put_tensors({"x": x}, name)
+
     def save_block(
         self,
         index: int,
@@ -196,13 +201,11 @@ class JobCheckpoint:
         results: dict[str, LinearResult],
         report: BlockReport,
         cfg: CompressionConfig,
-        next_inputs: list[torch.Tensor] | None,
+        input_files: dict[str, str] | None = None,
     ) -> None:
-        """Block `index` done: its tensors and packed linears, the next block's inputs, then the JSON marker."""
-        files: dict[str, str] = {}
-        if next_inputs is not None:
-            name = self.inputs_name(index + 1)
-            files[name] = self._put_tensors({f"x.{k:05d}": x for k, x in enumerate(next_inputs)}, name)
+        """Block `index` done: its tensors and packed linears, then the JSON marker naming them and the next block's
+        input files (`save_inputs`, already written)."""
+        files: dict[str, str] = dict(input_files or {})
         flat: dict[str, torch.Tensor] = {}
         linears: dict[str, Any] = {}
         for name, t in tensors.items():
@@ -226,8 +229,8 @@ class JobCheckpoint:
         marker["report"] = asdict(report)
         self.storage.put_bytes(json.dumps(marker).encode(), self._key(self.block_name(index) + ".json"))  # last
         if index > 1:  # inputs two blocks back: not needed by a resume (one block back is kept for a
-            # coordinator that scanned the checkpoints just before a dying lead finished its last block)
-            self.storage.delete(self._key(self.inputs_name(index - 1)))
+            # coordinator that scanned the checkpoints just before the block was marked done)
+            self.storage.delete_prefix(self._key(f"inputs-{index - 1:05d}-"))
 
     def _marker(self, index: int) -> dict[str, Any] | None:
         try:
@@ -258,11 +261,10 @@ class JobCheckpoint:
             tensors[name] = weight
         return StoredBlock(tensors, results, _block_report(marker["report"]))
 
-    def load_inputs(self, index: int) -> list[torch.Tensor]:
-        """The calibration inputs of block `index` (> 0), saved with block `index - 1`."""
+    def load_inputs(self, index: int, shard: int) -> torch.Tensor:
+        """Shard `shard`'s calibration inputs of block `index` (> 0), saved with block `index - 1`."""
         marker = self._marker(index - 1)
-        name = self.inputs_name(index)
+        name = self.inputs_name(index, shard)
         if marker is None or name not in marker["files"]:
-            raise Pbs2pError(f"job {self.job_id}: no saved inputs for block {index} in {self.where()}")
-        xs = self._get_tensors(name, marker["files"][name])
-        return [xs[k] for k in sorted(xs)]
+            raise Pbs2pError(f"job {self.job_id}: no saved inputs for block {index}, shard {shard} in {self.where()}")
+        return self._get_tensors(name, marker["files"][name])["x"]
