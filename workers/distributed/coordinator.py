@@ -180,11 +180,7 @@ class _Job:
             parts = ray.get([w.begin.remote(i, attempt, p == 0, groups) for w in pool])
             by_shard = {s: sums for part in parts for s, sums in part.items()}
             t1 = time.perf_counter()
-            calls = {g: pool[j % len(pool)].prepare.remote(attempt, g, [by_shard[s][g] for s in sorted(by_shard)])
-                     for j, g in enumerate(groups)}  # fmt: skip
-            preps = {g: ray.get(c)[0] for g, c in calls.items()}
-            t2 = time.perf_counter()
-            chunks = self._solve(attempt, groups, shapes, preps, n_keep)
+            preps, chunks, t2 = self._reduce_and_solve(attempt, groups, by_shard, shapes, n_keep)
             t3 = time.perf_counter()
             by_name = {name: [preps[g]] for g in groups for name in g}
             ray.get([w.apply.remote(attempt, chunks, by_name, n_keep) for w in pool])
@@ -207,37 +203,53 @@ class _Job:
         phases["idle"] = max(0.0, len(pool) * report.seconds - busy)
         self.phases[i] = phases
 
-    def _solve(
-        self, attempt: str, groups: list[Group], shapes: dict[str, tuple[int, ...]], preps: dict[Group, Any],
-        n_keep: int,
-    ) -> dict[str, list[Any]]:  # fmt: skip
-        """Every row chunk of the groups' linears, largest first, at most two in flight per worker (which worker
-        solves a chunk does not change its bits): {linear: refs of its chunks' results, in row order}."""
-        tasks = [(name, r0, r1, g) for g in groups for name in g for r0, r1 in row_chunks(shapes[name][0], self.cfg)]
-        tasks.sort(key=lambda t: -(t[2] - t[1]) * shapes[t[0]][1])  # stable: ties keep their order
-        free = [k for _ in range(2) for k in range(len(self.pool))]
-        pending: dict[Any, int] = {}
+    def _reduce_and_solve(
+        self, attempt: str, groups: list[Group], by_shard: dict[int, dict[Group, Any]],
+        shapes: dict[str, tuple[int, ...]], n_keep: int,
+    ) -> tuple[dict[Group, Any], dict[str, list[Any]], float]:  # fmt: skip
+        """Each input group's H reduced and factorised on one worker (largest first, on the least loaded), and as
+        soon as a group's state is ready, its linears' row chunks solved over all workers, largest first, at most
+        two calls in flight per worker. Which worker runs what does not change a bit.
+        Returns (state refs by group, {linear: its chunks' result refs in row order}, when the last state was
+        ready)."""
+        W = len(self.pool)
+        load = [0.0] * W
+        slots = [k for _ in range(2) for k in range(W)]  # two calls in flight per worker
+        calls: dict[Any, tuple[str, Any]] = {}  # in flight: ref -> (what, key), and its worker below
+        worker_of: dict[Any, int | None] = {}  # the worker whose slot the call holds (None: it holds none)
+        for g in sorted(groups, key=lambda g: -shapes[g[0]][1]):  # the widest input first: its Cholesky is C³
+            k = min(range(W), key=lambda k: load[k])
+            load[k] += float(shapes[g[0]][1]) ** 3
+            ref = self.pool[k].prepare.remote(attempt, g, [by_shard[s][g] for s in sorted(by_shard)])
+            calls[ref], worker_of[ref] = ("prep", g), k if k in slots else None
+            if k in slots:
+                slots.remove(k)
+        preps: dict[Group, Any] = {}
+        queue: list[tuple[str, int, int, Group]] = []
         out: dict[tuple[str, int], Any] = {}
-
-        def settle(n: int) -> None:
-            done, _ = ray.wait(list(pending), num_returns=n)
-            for ref in done:
-                free.append(pending.pop(ref))
-                (name, r0), result = out_of[ref], ray.get(ref)
-                out[(name, r0)] = result[0]
-
-        out_of: dict[Any, tuple[str, int]] = {}
-        for name, r0, r1, g in tasks:
-            if not free:
-                settle(1)
-            k = free.pop(0)
-            ref = self.pool[k].solve.remote(attempt, name, r0, r1, [preps[g]], n_keep)
-            pending[ref], out_of[ref] = k, (name, r0)
-        if pending:
-            settle(len(pending))
-        return {
-            name: [out[(name, r0)] for r0, _ in row_chunks(shapes[name][0], self.cfg)] for g in groups for name in g
-        }
+        ready_at = time.perf_counter()
+        while calls or queue:
+            while queue and slots:
+                name, r0, r1, g = queue.pop(0)
+                k = slots.pop(0)
+                ref = self.pool[k].solve.remote(attempt, name, r0, r1, [preps[g]], n_keep)
+                calls[ref], worker_of[ref] = ("solve", (name, r0)), k
+            done, _ = ray.wait(list(calls), num_returns=1)
+            what, key = calls.pop(done[0])
+            holder = worker_of.pop(done[0])
+            if holder is not None:
+                slots.append(holder)
+            result = ray.get(done[0])[0]  # a ref in a list: errors show here, the data stays in the object store
+            if what == "solve":
+                out[key] = result
+                continue
+            preps[key] = result
+            ready_at = time.perf_counter()
+            queue += [(name, r0, r1, key) for name in key for r0, r1 in row_chunks(shapes[name][0], self.cfg)]
+            queue.sort(key=lambda t: -(t[2] - t[1]) * shapes[t[0]][1])  # stable: ties keep their order
+        names = [name for g in groups for name in g]
+        chunks = {name: [out[(name, r0)] for r0, _ in row_chunks(shapes[name][0], self.cfg)] for name in names}
+        return preps, chunks, ready_at
 
 
 def compress_model_ray(
