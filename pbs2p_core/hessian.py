@@ -1,17 +1,21 @@
 """Collect, then solve: the per-linear Hessian H = 2/T · X Xᵀ (summed per calibration shard, then over the shards
-in order) and its inverse Cholesky factor."""
+by a fixed tree) and its inverse Cholesky factor."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from .errors import Pbs2pError
 
+T = TypeVar("T")
+
 
 class HessianSum:
-    """Σ x xᵀ over the tokens of one calibration shard, in fp32, batches added in order (deterministic)."""
+    """Σ x xᵀ over the tokens of some calibration shards, in fp32, batches added in order (deterministic)."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
         self.S = torch.zeros(columns, columns, dtype=torch.float32, device=device)
@@ -22,15 +26,44 @@ class HessianSum:
         self.tokens += x.shape[0]
         self.S.addmm_(x.T, x)
 
+    def plus(self, other: HessianSum) -> HessianSum:
+        """self + other (in place): the sum of both sets of shards."""
+        self.S += other.S.to(self.S.device)
+        self.tokens += other.tokens
+        return self
 
-def reduce_hessians(parts: list[HessianSum]) -> torch.Tensor:
-    """H = 2/T · Σ_shards S, summed in the order given (shard order): the same bits however the shards were
-    spread over workers."""
-    total = parts[0].S.clone()
-    for p in parts[1:]:
-        total += p.S.to(total.device)
-    tokens = sum(p.tokens for p in parts)
-    return total.mul_(2.0 / max(tokens, 1))
+    def hessian(self) -> torch.Tensor:
+        """H = 2/T · Σ x xᵀ."""
+        return self.S.mul(2.0 / max(self.tokens, 1))
+
+
+Span = tuple[int, int]  # shards [lo, hi): a node of the reduction tree
+
+
+def tree_sum(
+    lo: int, hi: int, leaf: Callable[[int], T], add: Callable[[T, T], T], known: Mapping[Span, Callable[[], T]] = {}
+) -> T:
+    """The sum of shards [lo, hi) over a fixed binary tree of shard indices (split at the middle): the same
+    additions in the same order, whoever computes which subtree. Leaves come from `leaf(s)` in increasing s;
+    `known` gives subtrees summed elsewhere."""
+    if (lo, hi) in known:
+        return known[(lo, hi)]()
+    if hi - lo == 1:
+        return leaf(lo)
+    mid = (lo + hi) // 2
+    left = tree_sum(lo, mid, leaf, add, known)
+    return add(left, tree_sum(mid, hi, leaf, add, known))
+
+
+def tree_cover(lo: int, hi: int, a: int, b: int) -> list[Span]:
+    """The largest nodes of the tree over [lo, hi) that lie inside shards [a, b), in order: what a worker holding
+    those shards sums itself."""
+    if a <= lo and hi <= b:
+        return [(lo, hi)]
+    if hi <= a or b <= lo or hi - lo == 1:
+        return []
+    mid = (lo + hi) // 2
+    return tree_cover(lo, mid, a, b) + tree_cover(mid, hi, a, b)
 
 
 @dataclass

@@ -4,8 +4,8 @@ A block is calibrated on shards: the calibration windows cut into batches of `ba
 does not depend on the number of workers. The steps:
 1. per shard: the block's forward with a hook on each group of linears that reads one input (q/k/v, o,
    gate/up, down), giving the shard's Σ x xᵀ per group (`shard_hessians`);
-2. per group: the shards' sums added in shard order, H factorised once, and each linear's state that needs all
-   its rows (`prepare_group`);
+2. per group: the shards' sums added over a fixed binary tree of shard indices (`forward_shards`), H factorised
+   once, and each linear's state that needs all its rows (`prepare_group`);
 3. per linear: its rows solved in fixed chunks (`solve_rows`), joined in row order (`merge_rows`);
 4. the compressed weights set, and the next block's inputs: per shard, the compressed block's outputs
    (sequential propagation) or the FP block's (independent).
@@ -24,7 +24,7 @@ from torch import nn
 
 from pbs2p.core.bits import count_bits
 from pbs2p.core.config import CompressionConfig, NMPattern
-from pbs2p.core.hessian import HessianSum, inverse_cholesky
+from pbs2p.core.hessian import HessianSum, inverse_cholesky, tree_sum
 from pbs2p.core.solver import LinearPrep, LinearResult, merge_rows, prepare_linear, row_chunks, solve_rows
 
 from .model_stream import BlockModel, Capture, release_memory
@@ -33,6 +33,7 @@ from .report import BlockReport, LinearReport
 log = logging.getLogger(__name__)
 
 Group = tuple[str, ...]  # linears of a block that read the same input, e.g. ("self_attn.q_proj", ...)
+Sums = dict[Group, HessianSum]  # Σ x xᵀ per input group, over some shards
 
 
 def _skipped(full_name: str, patterns: tuple[str, ...]) -> bool:
@@ -75,21 +76,31 @@ def shard_hessians(
     return y, sums
 
 
-def add_shard(total: dict[Group, HessianSum], shard: dict[Group, HessianSum]) -> None:
-    """total += shard, group by group: called in shard order."""
-    for g, s in shard.items():
-        if g in total:
-            total[g].S += s.S.to(total[g].S.device)
-            total[g].tokens += s.tokens
-        else:
-            total[g] = s
+def add_sums(a: Sums, b: Sums) -> Sums:
+    """a + b group by group (in place): a node of the shards' reduction tree."""
+    return {g: a[g].plus(b[g]) for g in a}
+
+
+def forward_shards(
+    bm: BlockModel, index: int, block: nn.Module, shards: dict[int, torch.Tensor], capture: Capture,
+    groups: list[Group], lo: int, hi: int,
+) -> tuple[dict[int, torch.Tensor], Sums]:  # fmt: skip
+    """Shards [lo, hi) (of `shards`, by index) through the block: (outputs by shard, their sums per group, added
+    over the fixed tree of shard indices, `tree_sum`)."""
+    ys: dict[int, torch.Tensor] = {}
+
+    def leaf(s: int) -> Sums:
+        ys[s], sums = shard_hessians(bm, index, block, shards[s], capture, groups)
+        return sums
+
+    return ys, tree_sum(lo, hi, leaf, add_sums)
 
 
 def prepare_group(
     linears: dict[str, nn.Linear], group: Group, total: HessianSum, cfg: CompressionConfig
 ) -> dict[str, LinearPrep]:
     """H of the group's input from the summed shards, factorised once, and each linear's all-rows state."""
-    H = total.S.mul(2.0 / max(total.tokens, 1))
+    H = total.hessian()
     inv = inverse_cholesky(H, cfg.damping)
     return {name: prepare_linear(linears[name].weight.data, H, cfg, inv) for name in group}
 
@@ -149,13 +160,8 @@ def compress_block(
     results: dict[str, LinearResult] = {}
     fp_ys: list[torch.Tensor] | None = None
     for groups in block_passes(bm, linears, cfg.ablations.true_sequential):
-        total: dict[Group, HessianSum] = {}
-        ys = []
-        for x in shards:
-            y, sums = shard_hessians(bm, index, block, x, capture, groups)
-            ys.append(y)
-            add_shard(total, sums)
-        fp_ys = fp_ys if fp_ys is not None else ys  # the first pass runs the FP block
+        ys, total = forward_shards(bm, index, block, dict(enumerate(shards)), capture, groups, 0, len(shards))
+        fp_ys = fp_ys if fp_ys is not None else [ys[s] for s in range(len(shards))]  # the first pass: FP block
         for g in groups:
             preps = prepare_group(linears, g, total.pop(g), cfg)
             for name in g:
@@ -182,14 +188,9 @@ def collect_hessians(
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """The block on calibration shards `xs`: (outputs per shard, H per linear among `names`), one pass."""
     groups = [g for p in block_passes(bm, names, False) for g in p]
-    total: dict[Group, HessianSum] = {}
-    ys = []
-    for x in xs:
-        y, sums = shard_hessians(bm, index, block, x, capture, groups)
-        ys.append(y)
-        add_shard(total, sums)
+    ys, total = forward_shards(bm, index, block, dict(enumerate(xs)), capture, groups, 0, len(xs))
     out = {}
     for g, t in total.items():
-        H = t.S.mul(2.0 / max(t.tokens, 1))
+        H = t.hessian()
         out.update({name: H for name in g})
-    return ys, out
+    return [ys[s] for s in range(len(xs))], out

@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from pbs2p.core.config import CompressionConfig
 from pbs2p.core.errors import Pbs2pError
-from pbs2p.core.format import pack_linear, unpack_linear
+from pbs2p.core.format import pack_linear
 from pbs2p.core.format.manifest import SEP
 from pbs2p.core.solver import LinearResult
 
@@ -97,13 +97,6 @@ def fingerprint(model_dir: Path, cfg: CompressionConfig, calib: torch.Tensor) ->
         "calibration": calib_h.hexdigest(),
         "code": code_version(),
     }
-
-
-@dataclass
-class StoredBlock:
-    tensors: dict[str, torch.Tensor]  # what ArtifactWriter.write_block takes (compressed linears hold Ŵ)
-    results: dict[str, LinearResult]
-    report: BlockReport
 
 
 def _block_report(d: dict[str, Any]) -> BlockReport:
@@ -243,23 +236,22 @@ class JobCheckpoint:
         names = {i.key[len(self.prefix) :] for i in self.storage.list(self.prefix)}
         return [i for i in range(num_blocks) if self.block_name(i) + ".json" in names]
 
-    def load_block(self, index: int) -> StoredBlock:
+    def load_packed(
+        self, index: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]], BlockReport]:
+        """Block `index` as stored: (plain tensors, packed linears as `ArtifactWriter.write_packed_block` takes
+        them, report); nothing decoded."""
         marker = self._marker(index)
         if marker is None:
             raise Pbs2pError(f"job {self.job_id}: block {index} has no checkpoint in {self.where()}")
         bname = self.block_name(index) + ".safetensors"
         flat = self._get_tensors(bname, marker["files"][bname])
-        tensors = {k: v for k, v in flat.items() if SEP not in k}
-        results: dict[str, LinearResult] = {}
+        plain = {k: v for k, v in flat.items() if SEP not in k}
+        packed = {}
         for name, d in marker["linears"].items():
             fields = {k[len(name) + len(SEP) :]: v for k, v in flat.items() if k.startswith(name + SEP)}
-            blocks = unpack_linear(fields, d["meta"])
-            weight = torch.cat([b.dense() for b in blocks], 1)  # Ŵ exactly as the solver built it
-            results[name] = LinearResult(
-                weight, blocks, d["n_keep"], d["rel_error"], d["damping"], d["retries"], dict(d["stats"])
-            )
-            tensors[name] = weight
-        return StoredBlock(tensors, results, _block_report(marker["report"]))
+            packed[name] = (fields, d["meta"])
+        return plain, packed, _block_report(marker["report"])
 
     def load_inputs(self, index: int, shard: int) -> torch.Tensor:
         """Shard `shard`'s calibration inputs of block `index` (> 0), saved with block `index - 1`."""

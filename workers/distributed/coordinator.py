@@ -5,19 +5,20 @@ What runs where:
 - The driver (`compress_model_ray`, the job coordinator) orders the work, keeps the checkpoint bookkeeping and
   writes the artifact from the checkpoints (packed codes). No activation and no Hessian passes through it.
 - Each job has `workers` BlockWorker actors (one GPU each when the cluster has GPUs, else CPUs). The calibration
-  windows are cut into shards of `batch_size` windows; worker k holds shards k, k+W, k+2W, ... (their activations
-  stay on it from block to block: activation memory per worker falls as 1/W). Per block (`_Job._block`):
+  windows are cut into S shards of `batch_size` windows; worker k holds shards [k·S/W, (k+1)·S/W) (their
+  activations stay on it from block to block: activation memory per worker falls as 1/W). Per block (`_Job._block`):
 
-      begin     every worker: block forward on its shards -> Σ x xᵀ per input group and shard (object store)
-      prepare   per input group, on worker j mod W: shard sums added in shard order, H factorised once
+      begin     every worker: block forward on its shards -> Σ x xᵀ per input group, summed over the subtrees
+                of a fixed binary tree of shard indices that it holds whole (object store)
+      prepare   per input group, on the least loaded worker: the rest of the tree summed, H factorised once
       solve     every row chunk of every linear of the pass, largest first, over all workers
       apply     every worker: chunks joined in row order, compressed weights set in its copy of the block
       advance   every worker: its shards through the compressed block (the next block's inputs)
       save      io lanes, while the next block computes: shard inputs, then the block on worker 0
 
-  Sums run in fixed orders (shards, row chunks), which is why 1, 2 or 64 workers give the same bytes as the local
-  path (`workers.local`, the same steps in one process). Each worker reads the next block's weights while the
-  current block computes.
+  Sums run in fixed orders (the shard tree, row chunks), which is why 1, 2 or 64 workers give the same bytes as
+  the local path (`workers.local`, the same steps in one process). Each worker reads the next block's weights
+  while the current block computes.
 Failures: a dead worker is restarted by Ray (`max_restarts`); the block is redone: workers that lost their
 shards read them from the checkpoint (the previous block's outputs, saved per shard). A killed coordinator
 started again with the same job id resumes after the last checkpointed block.
@@ -40,6 +41,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from pbs2p.core.config import CompressionConfig
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.core.format import ArtifactWriter
+from pbs2p.core.hessian import Span
 from pbs2p.core.solver import row_chunks
 
 from ..block import Group, block_linears, block_passes
@@ -111,10 +113,10 @@ class _Job:
     def _write_ready(self, done: set[int]) -> None:
         """Write finished blocks into the artifact in index order (the manifest lists them in that order)."""
         while self.written in done:
-            stored = self.ckpt.load_block(self.written)
-            self.writer.write_block(self.written, stored.tensors, stored.results)
-            stored.report.phases = self.phases.get(self.written, {})
-            self.reports[self.written] = stored.report
+            plain, packed, report = self.ckpt.load_packed(self.written)  # packed as the artifact packs them
+            self.writer.write_packed_block(self.written, plain, packed)
+            report.phases = self.phases.get(self.written, {})
+            self.reports[self.written] = report
             self.written += 1
             self.progress("compress", self.written, self.L)
 
@@ -178,9 +180,9 @@ class _Job:
         for p, groups in enumerate(block_passes(self.bm, linears, cfg.ablations.true_sequential) or [[]]):
             t0 = time.perf_counter()
             parts = ray.get([w.begin.remote(i, attempt, p == 0, groups) for w in pool])
-            by_shard = {s: sums for part in parts for s, sums in part.items()}
+            by_node = {span: sums for part in parts for span, sums in part.items()}
             t1 = time.perf_counter()
-            preps, chunks, t2 = self._reduce_and_solve(attempt, groups, by_shard, shapes, n_keep)
+            preps, chunks, t2 = self._reduce_and_solve(attempt, groups, by_node, shapes, n_keep)
             t3 = time.perf_counter()
             by_name = {name: [preps[g]] for g in groups for name in g}
             ray.get([w.apply.remote(attempt, chunks, by_name, n_keep) for w in pool])
@@ -204,7 +206,7 @@ class _Job:
         self.phases[i] = phases
 
     def _reduce_and_solve(
-        self, attempt: str, groups: list[Group], by_shard: dict[int, dict[Group, Any]],
+        self, attempt: str, groups: list[Group], by_node: dict[Span, dict[Group, Any]],
         shapes: dict[str, tuple[int, ...]], n_keep: int,
     ) -> tuple[dict[Group, Any], dict[str, list[Any]], float]:  # fmt: skip
         """Each input group's H reduced and factorised on one worker (largest first, on the least loaded), and as
@@ -220,7 +222,7 @@ class _Job:
         for g in sorted(groups, key=lambda g: -shapes[g[0]][1]):  # the widest input first: its Cholesky is C³
             k = min(range(W), key=lambda k: load[k])
             load[k] += float(shapes[g[0]][1]) ** 3
-            ref = self.pool[k].prepare.remote(attempt, g, [by_shard[s][g] for s in sorted(by_shard)])
+            ref = self.pool[k].prepare.remote(attempt, g, {span: sums[g] for span, sums in by_node.items()})
             calls[ref], worker_of[ref] = ("prep", g), k if k in slots else None
             if k in slots:
                 slots.remove(k)

@@ -1,8 +1,10 @@
-"""A job's worker: a Ray actor holding its calibration shards (shard s of S on worker s mod W) and a copy of the
-current block. The coordinator drives it through the steps of `workers.block`, block by block:
+"""A job's worker: a Ray actor holding its calibration shards (worker k of W holds shards [k·S/W, (k+1)·S/W) of
+the S) and a copy of the current block. The coordinator drives it through the steps of `workers.block`, block by block:
 
-  begin     the block's forward on this worker's shards, Σ x xᵀ per input group and shard (object store)
-  prepare   one input group: the shards' sums added in shard order, H factorised, each linear's shared state
+  begin     the block's forward on this worker's shards, Σ x xᵀ per input group over each subtree of the shards'
+            fixed reduction tree that it holds whole (object store)
+  prepare   one input group: the subtrees' sums added over the rest of the tree, H factorised, each linear's
+            shared state
   solve     one row chunk of one linear
   apply     every linear's chunks joined in row order, the compressed weights set in this copy of the block
   advance   this worker's shards moved on to the next block (compressed or FP outputs), held here
@@ -15,6 +17,7 @@ inputs of the block from the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -28,10 +31,10 @@ import torch
 from torch import nn
 
 from pbs2p.core.config import CompressionConfig
-from pbs2p.core.hessian import HessianSum
+from pbs2p.core.hessian import HessianSum, Span, tree_cover, tree_sum
 from pbs2p.core.solver import LinearPrep, LinearResult, RowsResult, merge_rows, solve_rows
 
-from ..block import Group, add_shard, block_linears, finish_block, prepare_group, set_result, shard_hessians
+from ..block import Group, block_linears, finish_block, forward_shards, prepare_group, set_result
 from ..checkpoints import JobCheckpoint
 from ..model_stream import BlockModel, Capture, release_memory
 from ..plan import plan_blocks
@@ -45,6 +48,14 @@ log = logging.getLogger(__name__)
 def shards_of(calib: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """The calibration shards: windows in batches of `batch_size` (the last may be shorter)."""
     return list(calib.split(batch_size))
+
+
+def _no_leaf(s: int) -> HessianSum:
+    raise AssertionError(f"shard {s}'s sums were not sent")  # every shard is in some worker's subtrees
+
+
+def _fetch(ref: Any) -> HessianSum:
+    return ray.get(ref)  # type: ignore[no-any-return]
 
 
 def _cpu(x: Any) -> Any:
@@ -83,8 +94,8 @@ class BlockWorker:
         # the coordinator's S3 settings, as a dict: this process reads no environment for them
         self.ckpt = JobCheckpoint(storage_from_url(checkpoint_url, S3Settings.from_dict(s3)), job_id)
         self.calib = calib
-        shards = shards_of(calib, self.cfg.batch_size)
-        self.mine = [s for s in range(len(shards)) if s % size == rank]
+        self.shards = len(shards_of(calib, self.cfg.batch_size))
+        self.mine = range(rank * self.shards // size, (rank + 1) * self.shards // size)  # a contiguous range
         self.bm = BlockModel(self.model_dir, self.cfg.device)
         self._capture: Capture | None = None
         self.held: dict[int, tuple[int, torch.Tensor]] = {}  # shard -> (block, its inputs of that block)
@@ -167,9 +178,10 @@ class BlockWorker:
         return plan_blocks(bm, bm.capture(self.calib, self.cfg.batch_size), self.cfg, lambda *a: None)
 
     @ray.method(concurrency_group="compute")
-    def begin(self, index: int, attempt: str, first: bool, groups: list[Group]) -> dict[int, dict[Group, Any]]:
-        """Forward of block `index` over this worker's shards with hooks on `groups`: {shard: {group: ref of its
-        Σ x xᵀ}}. `first`: a new attempt at the block (fresh FP weights; the FP outputs are kept)."""
+    def begin(self, index: int, attempt: str, first: bool, groups: list[Group]) -> dict[Span, dict[Group, Any]]:
+        """Forward of block `index` over this worker's shards with hooks on `groups`: {tree node: {group: ref of its
+        Σ x xᵀ}} for the largest nodes of the shards' reduction tree that this worker holds whole. `first`: a new
+        attempt at the block (fresh FP weights; the FP outputs are kept)."""
         t0 = time.perf_counter()
         if first:
             self._load(index)
@@ -177,27 +189,27 @@ class BlockWorker:
         self._check(attempt)
         assert self.block is not None
         capture = self.capture()
-        out: dict[int, dict[Group, Any]] = {}
-        for s in self.mine:
-            y, sums = shard_hessians(self.bm, index, self.block, self._inputs(index, s), capture, groups)
+        xs = {s: self._inputs(index, s) for s in self.mine}
+        out: dict[Span, dict[Group, Any]] = {}
+        for lo, hi in tree_cover(0, self.shards, self.mine.start, self.mine.stop):
+            ys, sums = forward_shards(self.bm, index, self.block, xs, capture, groups, lo, hi)
             if first:
-                self.fp_out[s] = y
+                self.fp_out.update(ys)
             for acc in sums.values():
                 acc.S = acc.S.cpu()
-            out[s] = {g: ray.put(acc) for g, acc in sums.items()}
+            out[(lo, hi)] = {g: ray.put(acc) for g, acc in sums.items()}
         self._timed(t0)
         return out
 
     @ray.method(concurrency_group="compute")
-    def prepare(self, attempt: str, group: Group, sums: list[Any]) -> list[Any]:
-        """The group's H from every shard's sums (refs), added in the order given (shard order), and the state of
-        each of its linears that needs all rows."""
+    def prepare(self, attempt: str, group: Group, sums: dict[Span, Any]) -> list[Any]:
+        """The group's H from the workers' subtree sums (refs by tree node), added over the rest of the fixed tree,
+        and the state of each of its linears that needs all rows."""
         t0 = time.perf_counter()
         self._check(attempt)
-        total: dict[Group, HessianSum] = {}
-        for ref in sums:  # one shard's sum in memory at a time
-            add_shard(total, {group: ray.get(ref)})
-        out = _cpu(prepare_group(self.linears, group, total[group], self.cfg))
+        known = {span: functools.partial(_fetch, ref) for span, ref in sums.items()}  # one node in memory at a time
+        total: HessianSum = tree_sum(0, self.shards, _no_leaf, HessianSum.plus, known)
+        out = _cpu(prepare_group(self.linears, group, total, self.cfg))
         self._timed(t0)
         return [ray.put(out)]  # a ref in a list: the coordinator waits on it without fetching the state
 
