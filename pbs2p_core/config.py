@@ -215,7 +215,19 @@ class CompressionConfig(BaseModel):
     calib_samples: int = Field(64, ge=1, le=4096, description="calibration windows")
     seqlen: int = Field(512, ge=8, le=32768, description="tokens per calibration window")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the calibration windows")
-    batch_size: int = Field(8, ge=1, le=1024, description="calibration windows per forward pass")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="calibration windows per forward pass, and per shard: a job's workers split the shards",
+    )
+    row_chunk: int = Field(
+        256,
+        ge=8,
+        le=1 << 20,
+        description="rows of a linear solved together (a job's workers split the chunks; the bits depend on it, "
+        "not on the number of workers)",
+    )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$", description="cpu, cuda or cuda:N")
     ablations: Ablations = Field(default_factory=Ablations, description="variants kept for measurement")
     version: Literal[2] = Field(2, description="config schema version")

@@ -1,29 +1,69 @@
-"""Collect, then solve: the per-linear Hessian H = 2/T · X Xᵀ and its inverse Cholesky factor."""
+"""Collect, then solve: the per-linear Hessian H = 2/T · X Xᵀ (summed per calibration shard, then over the shards
+by a fixed tree) and its inverse Cholesky factor."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from .errors import Pbs2pError
 
+T = TypeVar("T")
 
-class HessianAccumulator:
-    """Running mean of 2 · x xᵀ over calibration tokens, in fp32 (fixed order -> deterministic)."""
+
+class HessianSum:
+    """Σ x xᵀ over the tokens of some calibration shards, in fp32, batches added in order (deterministic)."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.S = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # (T, C)
-        t = x.shape[0]
-        self.H *= self.tokens / (self.tokens + t)
-        self.tokens += t
-        x = x * math.sqrt(2.0 / self.tokens)
-        self.H.addmm_(x.T, x)
+        x = x.reshape(-1, x.shape[-1]).to(self.S.device, torch.float32)  # (T, C)
+        self.tokens += x.shape[0]
+        self.S.addmm_(x.T, x)
+
+    def plus(self, other: HessianSum) -> HessianSum:
+        """self + other (in place): the sum of both sets of shards."""
+        self.S += other.S.to(self.S.device)
+        self.tokens += other.tokens
+        return self
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2/T · Σ x xᵀ."""
+        return self.S.mul(2.0 / max(self.tokens, 1))
+
+
+Span = tuple[int, int]  # shards [lo, hi): a node of the reduction tree
+
+
+def tree_sum(
+    lo: int, hi: int, leaf: Callable[[int], T], add: Callable[[T, T], T], known: Mapping[Span, Callable[[], T]] = {}
+) -> T:
+    """The sum of shards [lo, hi) over a fixed binary tree of shard indices (split at the middle): the same
+    additions in the same order, whoever computes which subtree. Leaves come from `leaf(s)` in increasing s;
+    `known` gives subtrees summed elsewhere."""
+    if (lo, hi) in known:
+        return known[(lo, hi)]()
+    if hi - lo == 1:
+        return leaf(lo)
+    mid = (lo + hi) // 2
+    left = tree_sum(lo, mid, leaf, add, known)
+    return add(left, tree_sum(mid, hi, leaf, add, known))
+
+
+def tree_cover(lo: int, hi: int, a: int, b: int) -> list[Span]:
+    """The largest nodes of the tree over [lo, hi) that lie inside shards [a, b), in order: what a worker holding
+    those shards sums itself."""
+    if a <= lo and hi <= b:
+        return [(lo, hi)]
+    if hi <= a or b <= lo or hi - lo == 1:
+        return []
+    mid = (lo + hi) // 2
+    return tree_cover(lo, mid, a, b) + tree_cover(mid, hi, a, b)
 
 
 @dataclass

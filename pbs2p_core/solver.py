@@ -12,7 +12,7 @@ import torch
 from .binarize import ArbFit, BlockCode, binarize_block
 from .config import CompressionConfig
 from .errors import Pbs2pError
-from .hessian import inverse_cholesky
+from .hessian import InverseFactor, inverse_cholesky
 from .refit import layer_error, refit_scales
 
 
@@ -143,25 +143,78 @@ def _code_block(
     return code
 
 
-def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: CompressionConfig) -> LinearResult:
-    """Compress one weight W (out, in) given its calibration Hessian H (in, in); N:M with N = n_keep."""
-    R, C = W.shape
-    m = cfg.pattern.m
-    if C % m:
-        raise Pbs2pError(f"in_features={C} is not divisible by M={m}; use a pattern whose M divides {C}")
+@dataclass
+class LinearPrep:
+    """What every row of a linear shares: H, the inverse factor, the dead inputs, the salient columns (chosen over
+    all rows) and tr(W H Wᵀ). Computed once per linear; the rows are then solved in chunks (`solve_rows`)."""
+
+    H: torch.Tensor  # (C, C) fp32
+    U: torch.Tensor  # (C, C) upper Cholesky factor of H⁻¹
+    dead: torch.Tensor  # (C,) bool
+    damping: float
+    retries: int
+    salient: list[torch.Tensor] | None  # per column block (allocation "linear"), else None: chosen per block
+    total: float  # tr(W H Wᵀ): the denominator of rel_error
+
+
+@dataclass
+class RowsResult:
+    """Rows [r0, r1) of a linear, solved: their Ŵ, their part of every column block's code, their errors."""
+
+    weight: torch.Tensor  # (r, C)
+    blocks: list[BlockCode]
+    error: float  # tr(ΔW H ΔWᵀ) over these rows
+    loss_spbo: float
+    loss_oneshot: float
+
+
+def check_shape(W: torch.Tensor, cfg: CompressionConfig) -> None:
+    C = W.shape[1]
+    if C % cfg.pattern.m:
+        raise Pbs2pError(f"in_features={C} is not divisible by M={cfg.pattern.m}; use a pattern whose M divides {C}")
+
+
+def prepare_linear(
+    W: torch.Tensor, H: torch.Tensor, cfg: CompressionConfig, inv: InverseFactor | None = None
+) -> LinearPrep:
+    """The state of linear W (out, in) that needs all its rows, from its calibration Hessian H (in, in)."""
+    check_shape(W, cfg)
+    H = H.to(W.device, torch.float32)
+    inv = inv or inverse_cholesky(H, cfg.damping)
     W0 = W.to(torch.float32)
-    H = H.to(W0.device, torch.float32)
-    inv = inverse_cholesky(H, cfg.damping)
-    U = inv.U
+    salient = None
+    if cfg.ablations.salient_allocation == "linear":
+        Wd = W0.clone()
+        Wd[:, inv.dead] = 0.0
+        spans = column_blocks(W.shape[1], cfg.block_size)
+        salient = salient_per_block(Wd, torch.diag(inv.U), spans, cfg.salient_columns)
+    total = float(torch.einsum("rc,cd,rd->", W0, H, W0))
+    return LinearPrep(H, inv.U, inv.dead, inv.damping, inv.retries, salient, total)
+
+
+def row_chunks(rows: int, cfg: CompressionConfig) -> list[tuple[int, int]]:
+    """[r0, r1) of the row chunks solved independently: `row_chunk` rows each, the same at any worker count.
+    Settings whose choices look at all rows of a column block at once (a salient count picked per block, ARB-RC's
+    column scales) solve the linear as one chunk."""
+    a = cfg.ablations
+    whole = a.salient_allocation != "linear" or bool(a.salient_search) or a.arb_variant == "arb-rc"
+    step = rows if whole else cfg.row_chunk
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
+def solve_rows(W: torch.Tensor, prep: LinearPrep, n_keep: int, cfg: CompressionConfig) -> RowsResult:
+    """Rows W (r, C) of a linear: GPTQ column blocks with error compensation, each block masked and binarized.
+    Each row's error compensation involves only that row, so rows solve independently given `prep`."""
+    C = W.shape[1]
+    H, U = prep.H.to(W.device), prep.U.to(W.device)
+    W0 = W.to(torch.float32)
     W = W0.clone()
-    W[:, inv.dead] = 0.0
+    W[:, prep.dead.to(W.device)] = 0.0
     hdiag = torch.diag(H)
     Q = torch.zeros_like(W)
     blocks: list[BlockCode] = []
     spans = column_blocks(C, cfg.block_size)
     candidates: list[torch.Tensor | int] = [min(k, cfg.block_size // 2) for k in cfg.ablations.salient_search]
-    if cfg.ablations.salient_allocation == "linear":
-        per_block = salient_per_block(W, torch.diag(U), spans, cfg.salient_columns)
     # "before SPBO" (config spbo_report): one-shot prune-then-binarize of the same compensated block
     oneshot = (
         cfg.replace(method="prune-binarize", spbo_report=False) if cfg.ablations.spbo_report and cfg.prunes else None
@@ -171,8 +224,8 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
         Wb, Ubb = W[:, s:e], U[s:e, s:e]
         d = torch.diag(Ubb)
         best = None
-        if cfg.ablations.salient_allocation == "linear":
-            candidates = [per_block[b]]
+        if prep.salient is not None:
+            candidates = [prep.salient[b].to(W.device)]
         elif not cfg.ablations.salient_search:
             candidates = [min(cfg.salient_columns, (e - s) // 2)]
         for k in candidates:  # a searched salient count keeps the code of least OBS loss
@@ -195,12 +248,46 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: Compress
         blocks.append(code)
     error = layer_error(W0, Q, H)
     if cfg.ablations.scale_refit:
-        blocks, Q, error = refit_scales(W0, H, (blocks, Q, error), spans, inv.damping, cfg.ablations.scale_dtype)
-    rel = error / max(float(torch.einsum("rc,cd,rd->", W0, H, W0)), 1e-30)
+        blocks, Q, error = refit_scales(W0, H, (blocks, Q, error), spans, prep.damping, cfg.ablations.scale_dtype)
+    return RowsResult(Q, blocks, error, loss_spbo, loss_oneshot)
+
+
+def _cat_codes(parts: list[BlockCode]) -> BlockCode:
+    """One column block's code from its row chunks' codes (same columns, salient set and scale names)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    scales = {k: torch.cat([p.scales[k] for p in parts]) for k in first.scales}
+    return BlockCode(
+        torch.cat([p.mask for p in parts]),
+        torch.cat([p.sign for p in parts]),
+        first.salient,
+        torch.cat([p.sign2 for p in parts]),
+        scales,
+    )
+
+
+def merge_rows(parts: list[RowsResult], prep: LinearPrep, n_keep: int, cfg: CompressionConfig) -> LinearResult:
+    """The linear's result from its row chunks in row order (sums in that order: the same at any worker count)."""
+    weight = parts[0].weight if len(parts) == 1 else torch.cat([p.weight for p in parts])
+    blocks = [_cat_codes([p.blocks[b] for p in parts]) for b in range(len(parts[0].blocks))]
+    error = loss_spbo = loss_oneshot = 0.0
+    for p in parts:
+        error, loss_spbo, loss_oneshot = error + p.error, loss_spbo + p.loss_spbo, loss_oneshot + p.loss_oneshot
+    rel = error / max(prep.total, 1e-30)
     stats = {}
-    if oneshot is not None:  # the exact error scaled by the blocks' OBS-loss ratio (same weights, same H)
+    if cfg.ablations.spbo_report and cfg.prunes:  # the exact error scaled by the blocks' OBS-loss ratio
         stats["rel_error_oneshot"] = rel * loss_oneshot / max(loss_spbo, 1e-30)
-    return LinearResult(Q, blocks, n_keep if cfg.prunes else m, rel, inv.damping, inv.retries, stats)
+    m = cfg.pattern.m
+    return LinearResult(weight, blocks, n_keep if cfg.prunes else m, rel, prep.damping, prep.retries, stats)
+
+
+def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: CompressionConfig) -> LinearResult:
+    """Compress one weight W (out, in) given its calibration Hessian H (in, in); N:M with N = n_keep.
+    The rows are solved in the fixed chunks of `row_chunks`, here one after the other (a Ray job spreads them)."""
+    prep = prepare_linear(W, H, cfg)
+    parts = [solve_rows(W[r0:r1], prep, n_keep, cfg) for r0, r1 in row_chunks(W.shape[0], cfg)]
+    return merge_rows(parts, prep, n_keep, cfg)
 
 
 def oneshot_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: CompressionConfig) -> torch.Tensor:

@@ -6,8 +6,8 @@ Layout under `<job_id>/`:
 - `block-00003.safetensors` + `block-00003.json`: the compressed block. Plain tensors (norms, skipped
   linears) under their names; every compressed linear packed exactly as the artifact packs it (`pack_linear`,
   fields `name:sign`, `name:mask`, ...), its layout and report numbers in the JSON.
-- `inputs-00004.safetensors` (sequential propagation): the next block's calibration inputs. Only the newest
-  two are kept; independent propagation stores none (its inputs are the FP model's, recomputed on resume).
+- `inputs-00004-s0003.safetensors`: the calibration inputs of block 4 for shard 3 (the outputs of block 3), one
+  file per shard, written by the worker that holds the shard. Only the newest two blocks' are kept.
 The block's JSON is written LAST and holds the sha256 of the block's files: a block without it is not done,
 and a file that does not match it is refused. Everything is safetensors or JSON; nothing is unpickled.
 """
@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from pbs2p.core.config import CompressionConfig
 from pbs2p.core.errors import Pbs2pError
-from pbs2p.core.format import pack_linear, unpack_linear
+from pbs2p.core.format import pack_linear
 from pbs2p.core.format.manifest import SEP
 from pbs2p.core.solver import LinearResult
 
@@ -38,7 +38,7 @@ from .storage import ObjectNotFound, Storage
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # the sources whose code decides the numbers: a change to any of them invalidates checkpoints. Every .py file
 # below them, subpackages included: the core computes the numbers, workers decide what it is fed and in which
@@ -99,16 +99,9 @@ def fingerprint(model_dir: Path, cfg: CompressionConfig, calib: torch.Tensor) ->
     }
 
 
-@dataclass
-class StoredBlock:
-    tensors: dict[str, torch.Tensor]  # what ArtifactWriter.write_block takes (compressed linears hold Ŵ)
-    results: dict[str, LinearResult]
-    report: BlockReport
-
-
 def _block_report(d: dict[str, Any]) -> BlockReport:
     linears = [LinearReport(**{**lr, "shape": tuple(lr["shape"])}) for lr in d["linears"]]
-    return BlockReport(d["index"], d["n_keep"], d["cosine"], d["seconds"], linears)
+    return BlockReport(d["index"], d["n_keep"], d["cosine"], d["seconds"], linears, dict(d.get("phases") or {}))
 
 
 class JobCheckpoint:
@@ -172,8 +165,8 @@ class JobCheckpoint:
         return f"block-{index:05d}"
 
     @staticmethod
-    def inputs_name(index: int) -> str:
-        return f"inputs-{index:05d}.safetensors"
+    def inputs_name(index: int, shard: int) -> str:
+        return f"inputs-{index:05d}-s{shard:04d}.safetensors"
 
     def _put_tensors(self, tensors: dict[str, torch.Tensor], name: str) -> str:
         with tempfile.TemporaryDirectory(prefix="pbs2p-ckpt-") as tmp:
@@ -189,6 +182,11 @@ class JobCheckpoint:
             self.storage.get_file(self._key(name), path, expected_sha256=sha256)
             return load_file(path)
 
+    def save_inputs(self, index: int, shard: int, x: torch.Tensor) -> tuple[str, str]:
+        """Shard `shard`'s calibration inputs of block `index`: (file name, sha256), for the block's marker."""
+        name = self.inputs_name(index, shard)
+        return name, self._put_tensors({"x": x}, name)
+
     def save_block(
         self,
         index: int,
@@ -196,13 +194,11 @@ class JobCheckpoint:
         results: dict[str, LinearResult],
         report: BlockReport,
         cfg: CompressionConfig,
-        next_inputs: list[torch.Tensor] | None,
+        input_files: dict[str, str] | None = None,
     ) -> None:
-        """Block `index` done: its tensors and packed linears, the next block's inputs, then the JSON marker."""
-        files: dict[str, str] = {}
-        if next_inputs is not None:
-            name = self.inputs_name(index + 1)
-            files[name] = self._put_tensors({f"x.{k:05d}": x for k, x in enumerate(next_inputs)}, name)
+        """Block `index` done: its tensors and packed linears, then the JSON marker naming them and the next block's
+        input files (`save_inputs`, already written)."""
+        files: dict[str, str] = dict(input_files or {})
         flat: dict[str, torch.Tensor] = {}
         linears: dict[str, Any] = {}
         for name, t in tensors.items():
@@ -226,8 +222,8 @@ class JobCheckpoint:
         marker["report"] = asdict(report)
         self.storage.put_bytes(json.dumps(marker).encode(), self._key(self.block_name(index) + ".json"))  # last
         if index > 1:  # inputs two blocks back: not needed by a resume (one block back is kept for a
-            # coordinator that scanned the checkpoints just before a dying lead finished its last block)
-            self.storage.delete(self._key(self.inputs_name(index - 1)))
+            # coordinator that scanned the checkpoints just before the block was marked done)
+            self.storage.delete_prefix(self._key(f"inputs-{index - 1:05d}-"))
 
     def _marker(self, index: int) -> dict[str, Any] | None:
         try:
@@ -240,29 +236,27 @@ class JobCheckpoint:
         names = {i.key[len(self.prefix) :] for i in self.storage.list(self.prefix)}
         return [i for i in range(num_blocks) if self.block_name(i) + ".json" in names]
 
-    def load_block(self, index: int) -> StoredBlock:
+    def load_packed(
+        self, index: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]], BlockReport]:
+        """Block `index` as stored: (plain tensors, packed linears as `ArtifactWriter.write_packed_block` takes
+        them, report); nothing decoded."""
         marker = self._marker(index)
         if marker is None:
             raise Pbs2pError(f"job {self.job_id}: block {index} has no checkpoint in {self.where()}")
         bname = self.block_name(index) + ".safetensors"
         flat = self._get_tensors(bname, marker["files"][bname])
-        tensors = {k: v for k, v in flat.items() if SEP not in k}
-        results: dict[str, LinearResult] = {}
+        plain = {k: v for k, v in flat.items() if SEP not in k}
+        packed = {}
         for name, d in marker["linears"].items():
             fields = {k[len(name) + len(SEP) :]: v for k, v in flat.items() if k.startswith(name + SEP)}
-            blocks = unpack_linear(fields, d["meta"])
-            weight = torch.cat([b.dense() for b in blocks], 1)  # Ŵ exactly as the solver built it
-            results[name] = LinearResult(
-                weight, blocks, d["n_keep"], d["rel_error"], d["damping"], d["retries"], dict(d["stats"])
-            )
-            tensors[name] = weight
-        return StoredBlock(tensors, results, _block_report(marker["report"]))
+            packed[name] = (fields, d["meta"])
+        return plain, packed, _block_report(marker["report"])
 
-    def load_inputs(self, index: int) -> list[torch.Tensor]:
-        """The calibration inputs of block `index` (> 0), saved with block `index - 1`."""
+    def load_inputs(self, index: int, shard: int) -> torch.Tensor:
+        """Shard `shard`'s calibration inputs of block `index` (> 0), saved with block `index - 1`."""
         marker = self._marker(index - 1)
-        name = self.inputs_name(index)
+        name = self.inputs_name(index, shard)
         if marker is None or name not in marker["files"]:
-            raise Pbs2pError(f"job {self.job_id}: no saved inputs for block {index} in {self.where()}")
-        xs = self._get_tensors(name, marker["files"][name])
-        return [xs[k] for k in sorted(xs)]
+            raise Pbs2pError(f"job {self.job_id}: no saved inputs for block {index}, shard {shard} in {self.where()}")
+        return self._get_tensors(name, marker["files"][name])["x"]

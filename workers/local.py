@@ -10,7 +10,7 @@ import torch
 from pbs2p.core.config import CompressionConfig
 from pbs2p.core.format import ArtifactWriter
 
-from .block import compress_block, solve_here
+from .block import compress_block
 from .model_stream import BlockModel
 from .plan import plan_blocks
 from .report import BlockReport, CompressReport, ProgressFn, build_report
@@ -45,10 +45,9 @@ def _run(
     progress("capture", 1, 1)
     cosines, n_blocks = plan_blocks(bm, capture, cfg, progress)
     blocks: list[BlockReport] = []
-    xs = capture.inputs
-    solve = solve_here(cfg)
+    xs = capture.inputs  # one calibration shard per batch
     for i in range(bm.num_blocks):
-        out = compress_block(bm, i, xs, capture, cfg, n_blocks[i], cosines[i], solve)
+        out = compress_block(bm, i, xs, capture, cfg, n_blocks[i], cosines[i])
         writer.write_block(i, out.tensors, out.results)
         xs = out.outputs
         blocks.append(out.report)

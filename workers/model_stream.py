@@ -104,9 +104,15 @@ class BlockModel:
                     child.to("meta")
         return capture
 
-    def load_block(self, index: int) -> nn.Module:
+    def read_block(self, index: int) -> dict[str, torch.Tensor]:
+        """Block `index`'s weights as stored, by name within the block (may run in another thread)."""
+        return self.reader.load_prefix(f"{self.layer_root}{index}.")
+
+    def load_block(self, index: int, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Block `index` with its FP weights (`weights`: what `read_block` gave, else read now)."""
         block = self.blocks[index]
-        sd = {k: v.to(torch.float32) for k, v in self.reader.load_prefix(f"{self.layer_root}{index}.").items()}
+        weights = self.read_block(index) if weights is None else weights
+        sd = {k: v.to(torch.float32) for k, v in weights.items()}
         block.load_state_dict(sd, strict=True, assign=True)
         return block.to(self.device).eval()
 

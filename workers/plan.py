@@ -85,12 +85,16 @@ def block_errors(
     return out
 
 
+def needs_coarse_stage(cfg: CompressionConfig) -> bool:
+    return cfg.method != "fp" and cfg.prunes and cfg.allocation == "cfs"
+
+
 def plan_blocks(
     bm: BlockModel, capture: Capture, cfg: CompressionConfig, progress: ProgressFn
 ) -> tuple[list[float | None], list[int]]:
     """(cosine per block or None, N per block): the CFS coarse stage, or N_t everywhere."""
     L = bm.num_blocks
-    if cfg.method != "fp" and cfg.prunes and cfg.allocation == "cfs":
+    if needs_coarse_stage(cfg):
         cos, errors = coarse_stage(bm, capture, cfg, progress)
         if cfg.ablations.cfs_score == "error":
             n_blocks = allocate_by_error(errors, cfg.pattern.n)

@@ -31,6 +31,9 @@ class BlockReport:
     cosine: float | None
     seconds: float
     linears: list[LinearReport] = field(default_factory=list)
+    # a Ray job's wall seconds per step of the block's schedule (forward, reduce, solve, transfer, advance,
+    # checkpoint) and the workers' busy and idle seconds in it: timings, kept out of the manifest
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

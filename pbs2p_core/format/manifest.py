@@ -118,6 +118,9 @@ def split_timings(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     timings: dict[str, Any] = {"seconds": rep.pop("seconds", None)}
     blocks = [dict(b) for b in rep.get("blocks", [])]
     timings["block_seconds"] = [b.pop("seconds", None) for b in blocks]
+    phases = [b.pop("phases", None) for b in blocks]
+    if any(phases):
+        timings["block_phases"] = phases
     if "blocks" in rep:
         rep["blocks"] = blocks
     return rep, timings

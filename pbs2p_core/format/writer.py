@@ -82,14 +82,26 @@ class ArtifactWriter:
         if missing:
             raise Pbs2pError(f"block {index}: compressed linears {missing} are not among the block's tensors")
         m, bs = self.cfg.pattern.m, self.cfg.block_size
+        packed = {
+            name: pack_linear(res, res.n_keep, m, bs, self.cfg.ablations.scale_dtype) for name, res in results.items()
+        }
+        self.write_packed_block(index, {k: v for k, v in tensors.items() if k not in results}, packed)
+
+    def write_packed_block(
+        self,
+        index: int,
+        plain: dict[str, torch.Tensor],
+        packed: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
+    ) -> None:
+        """Block `index` from tensors stored as they are (`plain`) and compressed linears already packed
+        (`pack_linear`'s fields and layout by full weight name), e.g. as a job's checkpoint holds them."""
         units: list[tuple[str | None, dict[str, torch.Tensor], dict[str, Any] | None]] = []
-        for name in sorted(tensors):
-            if name in results:
-                res = results[name]
-                packed, meta = pack_linear(res, res.n_keep, m, bs, self.cfg.ablations.scale_dtype)
-                units.append((name, {f"{name}{SEP}{k}": v for k, v in packed.items()}, meta))
+        for name in sorted(set(plain) | set(packed)):
+            if name in packed:
+                fields, meta = packed[name]
+                units.append((name, {f"{name}{SEP}{k}": v for k, v in fields.items()}, meta))
             else:
-                units.append((None, {name: tensors[name]}, None))
+                units.append((None, {name: plain[name]}, None))
         self._write_units(f"block-{index:05d}", units)
 
     def write_rest(self, tensors: dict[str, torch.Tensor]) -> None:

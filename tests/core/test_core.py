@@ -11,14 +11,19 @@ from pbs2p.core.bits import SCALE_BITS, count_bits
 from pbs2p.core.cfs import allocate, allocate_by_error, block_importance
 from pbs2p.core.config import CompressionConfig, NMPattern
 from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.hessian import HessianSum, tree_cover, tree_sum
 from pbs2p.core.refit import layer_error, refit_scales
 from pbs2p.core.solver import (
     _code_block,
     column_blocks,
     compress_linear,
+    merge_rows,
     nm_mask,
     oneshot_linear,
+    prepare_linear,
+    row_chunks,
     salient_per_block,
+    solve_rows,
     split_steps,
 )
 
@@ -337,3 +342,77 @@ def test_scale_refit_leaves_arb_rc_as_it_is():
         W, H, 6, CompressionConfig.from_options(arb_variant="arb-rc", salient_columns=0, scale_refit=False)
     )
     assert torch.equal(on.weight, off.weight)
+
+
+# ---------------------------------------------------------------------- rows in chunks, Hessians in shards
+
+
+def test_row_chunks_are_fixed_by_the_config_not_the_workers():
+    cfg = CompressionConfig.from_options(row_chunk=256)
+    assert row_chunks(600, cfg) == [(0, 256), (256, 512), (512, 600)]
+    assert row_chunks(100, cfg) == [(0, 100)]
+    # choices that look at every row of a column block solve the linear whole
+    for opts in ({"salient_allocation": "block"}, {"arb_variant": "arb-rc", "salient_columns": 0}):
+        assert row_chunks(600, cfg.replace(**opts)) == [(0, 600)]
+
+
+def test_rows_solve_independently_of_the_other_rows():
+    """A chunk's rows solved alone (as a worker does) are bit for bit those rows of the whole linear's result, and
+    the whole equals compress_linear; the chunked error is the whole error, summed in row order."""
+    W, H = _problem(rows=96, cols=256)
+    cfg = CompressionConfig.from_options(row_chunk=32, spbo_report=True)
+    whole = compress_linear(W, H, 6, cfg)
+    prep = prepare_linear(W, H, cfg)
+    parts = [solve_rows(W[r0:r1], prep, 6, cfg) for r0, r1 in reversed(row_chunks(96, cfg))][::-1]  # any order
+    merged = merge_rows(parts, prep, 6, cfg)
+    assert torch.equal(merged.weight, whole.weight) and merged.rel_error == whole.rel_error
+    assert merged.stats == whole.stats and "rel_error_oneshot" in merged.stats
+    alone = solve_rows(W[32:64].clone(), prepare_linear(W, H, cfg), 6, cfg)
+    assert torch.equal(alone.weight, whole.weight[32:64])
+    for b, code in enumerate(whole.blocks):
+        assert torch.equal(code.sign[32:64], alone.blocks[b].sign) and torch.equal(
+            code.salient, alone.blocks[b].salient
+        )
+    # the error is the layer's own objective over all rows (rows are independent, so the sum is exact)
+    assert merged.rel_error == pytest.approx(layer_error(W, whole.weight, H) / prep.total, rel=1e-4)
+
+
+def test_chunked_rows_cost_no_quality():
+    """Row chunks change only the order of sums and where the scale refit is accepted: the error stays put."""
+    W, H = _problem(rows=256, cols=256, seed=3)
+    cfg = CompressionConfig()
+    one = compress_linear(W, H, 6, cfg.replace(row_chunk=256)).rel_error
+    many = compress_linear(W, H, 6, cfg.replace(row_chunk=16)).rel_error
+    assert many == pytest.approx(one, rel=0.02)
+
+
+def test_shard_sums_give_h_whatever_the_grouping_of_shards():
+    """H = 2/T · Σ x xᵀ over a fixed tree of shard indices: any split of the shards into contiguous ranges (one per
+    worker), each summing the subtrees it holds whole, gives the bits of the whole tree."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 5, 16, generator=g) for _ in range(7)]  # 7 shards of (windows, tokens, features)
+
+    def leaf(s: int) -> HessianSum:
+        acc = HessianSum(16)
+        for batch in xs[s].split(2):  # batches inside a shard, in order
+            acc.add_batch(batch)
+        return acc
+
+    whole = tree_sum(0, 7, leaf, HessianSum.plus)
+    X = torch.cat([x.reshape(-1, 16) for x in xs])
+    assert whole.tokens == 105
+    assert torch.allclose(whole.hessian(), 2 * X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+    for workers in (1, 2, 3, 4, 7, 9):
+        nodes = {}
+        for k in range(workers):
+            a, b = k * 7 // workers, (k + 1) * 7 // workers
+            for lo, hi in tree_cover(0, 7, a, b):
+                nodes[(lo, hi)] = tree_sum(lo, hi, leaf, HessianSum.plus)
+        assert sorted(s for lo, hi in nodes for s in range(lo, hi)) == list(range(7))  # every shard once
+
+        def missing(s: int) -> HessianSum:
+            raise AssertionError(s)
+
+        known = {span: (lambda acc=acc: acc) for span, acc in nodes.items()}
+        total = tree_sum(0, 7, missing, HessianSum.plus, known)
+        assert torch.equal(total.S, whole.S) and total.tokens == whole.tokens

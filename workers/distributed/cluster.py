@@ -17,7 +17,13 @@ from pbs2p.core.errors import Pbs2pError
 log = logging.getLogger(__name__)
 
 NAMESPACE = "pbs2p"
-LOST = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError)
+
+
+class WorkerRestarted(Exception):
+    """A worker was asked for a step of a block whose earlier steps ran in the process Ray replaced."""
+
+
+LOST = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError, WorkerRestarted)
 
 
 def _token_available() -> bool:
