@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from pbs2p.workers.settings import WorkerSettings
@@ -27,7 +27,7 @@ S3_ENV = {
 class Settings(WorkerSettings):
     """The service's settings: the job layer's (`WorkerSettings`: cache, model size limit, S3) and its own."""
 
-    model_config = SettingsConfigDict(env_prefix="PBS2P_", extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix="PBS2P_", extra="ignore", env_ignore_empty=True, validate_by_name=True)
 
     data_dir: Path = Field(Path("pbs2p-data"), description="SQLite file, local artifacts and checkpoints")
     database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///DATA_DIR/jobs.db")
@@ -74,5 +74,11 @@ class Settings(WorkerSettings):
 
 def settings_doc() -> dict[str, str]:
     """Every PBS2P_* variable the service reads, with its meaning (checked against deploy/ by the tests)."""
-    doc = {f"PBS2P_{name.upper()}": f.description or "" for name, f in Settings.model_fields.items() if name != "s3"}
+    doc = {}
+    for name, f in Settings.model_fields.items():
+        if name == "s3":
+            continue
+        alias = f.validation_alias
+        names = [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else [f"PBS2P_{name.upper()}"]
+        doc.update({n: f.description or "" for n in names if n.startswith("PBS2P_")})  # HF_* are huggingface_hub's
     return {**doc, **S3_ENV}

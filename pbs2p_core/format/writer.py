@@ -2,7 +2,8 @@
 
 The directory: the source model's config/tokenizer files, safetensors shards `pbs2p-<part>-<k>.safetensors`
 (one part per decoder block plus `rest`, split at a size limit), the run's timings, and the manifest, written
-last, with the format version, the compression config, per file size and sha256, per tensor dtype and shape,
+last, with the format version, the source model (hub id and commit when fetched from a hub, and the sha256 of
+each source file), the compression config, per file size and sha256, per tensor dtype and shape,
 per compressed linear its layout and bit counts, and the compression report.
 """
 
@@ -30,6 +31,7 @@ from .manifest import (
     build_manifest,
     dump_manifest,
     file_sha256,
+    model_source,
     nbytes,
     split_timings,
 )
@@ -156,7 +158,7 @@ class ArtifactWriter:
         # so the same config, model and calibration give a byte-identical artifact
         rep, timings = split_timings(rep)
         (self.tmp / TIMINGS_FILE).write_text(json.dumps(timings, indent=1))
-        manifest = build_manifest(rep, self.files, self.tensors, self.linears)
+        manifest = build_manifest(rep, self.files, self.tensors, self.linears, model_source(self.model_dir))
         (self.tmp / MANIFEST_FILE).write_text(dump_manifest(manifest))  # written last
         if self.out.exists():
             shutil.rmtree(self.out)
