@@ -158,10 +158,10 @@ def compress_block(
     linears = block_linears(bm, index, block, cfg)
     report = BlockReport(index, n_keep if cfg.prunes else cfg.pattern.m, cosine, 0.0)
     results: dict[str, LinearResult] = {}
-    fp_ys: list[torch.Tensor] | None = None
+    outputs: list[torch.Tensor] | None = None  # the next block's inputs: the FP block's, from the first pass
     for groups in block_passes(bm, linears, cfg.ablations.true_sequential):
         ys, total = forward_shards(bm, index, block, dict(enumerate(shards)), capture, groups, 0, len(shards))
-        fp_ys = fp_ys if fp_ys is not None else [ys[s] for s in range(len(shards))]  # the first pass: FP block
+        outputs = outputs if outputs is not None else [ys[s] for s in range(len(shards))]
         for g in groups:
             preps = prepare_group(linears, g, total.pop(g), cfg)
             for name in g:
@@ -169,13 +169,13 @@ def compress_block(
                 parts = [solve_rows(W[r0:r1], preps[name], n_keep, cfg) for r0, r1 in row_chunks(W.shape[0], cfg)]
                 results[name] = merge_rows(parts, preps.pop(name), n_keep, cfg)
                 set_result(linears[name], results[name])
-    if fp_ys is None or (linears and cfg.propagation == "sequential"):
-        fp_ys = bm.run_block(index, block, shards, capture)  # outputs of the compressed block
+    if outputs is None or (linears and cfg.propagation == "sequential"):
+        outputs = bm.run_block(index, block, shards, capture)  # those of the compressed block
     tensors, named = finish_block(bm, index, block, linears, results, cfg, report)
     bm.unload_block(index)
     release_memory()
     report.seconds = time.perf_counter() - tb
-    return BlockOutcome(tensors, named, report, fp_ys)
+    return BlockOutcome(tensors, named, report, outputs)
 
 
 def collect_hessians(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -111,7 +110,6 @@ class BlockWorker:
         self.busy = 0.0  # seconds of compute, for the coordinator's per-block breakdown
         self._io = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._prefetch: tuple[int, Future[dict[str, torch.Tensor]]] | None = None
-        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------- state
 
