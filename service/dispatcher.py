@@ -61,7 +61,7 @@ class JobProgress:
     def __init__(self, store: JobStore, job_id: str, owner: str, stopping: threading.Event) -> None:
         self.store, self.job_id, self.owner, self.stopping = store, job_id, owner, stopping
         self.last_write = 0.0
-        self.compress_start: tuple[float, int] | None = None  # (time, blocks done) when block work began
+        self.stage_start: tuple[str, float, int] | None = None  # (stage, time, done) when this stage's work began
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         # the artifact is written (and evaluated): RUNNING -> UPLOADING
@@ -72,11 +72,13 @@ class JobProgress:
         progress: dict[str, Any] = {"stage": stage, "percent": round(100.0 * done / total, 1) if total else None}
         if stage == "compress":
             progress.update(block=done, blocks=total)
-            if self.compress_start is None:
-                self.compress_start = (now, done)
-            t0, d0 = self.compress_start
-            if done > d0:
-                progress["eta_seconds"] = round((now - t0) / (done - d0) * (total - done), 1)
+        elif stage == "downloading":
+            progress.update(bytes_done=done, bytes_total=total)
+        if self.stage_start is None or self.stage_start[0] != stage:
+            self.stage_start = (stage, now, done)
+        _, t0, d0 = self.stage_start
+        if done > d0 and total:  # the stage's ETA from its own rate so far (blocks, or bytes while downloading)
+            progress["eta_seconds"] = round((now - t0) / (done - d0) * (total - done), 1)
         if now - self.last_write < 0.5 and 0 < done < total and not self.stopping.is_set():
             return
         self.last_write = now

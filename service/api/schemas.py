@@ -23,8 +23,16 @@ class JobCreate(BaseModel):
         min_length=1,
         max_length=1024,
         examples=["smollm2-135m"],
-        description="an alias (smollm2-135m), a Hugging Face id (org/name), s3://BUCKET/PREFIX of a model directory, "
-        "or an absolute path under the service's PBS2P_MODEL_ROOTS",
+        description="an alias (smollm2-135m), a Hugging Face id (org/name or org/name@revision), s3://BUCKET/PREFIX "
+        "of a model directory, or an absolute path under the service's PBS2P_MODEL_ROOTS",
+    )
+    revision: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        examples=["main"],
+        description="for a Hugging Face id: the branch, tag or commit to fetch (default main); the same as "
+        "org/name@revision",
     )
     config: CompressionConfig = Field(
         default_factory=CompressionConfig, description="the compression config; every field has a default"
@@ -34,9 +42,13 @@ class JobCreate(BaseModel):
 
 
 class Progress(BaseModel):
-    stage: str | None = None
+    stage: str | None = Field(
+        None, description="prepare, downloading, capture, coarse, compress, evaluate, upload or done"
+    )
     block: int | None = None
     blocks: int | None = None
+    bytes_done: int | None = Field(None, description="while downloading: bytes fetched so far")
+    bytes_total: int | None = Field(None, description="while downloading: bytes to fetch in all")
     percent: float | None = None
     eta_seconds: float | None = None
 

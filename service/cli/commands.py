@@ -19,7 +19,7 @@ from pbs2p.core.errors import Pbs2pError
 from pbs2p.core.format import export_dense, format_inspect, inspect_artifact
 from pbs2p.workers.evaluation import EvalSpec, evaluate_model
 from pbs2p.workers.job import JobSpec, RayOptions, run_job
-from pbs2p.workers.model_refs import fetch_model
+from pbs2p.workers.model_refs import fetch_model, with_revision
 from pbs2p.workers.settings import WorkerSettings
 
 from .options import add_config_options, config_from_args
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compress", help="compress a model (alias, local safetensors directory, s3://, hub id)")
-    c.add_argument("model")
+    c.add_argument("model", help="alias, local directory, s3://BUCKET/PREFIX or Hugging Face id (org/name[@revision])")
+    c.add_argument("--revision", default=None, help="of a Hugging Face id: branch, tag or commit (= ID@REVISION)")
     c.add_argument("-o", "--out", required=True, type=Path)
     c.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
     add_config_options(c)
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoints once the artifact is written")
     e = sub.add_parser("eval", help="perplexity of a model or a compressed output")
     e.add_argument("model")
+    e.add_argument("--revision", default=None, help="of a Hugging Face id: branch, tag or commit (= ID@REVISION)")
     e.add_argument("--data", default="wiki", help="'wiki' (held-out split) or a .txt/.jsonl file")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--windows", type=int, default=None, help="evaluate the first K windows (default all)")
@@ -133,6 +135,7 @@ def _add_jobs_parser(sub: Any) -> None:
     jsub = j.add_subparsers(dest="jobs_cmd", required=True)
     js = jsub.add_parser("submit", help="queue a compression job; prints its id")
     js.add_argument("model", help="alias, Hugging Face id, s3://BUCKET/PREFIX or a path under the service's roots")
+    js.add_argument("--revision", default=None, help="of a Hugging Face id: branch, tag or commit (= ID@REVISION)")
     js.add_argument("--name", default=None)
     js.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
     js.add_argument("--evaluate", action="store_true", help="measure perplexity before/after in the job")
@@ -188,7 +191,7 @@ def _compress(args: argparse.Namespace) -> None:
     ray = ray_options(args)
     if ray is not None:  # the job's own lines (resume, checkpointed blocks) are shown
         logging.getLogger("pbs2p.workers.distributed").setLevel(logging.INFO)
-    spec = JobSpec(args.model, config_from_args(args), ray=ray)
+    spec = JobSpec(with_revision(args.model, args.revision), config_from_args(args), ray=ray)
     bar = Progress()
     try:
         result = run_job(spec, args.out, WorkerSettings(), progress=bar)
@@ -202,9 +205,10 @@ def _compress(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     if args.windows is not None and args.windows < 1:
         raise Pbs2pError("--windows must be >= 1")
-    model_dir = fetch_model(args.model, WorkerSettings())
     bar = Progress()
     try:
+        model_dir = fetch_model(with_revision(args.model, args.revision), WorkerSettings(),
+                                progress=lambda done, total: bar("downloading", done, total))  # fmt: skip
         r = evaluate_model(
             model_dir,
             EvalSpec(data=args.data, seqlen=args.seqlen, windows=args.windows),

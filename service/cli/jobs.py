@@ -8,6 +8,7 @@ import sys
 
 from pbs2p.core.config import CompressionConfig
 from pbs2p.core.errors import Pbs2pError
+from pbs2p.workers.model_refs import with_revision
 
 from ..client import Client
 from .progress import JobBar
@@ -19,7 +20,8 @@ def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) ->
     if cmd == "submit":
         assert cfg is not None
         ev = {"data": args.eval_data, "seqlen": cfg.seqlen, "windows": args.eval_windows} if args.evaluate else None
-        job = client.submit(args.model, cfg.to_dict(), ev, args.name, args.idempotency_key)
+        model = with_revision(args.model, args.revision)
+        job = client.submit(model, cfg.to_dict(), ev, args.name, args.idempotency_key)
         print(job["id"])
         if args.wait:
             job = client.wait(job["id"], JobBar())

@@ -7,12 +7,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-_UNITS = {"eval": "window", "evaluate": "model"}
+_UNITS = {"eval": "window", "evaluate": "model", "downloading": "B"}
 
 
 class Progress:
     """A job's progress callback (stage, done, total): a bar per stage of several steps (blocks, windows), closed
-    when the stage changes; one-step stages (prepare, capture, upload) show none."""
+    when the stage changes; one-step stages (prepare, capture, upload) show none; a download counts bytes."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled, self.stage = enabled, ""
@@ -27,7 +27,8 @@ class Progress:
         if total <= 1:
             return
         if self.bar is None:
-            self.bar = tqdm(total=total, desc=stage, unit=_UNITS.get(stage, "block"), file=sys.stderr)
+            unit = _UNITS.get(stage, "block")
+            self.bar = tqdm(total=total, desc=stage, unit=unit, unit_scale=unit == "B", file=sys.stderr)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -51,3 +52,5 @@ class JobBar:
             print(f"job {job['id']}: {self.state}", file=sys.stderr)
         if p.get("stage") == "compress" and p.get("blocks"):
             self.bar("compress", p["block"], p["blocks"])
+        elif p.get("stage") == "downloading" and p.get("bytes_total"):
+            self.bar("downloading", p["bytes_done"], p["bytes_total"])

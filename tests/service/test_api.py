@@ -1,5 +1,6 @@
 """The HTTP API (service/app.py) over real HTTP: uvicorn on 127.0.0.1 in a background thread, httpx as the client,
-a SQLite store and local artifact storage; no dispatcher (jobs are moved through their states with the store)."""
+a SQLite store and local artifact storage, a Hugging Face-compatible hub on loopback (pbs2p_testing/hub.py); no
+dispatcher (jobs are moved through their states with the store)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from pbs2p.core.config import CompressionConfig
 from pbs2p.service.jobstore import JobState, encode_cursor
+from pbs2p.testing.hub import LocalHub, model_files, serve_hub
 from pbs2p.testing.servers import Service, running_service
 from pbs2p.testing.tiny import make_model, save_tokenizer
 
@@ -42,9 +44,23 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, outside
 
 
+HUB_MODEL = "example-org/tiny"
+
+
 @pytest.fixture(scope="module")
-def svc(dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with running_service(tmp_path_factory.mktemp("data"), dirs[0]) as service:
+def hub(dirs: tuple[Path, Path]) -> Iterator[LocalHub]:
+    """The service's hub: `example-org/tiny` (the tiny model at main and tag v1) and a pickle-only repo."""
+    with serve_hub() as h:
+        h.add_commit(HUB_MODEL, model_files(dirs[0] / "model"), refs=("main", "v1"))
+        config = json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}).encode()
+        h.add_commit("example-org/pickled", {"config.json": config, "pytorch_model.bin": b"not a pickle"})
+        yield h
+
+
+@pytest.fixture(scope="module")
+def svc(dirs: tuple[Path, Path], hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    data = tmp_path_factory.mktemp("data")
+    with running_service(data, dirs[0], hf_endpoint=hub.url, cache_dir=data / "cache") as service:
         yield service
 
 
@@ -156,7 +172,12 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("model-missing", {"model": "ROOT/nothing-here"}, "model", "does not exist"),
     ("model-pickle-only", {"model": "ROOT/pickled"}, "model", "convert to safetensors"),
     ("model-unknown", {"model": "not a model!"}, "model", "use an alias"),
-    ("model-hf-not-cached", {"model": "example-org/no-such-model"}, "model", "not in the local hub cache"),
+    ("model-hf-unknown", {"model": "example-org/no-such-model"}, "model", "was not found on http://127.0.0.1"),
+    ("model-hf-bad-revision", {"model": HUB_MODEL, "revision": "v9"}, "model", "revision 'v9' of Hugging Face"),
+    ("model-hf-pickle-only", {"model": "example-org/pickled"}, "model", "only pickle weights"),
+    ("revision-twice", {"model": HUB_MODEL + "@v1", "revision": "main"}, "revision", "give one"),
+    ("revision-not-hub", {"model": "smollm2-135m", "revision": "v1"}, "revision", "Hugging Face ids"),
+    ("revision-spelling", {"model": HUB_MODEL, "revision": "a b"}, "revision", "not a branch, tag or commit"),
     ("model-relative", {"model": "./model"}, "model", "use an alias"),
     ("model-s3-no-prefix", {"model": "s3://bucket"}, "model", "s3://BUCKET/PREFIX"),
     ("model-empty", {"model": ""}, "model", "at least 1 character"),
@@ -206,6 +227,25 @@ def test_malformed_json_gets_422(client: httpx.Client, auth: dict[str, str]) -> 
 
 
 # -- submit ---------------------------------------------------------------------------------------------------
+def test_hub_model_checked_at_submit_from_metadata_only(
+    svc: Service, hub: LocalHub, client: httpx.Client, auth: dict[str, str]
+) -> None:
+    resp = client.post("/v1/jobs", json={"model": HUB_MODEL, "revision": "v1"}, headers=auth)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["model"] == f"{HUB_MODEL}@v1"  # the revision travels with the id to the job
+    assert hub.got("GET", f"/api/models/{HUB_MODEL}/revision/v1")  # asked the hub
+    assert not hub.got("GET", "/model.safetensors")  # and downloaded no weights: the job does that
+
+
+def test_offline_service_refuses_hub_models_it_has_not_cached(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    with (
+        running_service(tmp_path, dirs[0], hf_offline=True, cache_dir=tmp_path / "cache") as offline,
+        httpx.Client(base_url=offline.url, timeout=20) as c,
+    ):
+        got = problem(c.post("/v1/jobs", json={"model": HUB_MODEL}, headers=offline.key("t")), 422)
+    assert "offline mode is on" in got["detail"] and "hf download example-org/tiny" in got["detail"], got
+
+
 def test_submit_returns_201_with_location_and_the_resolved_config(
     svc: Service, client: httpx.Client, auth: dict[str, str]
 ) -> None:

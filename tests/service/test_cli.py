@@ -15,6 +15,7 @@ from pbs2p.service.cli import commands as cli
 from pbs2p.service.cli.options import config_from_args
 from pbs2p.testing.artifacts import saved_report
 from pbs2p.testing.cli import run_cli
+from pbs2p.testing.hub import model_files, serve_hub
 from pbs2p.testing.tiny import VOCAB, make_model, save_tokenizer, write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +75,27 @@ def test_cli_compress_json_report(
     rc, stdout, err = run_cli(capsys, *argv)
     assert rc == 0, err
     assert json.loads(stdout)["config"]["method"] == "pbs2p"
+
+
+def test_cli_compresses_a_hub_id_at_a_revision_with_a_download_bar(
+    tmp_path: Path, cli_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pbs2p compress org/name --revision v1` against a hub on loopback (HF_ENDPOINT): a bar counts the bytes, the
+    manifest names the commit; a revision the hub lacks is one clear error."""
+    model, text = cli_model
+    with serve_hub() as hub:
+        commit = hub.add_commit("org/tiny", model_files(model), refs=("main", "v1"))
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("PBS2P_CACHE_DIR", str(tmp_path / "cache"))
+        out = tmp_path / "out"
+        rc, stdout, err = run_cli(capsys, "compress", "org/tiny", "--revision", "v1", "-o", str(out),
+                                  "--calib", str(text), *SMALL)  # fmt: skip
+        assert rc == 0, err
+        assert "downloading" in err and "B/s" in err, err  # tqdm's bar in bytes
+        manifest = json.loads(next(out.glob("manifest*.json")).read_text())
+        assert manifest["source"]["model"] == "org/tiny" and manifest["source"]["commit"] == commit
+        rc, stdout, err = run_cli(capsys, "compress", "org/tiny@v9", "-o", str(tmp_path / "o2"), *SMALL)
+    assert_one_error(rc, err, "revision 'v9' of Hugging Face model org/tiny does not exist")
 
 
 def assert_one_error(rc: int, err: str, *needles: str) -> str:

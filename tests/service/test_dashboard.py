@@ -527,3 +527,26 @@ def test_a_failed_job_shows_its_error(page: Any, service: dict[str, str]) -> Non
     assert ("ablations.spbo_mode", "fixed") in listed  # the ablations nested, by their dotted names
     # nothing to follow for this (final) job; the list page may still follow other tests' running jobs
     assert not [u for _, u, _ in page.api if u.endswith(f"{base}/events")]
+
+
+def test_a_downloading_job_shows_bytes_and_eta(page: Any, service: dict[str, str]) -> None:
+    """A RUNNING job fetching its model from a hub (the API's answer stubbed in the browser): bytes and an ETA."""
+    job_id = "job_downloading_in_the_browser"
+    base = f"/v1/jobs/{job_id}"
+    progress = {"stage": "downloading", "bytes_done": 120_000_000, "bytes_total": 538_000_000, "percent": 22.3}
+    job = {
+        "id": job_id, "name": None, "state": "RUNNING", "model": "HuggingFaceTB/SmolLM2-135M@main",
+        "config": {"method": "pbs2p", "pattern": "6:8", "calib": "wiki", "ablations": {}}, "evaluate": None,
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:01:00Z",
+        "started_at": "2026-01-01T00:00:01Z", "finished_at": None, "attempts": 1,
+        "progress": {**progress, "eta_seconds": 95.0}, "metrics": {}, "timings": {}, "report": {}, "error": None,
+        "links": {"self": base, "events": f"{base}/events", "artifact": f"{base}/artifact"},
+    }  # fmt: skip
+    page.route(f"**{base}", lambda route: route.fulfill(json=job))
+    page.route(f"**{base}/events", lambda route: route.fulfill(status=200, body="", content_type="text/event-stream"))
+    sign_in(page, service)
+    page.wait_for_selector("#jobs")
+    page.goto(f"{service['url']}/ui/#/jobs/{job_id}")
+    page.wait_for_selector("#job .ptext")
+    text = page.inner_text("#job .ptext")
+    assert text == "downloading · 114.4 MiB of 513.1 MiB · ETA 2 min", text

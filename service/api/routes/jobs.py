@@ -11,7 +11,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from pbs2p.core.errors import Pbs2pError
-from pbs2p.workers.model_refs import check_model_ref, check_text
+from pbs2p.workers.model_refs import check_model_ref, check_text, with_revision
 
 from ...jobstore import IdempotencyConflict, JobState, decode_cursor, encode_cursor
 from ..deps import JobId, OwnJob, State, Tenant, find_job
@@ -37,10 +37,16 @@ def submit(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    """Queue a compression job. The same Idempotency-Key with the same body returns the same job."""
+    """Queue a compression job. The same Idempotency-Key with the same body returns the same job. A Hugging Face
+    id is checked against the hub's metadata (exists, readable, safetensors, no remote code, size) before it is
+    queued; a hub that cannot be reached is no refusal (the job tries when it runs)."""
     roots = state.settings.roots
     try:
-        model = check_model_ref(body.model, roots)
+        model = with_revision(body.model, body.revision)
+    except Pbs2pError as exc:
+        raise invalid_field("revision", str(exc)) from None
+    try:
+        model = check_model_ref(model, roots, state.settings)
     except Pbs2pError as exc:
         raise invalid_field("model", str(exc)) from None
     texts = [("config.calib", body.config.calib)] if body.config.calib != "wiki" else []

@@ -101,7 +101,8 @@ function progressBar(job) {
   const parts = [];
   if (p.stage && !TERMINAL.has(job.state)) parts.push(p.stage);
   if (p.blocks) parts.push(`block ${p.block} of ${p.blocks}`);
-  if (p.eta_seconds && p.block < p.blocks && !TERMINAL.has(job.state)) parts.push(`ETA ${secs(p.eta_seconds)}`);
+  if (p.bytes_total) parts.push(`${bytes(p.bytes_done)} of ${bytes(p.bytes_total)}`);
+  if (p.eta_seconds && p.percent < 100 && !TERMINAL.has(job.state)) parts.push(`ETA ${secs(p.eta_seconds)}`);
   let text = parts.join(" · ");
   if (!text && job.error) text = job.error.split("\n")[0].slice(0, 80);
   else if (!text && !TERMINAL.has(job.state)) text = "waiting";
