@@ -8,7 +8,6 @@ import json
 import math
 import shutil
 import typing
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +42,7 @@ from pbs2p.testing.cli import run_cli
 from pbs2p.testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config
 from pbs2p.workers.local import compress_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------ bit packing

@@ -252,6 +252,7 @@ def test_the_form_has_one_input_per_schema_field(page: Any, service: dict[str, s
     optional = {k for k, (_, null) in want.items() if null}  # each with an empty "default" choice
     assert optional == {
         "name",
+        "revision",
         "config.spbo_steps",
         "config.ablations.salient_allocation",
         "evaluate",

@@ -25,20 +25,17 @@ from pbs2p.core.config import CompressionConfig
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.service.cli import commands as cli
 from pbs2p.testing.artifacts import file_hashes
+from pbs2p.testing.real import first_blocks
 from pbs2p.testing.tiny import calib_ids, make_model, save_tokenizer, tiny_config, tiny_job_config, write_text
 from pbs2p.workers.distributed import NAMESPACE, compress_model_ray, init_ray
 from pbs2p.workers.local import compress_model
 from pbs2p.workers.settings import WorkerSettings
+from pbs2p.workers.text import calibration_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +103,25 @@ def test_any_worker_count_gives_the_same_bytes(cluster: str, tmp_path: Path, wor
         workers=workers, cpus_per_worker=0.5, job_id=f"w{workers}",
     )  # fmt: skip
     assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local")
+
+
+@pytest.mark.integration
+def test_real_model_first_blocks_give_the_same_bytes_at_any_worker_count(
+    cluster: str, real_model: Path, tmp_path: Path
+) -> None:
+    """The real SmolLM2 cut to its first 2 blocks, calibrated on real text in 4 shards: the local path, 2 workers
+    and 3 workers (half a CPU each) write the same bytes (row chunks of 256: q/k/v and gate/up split in chunks)."""
+    src = first_blocks(real_model, tmp_path / "src", 2)
+    cfg = CompressionConfig.from_options({"calib_samples": 8, "seqlen": 128, "batch_size": 2})
+    calib = calibration_for(src, cfg)
+    compress_model(src, tmp_path / "local", cfg, calib)
+    settings = WorkerSettings(cache_dir=tmp_path / "cache")
+    for workers in (2, 3):
+        compress_model_ray(
+            src, tmp_path / f"ray{workers}", cfg, calib, settings=settings, checkpoint_url=str(tmp_path / "ckpt"),
+            workers=workers, cpus_per_worker=0.5 if workers == 3 else 1.0, job_id=f"real{workers}",
+        )  # fmt: skip
+        assert file_hashes(tmp_path / f"ray{workers}") == file_hashes(tmp_path / "local"), workers
 
 
 def test_worker_error_is_the_jobs_error(cluster: str, tmp_path: Path) -> None:

@@ -96,6 +96,15 @@ def mismatch(where: str, got: str, expected: str) -> ChecksumMismatch:
     )
 
 
+def verified(data: bytes, expected_sha256: str | None, where: str) -> bytes:
+    """`data`, after checking it against `expected_sha256` when one is known (ChecksumMismatch if it differs)."""
+    if expected_sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected_sha256:
+            raise mismatch(where, digest, expected_sha256)
+    return data
+
+
 def os_error_message(exc: OSError, action: str, where: str) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         hint = "no space left on the device (or quota exceeded); free space there or point the storage URL elsewhere"

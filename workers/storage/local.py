@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -21,10 +20,10 @@ from .base import (
     check_prefix,
     download_to,
     join_key,
-    mismatch,
     os_error_message,
     read_source,
     short,
+    verified,
     write_all,
 )
 
@@ -99,12 +98,7 @@ class LocalStorage(Storage):
 
     def get_bytes(self, key: str, expected_sha256: str | None = None) -> bytes:
         with self._open(key) as f:
-            data = f.read()
-        if expected_sha256 is not None:
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != expected_sha256:
-                raise mismatch(self.locate(key), digest, expected_sha256)
-        return data
+            return verified(f.read(), expected_sha256, self.locate(key))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -50,9 +50,9 @@ from .base import (
     check_prefix,
     download_to,
     join_key,
-    mismatch,
     os_error_message,
     short,
+    verified,
 )
 
 log = logging.getLogger(__name__)
@@ -422,11 +422,7 @@ class S3Storage(Storage):
             finally:
                 r["Body"].close()
         expected = expected_sha256 or (r.get("Metadata") or {}).get(SHA256_METADATA)
-        if expected is not None:
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != expected:
-                raise mismatch(self.locate(key), digest, expected)
-        return data
+        return verified(data, expected, self.locate(key))
 
     def exists(self, key: str) -> bool:
         try:
