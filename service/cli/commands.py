@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ByteSize, TypeAdapter, ValidationError
+
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.core.format import export_dense, format_inspect, inspect_artifact
+from pbs2p.core.format.export import DTYPES
 from pbs2p.workers.evaluation import EvalSpec, evaluate_model
 from pbs2p.workers.job import JobSpec, RayOptions, run_job
 from pbs2p.workers.model_refs import fetch_model, with_revision
@@ -56,6 +59,14 @@ def ray_options(a: argparse.Namespace) -> RayOptions | None:
         checkpoint_url=a.checkpoint,
         keep_checkpoint=a.keep_checkpoint,
     )
+
+
+def byte_size(text: str) -> int:
+    """A size as `--max-shard-size` takes it: bytes, or with a unit (5GB, 500MB, 64MiB)."""
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no size; give bytes or e.g. 5GB, 500MB") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-dense", help="write a plain transformers checkpoint (safetensors) of an artifact")
     x.add_argument("artifact", type=Path)
     x.add_argument("-o", "--out", required=True, type=Path)
+    x.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the source model's (config.json)")
+    x.add_argument(
+        "--max-shard-size", type=byte_size, default=None, metavar="SIZE",
+        help="e.g. 5GB or 500MB (default: the source model's largest weights file, else 5GB)",
+    )  # fmt: skip
     d = sub.add_parser(
         "demo", help="the main job: start the service, submit the real model over HTTP, download and check the artifact"
     )
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             info = inspect_artifact(args.artifact)
             print(json.dumps(info, indent=1) if args.json else format_inspect(info))
         elif args.cmd == "export-dense":
-            print(export_dense(args.artifact, args.out))
+            print(export_dense(args.artifact, args.out, args.dtype, args.max_shard_size))
         elif args.cmd == "demo":
             from .demo import run_demo  # extra: service
 

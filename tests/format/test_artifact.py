@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import typing
 from dataclasses import dataclass
@@ -393,11 +394,53 @@ def test_export_dense_loads_in_plain_transformers(
     assert rc == 0, err
     assert out.strip() == str(tmp_path / "dense")
     assert not (tmp_path / "dense" / "manifest.json").exists() and (tmp_path / "dense" / "tokenizer.json").is_file()
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    dense = tmp_path / "dense"
+    # the source model's dtype and layout: one weights file (the source has one), no index
+    assert json.loads((dense / "config.json").read_text())["dtype"] == "float32"
+    assert sorted(p.name for p in dense.glob("model*")) == ["model.safetensors"]
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
     ids = calib_ids()
     assert torch.equal(logits(model, ids), logits(compressed.reference, ids))
-    rc, out, err = run_cli(capsys, "export-dense", str(compressed.out), "-o", str(tmp_path / "dense"))
+    rc, out, err = run_cli(capsys, "export-dense", str(compressed.out), "-o", str(dense))
     assert rc == 2 and "not empty" in err
+
+
+def test_export_dense_in_bf16_shards_with_ordinary_modes(
+    compressed: Compressed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bf16"
+    argv = ("export-dense", str(compressed.out), "-o", str(out), "--dtype", "bfloat16", "--max-shard-size", "40kB")
+    rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards == sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert all((out / s).stat().st_size <= 40_000 + 4096 or len(load_file(out / s)) == 1 for s in shards)
+    want = dense_state_dict(compressed.out)
+    got = {k: v for s in shards for k, v in load_file(out / s).items()}
+    assert got.keys() == want.keys() and index["metadata"]["total_size"] == sum(t.nbytes for t in got.values())
+    for k, t in want.items():
+        assert torch.equal(got[k], t.to(torch.bfloat16) if t.is_floating_point() else t), k
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(out)  # transformers reads the dtype from config.json
+    assert model.dtype == torch.bfloat16
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [("--dtype", "int8", "invalid choice: 'int8'"), ("--max-shard-size", "big", "'big' is no size")],
+)
+def test_export_dense_bad_options(
+    compressed: Compressed, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, needle: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli(capsys, "export-dense", str(compressed.out), "-o", str(tmp_path / "x"), option, value)
+    assert info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_an_artifact_is_not_a_compression_source(compressed: Compressed, tmp_path: Path) -> None:
