@@ -1,4 +1,5 @@
-"""`pbs2p` command line: compress, eval, inspect, export-dense; serve, keys, jobs (a client of the service); demo.
+"""`pbs2p` command line: compress, eval, inspect, export-dense, generate; serve, keys, jobs (a client of the
+service); demo.
 
 Progress and summaries on stderr, results on stdout. Bad input is one line `pbs2p: error: ...`, exit 2.
 Settings (`PBS2P_*`) are read once here and passed down. The service's commands import the service's
@@ -25,6 +26,7 @@ from pbs2p.workers.job import JobSpec, RayOptions, run_job
 from pbs2p.workers.model_refs import fetch_model, with_revision
 from pbs2p.workers.settings import WorkerSettings
 
+from .generate import run_generate
 from .options import add_config_options, config_from_args
 from .progress import Progress
 
@@ -118,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", type=byte_size, default=None, metavar="SIZE",
         help="e.g. 5GB or 500MB (default: the source model's largest weights file, else 5GB)",
     )  # fmt: skip
+    g = sub.add_parser("generate", help="text from an artifact (packed), streamed: --prompt TEXT, or --chat on stdin")
+    g.add_argument("artifact", type=Path)
+    g.add_argument("--prompt", default=None, help="text to continue (with --chat: the first user turn)")
+    g.add_argument("--chat", action="store_true", help="a conversation: one user turn per stdin line, chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--greedy", action="store_true", help="no sampling, whatever generation_config.json says")
+    g.add_argument("--seed", type=int, default=0, help="of the sampling")
+    g.add_argument("--dense", action="store_true", help="decode the linears once instead of keeping them packed")
+    g.add_argument("--device", default="cpu")
     d = sub.add_parser(
         "demo", help="the main job: start the service, submit the real model over HTTP, download and check the artifact"
     )
@@ -183,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info, indent=1) if args.json else format_inspect(info))
         elif args.cmd == "export-dense":
             print(export_dense(args.artifact, args.out, args.dtype, args.max_shard_size))
+        elif args.cmd == "generate":
+            run_generate(args.artifact, args.prompt, args.chat, args.max_new_tokens, args.greedy, args.seed,
+                         args.dense, args.device)  # fmt: skip
         elif args.cmd == "demo":
             from .demo import run_demo  # extra: service
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from pbs2p.core.config import CompressionConfig
+from pbs2p.core.format import load_artifact
 from pbs2p.service.cli import commands as cli
 from pbs2p.service.cli.options import config_from_args
 from pbs2p.testing.artifacts import saved_report
@@ -199,3 +203,74 @@ def test_cli_subprocess_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.startswith("pbs2p: error: --pattern: pattern 9:8") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w1 {% endif %}"
+
+
+@pytest.fixture(scope="module")
+def chat_artifact(tmp_path_factory: pytest.TempPathFactory, cli_model: tuple[Path, Path]) -> Path:
+    """The tiny model with a chat template (of its own words), compressed."""
+    model, text = cli_model
+    root = tmp_path_factory.mktemp("chat")
+    shutil.copytree(model, root / "src")
+    (root / "src" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    rc = cli.main(["compress", str(root / "src"), "-o", str(root / "out"), "--calib", str(text), *SMALL])
+    assert rc == 0
+    return root / "out"
+
+
+def greedy_words(artifact: Path, prompt_ids: list[int], n: int) -> list[str]:
+    model = load_artifact(artifact).eval()  # dense: the same Ŵ the packed model decodes per call
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    return [tokenizer.convert_ids_to_tokens(int(i)) for i in out[0, len(prompt_ids) :]]
+
+
+def test_generate_streams_the_greedy_continuation_of_the_packed_model(
+    chat_artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, stdout, err = run_cli(capsys, "generate", str(chat_artifact), "--prompt", "w5 w6", "--max-new-tokens", "6",
+                              "--greedy")  # fmt: skip
+    assert rc == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(chat_artifact)
+    assert stdout.split() == greedy_words(chat_artifact, tokenizer("w5 w6")["input_ids"], 6)
+
+
+def test_generate_chat_renders_each_turn_with_the_template(
+    chat_artifact: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w7 w8\n\n"))
+    rc, stdout, err = run_cli(capsys, "generate", str(chat_artifact), "--chat", "--prompt", "w5",
+                              "--max-new-tokens", "3", "--greedy")  # fmt: skip
+    assert rc == 0, err
+    first, second = stdout.strip().splitlines()  # two turns: --prompt, then the stdin line; the empty line ends it
+    tokenizer = AutoTokenizer.from_pretrained(chat_artifact)
+    ids = tokenizer("w5 w1")["input_ids"]  # the template: the turn, then the generation prompt "w1"
+    assert first.split() == greedy_words(chat_artifact, ids, 3)
+    ids = tokenizer(f"w5 {first.strip()} w7 w8 w1")["input_ids"]  # the history with the reply, then the new turn
+    assert second.split() == greedy_words(chat_artifact, ids, 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (("--max-new-tokens", "0", "--prompt", "w1"), "--max-new-tokens must be >= 1"),
+        ((), "give --prompt TEXT, or --chat"),
+    ],
+)
+def test_generate_bad_options(
+    chat_artifact: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], needle: str
+) -> None:
+    rc, out, err = run_cli(capsys, "generate", str(chat_artifact), *argv)
+    assert_one_error(rc, err, needle)
+
+
+def test_generate_chat_needs_a_template(
+    tmp_path: Path, cli_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, text = cli_model
+    assert cli.main(["compress", str(model), "-o", str(tmp_path / "out"), "--calib", str(text), *SMALL]) == 0
+    capsys.readouterr()
+    rc, out, err = run_cli(capsys, "generate", str(tmp_path / "out"), "--chat")
+    assert_one_error(rc, err, "has no chat template", "use --prompt TEXT")
