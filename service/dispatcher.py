@@ -26,6 +26,7 @@ from pbs2p.workers.evaluation import EvalSpec
 from pbs2p.workers.job import JobSpec, RayOptions, Upload, run_job
 from pbs2p.workers.storage import Storage, storage_from_url
 
+from .jobmetrics import JobMetrics
 from .jobstore import ACTIVE, Job, JobState, JobStore
 from .settings import Settings
 
@@ -96,6 +97,44 @@ class JobProgress:
         return LostJob(self.job_id)
 
 
+TRANSIENT_ERRORS = (TimeoutError, ConnectionError)  # and Ray's lost nodes, workers and objects (below)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """`transient` (may work when tried again: a storage timeout, a dropped connection, a lost Ray node, worker or
+    object), `invalid` (the job's input: a Pbs2pError says what to change), else `internal`."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # the cause chain: a Pbs2pError may wrap a timeout
+        seen.add(id(e))
+        if isinstance(e, TRANSIENT_ERRORS) or _ray_lost(e) or _storage_timeout(e):
+            return "transient"
+        e = e.__cause__ or e.__context__
+    return "invalid" if isinstance(exc, Pbs2pError) else "internal"
+
+
+def _ray_lost(exc: BaseException) -> bool:
+    try:
+        from ray import exceptions as rex
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    lost = (rex.NodeDiedError, rex.WorkerCrashedError, rex.ActorDiedError, rex.ObjectLostError,
+            rex.RaySystemError, rex.ActorUnavailableError, rex.OwnerDiedError)  # fmt: skip
+    return isinstance(exc, lost)
+
+
+def _storage_timeout(exc: BaseException) -> bool:
+    """botocore's timeouts and connection failures (an S3 endpoint that did not answer in time)."""
+    try:
+        from botocore import exceptions as bex
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return False
+    if isinstance(exc, bex.ClientError):  # the server's own trouble (5xx, SlowDown, RequestTimeout) passes
+        err, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+        return int(meta.get("HTTPStatusCode") or 0) >= 500 or err.get("Code") in ("SlowDown", "RequestTimeout")
+    return isinstance(exc, bex.ConnectionError | bex.HTTPClientError | bex.ConnectTimeoutError | bex.ReadTimeoutError)
+
+
 class Dispatcher:
     def __init__(self, settings: Settings, store: JobStore, storage: Storage) -> None:
         self.settings, self.store, self.storage = settings, store, storage
@@ -105,6 +144,7 @@ class Dispatcher:
         self.running: dict[str, Future[None]] = {}
         self.thread: threading.Thread | None = None
         self.ray_address: str | None = None
+        self.metrics = JobMetrics()
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -192,6 +232,8 @@ class Dispatcher:
                 artifact=prefix, progress={"stage": "done", "percent": 100.0},
             ):  # fmt: skip
                 log.info("job %s: SUCCEEDED", job.id)
+                self.metrics.finished.labels(JobState.SUCCEEDED.value).inc()
+                self.metrics.record_timings(result.timings, time.time() - (job.started_at or time.time()))
                 self._clear_checkpoint(job.id)
             else:
                 raise progress.why_not()
@@ -205,13 +247,17 @@ class Dispatcher:
             if self.store.transition(job.id, list(ACTIVE), JobState.QUEUED, owner=self.owner):
                 log.info("job %s: back in the queue (service stopping); it resumes from its checkpoint", job.id)
         except Exception as exc:
-            if isinstance(exc, Pbs2pError):
+            cause = failure_cause(exc)
+            if cause == "invalid":
                 message = str(exc)
                 log.warning("job %s: FAILED: %s", job.id, message)
             else:
-                message = f"internal error ({type(exc).__name__}: {exc}); see the service log"
+                message = f"{cause} error ({type(exc).__name__}: {exc}); see the service log"
                 log.exception("job %s: FAILED", job.id)
-            if not self.store.transition(job.id, list(ACTIVE), JobState.FAILED, owner=self.owner, error=message):
+            self.metrics.failures.labels(cause, "false").inc()
+            if self.store.transition(job.id, list(ACTIVE), JobState.FAILED, owner=self.owner, error=message):
+                self.metrics.finished.labels(JobState.FAILED.value).inc()
+            else:
                 log.warning("job %s: failure not recorded (state changed meanwhile)", job.id)
         finally:
             shutil.rmtree(work, ignore_errors=True)

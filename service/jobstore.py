@@ -422,6 +422,14 @@ class JobStore:
         out.update({state: int(n) for state, n in rows})
         return out
 
+    def active_by_tenant(self) -> dict[tuple[str, str], int]:
+        """(tenant, state) -> jobs, for the queued and active states (for /metrics: queue depth per tenant)."""
+        wanted = [JobState.QUEUED.value, *(a.value for a in ACTIVE)]
+        with self.session() as s:
+            q = select(JobRow.tenant, JobRow.state, func.count()).where(JobRow.state.in_(wanted))
+            rows = s.execute(q.group_by(JobRow.tenant, JobRow.state)).all()
+        return {(tenant, state): int(n) for tenant, state, n in rows}
+
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()

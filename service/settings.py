@@ -47,6 +47,7 @@ class Settings(WorkerSettings):
     host: str = Field("127.0.0.1", description="address `pbs2p serve` binds")
     port: int = Field(8000, ge=0, le=65535, description="port `pbs2p serve` binds (0: any free port)")
     log_level: str = Field("info", description="debug, info, warning, error")
+    access_log: bool = Field(True, description="one JSON line per request on the `pbs2p.access` logger (stderr)")
 
     @field_validator("log_level")
     @classmethod

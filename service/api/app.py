@@ -19,7 +19,7 @@ from ..settings import Settings
 from .dashboard import mount_dashboard
 from .deps import AppState
 from .metrics import Metrics
-from .middleware import BodyLimit, Measure
+from .middleware import BodyLimit, RequestContext
 from .problems import add_problem_handlers, problem_openapi
 from .routes import artifacts, jobs, ops
 
@@ -43,11 +43,11 @@ def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher
         summary="PBS²P compression jobs: 1-bit weights on N:M sparsity for LLMs",
         lifespan=lifespan,
     )
-    metrics = Metrics(store)
+    metrics = Metrics(store, getattr(dispatcher, "metrics", None))
     app.state.pbs2p = AppState(settings, store, storage, dispatcher, metrics)
     add_problem_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(Measure, metrics=metrics)
+    app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
     for router in (ops.router, jobs.router, artifacts.router):
         app.include_router(router)
     problem_openapi(app)

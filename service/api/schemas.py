@@ -107,6 +107,11 @@ class ArtifactPublic(BaseModel):
     manifest_url: str
 
 
+class Health(BaseModel):
+    status: str = Field(description="ok: the service and its database answer")
+    dispatcher: bool = Field(description="whether a dispatcher runs jobs in this process")
+
+
 class ProblemField(BaseModel):
     field: str = Field(description="the request field, dotted (config.pattern, query.limit, ...)")
     message: str = Field(description="what is wrong and what to change")
@@ -120,4 +125,5 @@ class ProblemDetails(BaseModel):
     status: int
     detail: str
     instance: str = ""
+    request_id: str = Field("", description="the request's id (also the X-Request-ID header): quote it in reports")
     errors: list[ProblemField] | None = Field(None, description="422 only: each invalid field")

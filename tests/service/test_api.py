@@ -109,6 +109,7 @@ def test_another_tenants_job_looks_missing(svc: Service, client: httpx.Client, a
     for suffix, method in (("", "GET"), ("/cancel", "POST"), ("/artifact", "GET"), ("/events", "GET")):
         theirs = problem(client.request(method, f"/v1/jobs/{job['id']}{suffix}", headers=other), 404)
         nothing = problem(client.request(method, f"/v1/jobs/{missing}{suffix}", headers=other), 404)
+        theirs["request_id"] = nothing["request_id"] = "RID"  # each request's own
         assert json.dumps(theirs).replace(job["id"], "ID") == json.dumps(nothing).replace(missing, "ID")
     assert client.get("/v1/jobs", headers=other).json()["jobs"] == []
     assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["state"] == "QUEUED"  # untouched
@@ -456,3 +457,104 @@ def test_healthz_metrics_and_docs(svc: Service, client: httpx.Client, auth: dict
     paths = spec.json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events"} <= set(paths)
     problem(client.get("/no/such/route"), 404)
+
+
+# -- operability: request ids, problems for every error, the access log, job metrics, OpenAPI ----------------
+def test_an_unhandled_exception_is_a_500_problem_with_the_request_id(
+    svc: Service, client: httpx.Client, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    def broken(*_args: Any, **_kw: Any) -> Any:
+        raise RuntimeError("the database fell over")
+
+    monkeypatch.setattr(svc.store, "list_jobs", broken)
+    with caplog.at_level("INFO"):
+        resp = client.get("/v1/jobs", headers=auth)
+    body = problem(resp, 500)
+    rid = resp.headers["x-request-id"]
+    assert body["request_id"] == rid and len(rid) == 16
+    assert rid in body["detail"] and "RuntimeError" in body["detail"]
+    assert "the database fell over" not in body["detail"]  # the client sees no internals; the log has them
+    logged = [r for r in caplog.records if r.name == "pbs2p.service.api.middleware" and rid in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "fell over" in str(logged[0].exc_info[1])
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pbs2p.access"]
+    assert [a["status"] for a in access if a["request_id"] == rid] == [500]
+
+
+def test_every_response_carries_a_request_id_and_problems_repeat_it(
+    svc: Service, client: httpx.Client, auth: dict[str, str]
+) -> None:
+    ok = client.get("/v1/jobs", headers=auth)
+    assert ok.status_code == 200 and len(ok.headers["x-request-id"]) == 16
+    assert client.get("/v1/jobs", headers=auth).headers["x-request-id"] != ok.headers["x-request-id"]
+    mine = client.get("/v1/jobs", headers={**auth, "X-Request-ID": "trace-42.a:b"})
+    assert mine.headers["x-request-id"] == "trace-42.a:b"  # the client's own id is kept ...
+    odd = client.get("/v1/jobs", headers={**auth, "X-Request-ID": "no spaces/allowed"})
+    assert odd.headers["x-request-id"] != "no spaces/allowed"  # ... unless it is not a plausible one
+    for resp, status in (
+        (client.get("/v1/jobs/job_x", headers=auth), 404),
+        (client.get("/v1/jobs"), 401),
+        (client.get("/v1/jobs?limit=0", headers=auth), 422),
+        (client.get("/no/such/route"), 404),
+        (client.delete("/v1/jobs", headers=auth), 405),
+        (client.post("/v1/jobs", content=b"x" * (svc.settings.max_body_bytes + 1), headers=auth), 413),
+    ):
+        body = problem(resp, status)
+        assert body["request_id"] == resp.headers["x-request-id"] and body["request_id"]
+    assert client.delete("/v1/jobs", headers=auth).headers["allow"]  # the 405 keeps its Allow header
+
+
+def test_the_access_log_is_one_json_line_per_request(
+    svc: Service, client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    auth = svc.key("logged-tenant")
+    with caplog.at_level("INFO", logger="pbs2p.access"):
+        job = submit(client, auth, svc)
+        client.get(f"/v1/jobs/{job['id']}", headers=auth, params={"secret": "not logged"})
+        client.get("/v1/jobs/job_none", headers=auth)
+        client.get("/healthz")
+        deadline = time.monotonic() + 10  # the server thread logs just after the response is sent
+        while not any('"/healthz"' in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pbs2p.access"]
+    entries = [json.loads(line) for line in lines]
+    assert all("\n" not in line for line in lines)
+    assert [(e["method"], e["route"], e["status"], e["tenant"]) for e in entries[-4:]] == [
+        ("POST", "/v1/jobs", 201, "logged-tenant"),
+        ("GET", "/v1/jobs/{job_id}", 200, "logged-tenant"),
+        ("GET", "/v1/jobs/{job_id}", 404, "logged-tenant"),
+        ("GET", "/healthz", 200, None),
+    ]
+    for e in entries:
+        assert set(e) == {"time", "request_id", "tenant", "method", "route", "status", "latency_ms"}
+        assert e["time"].endswith("+00:00") and e["latency_ms"] >= 0
+    assert "not logged" not in "".join(lines) and job["id"] not in "".join(lines)  # templates, not paths
+
+
+def test_metrics_report_queue_depth_per_tenant(svc: Service, client: httpx.Client) -> None:
+    a, b = svc.key("depth-a"), svc.key("depth-b")
+    for _ in range(3):
+        submit(client, a, svc)
+    running = submit(client, b, svc)
+    assert svc.store.transition(running["id"], [JobState.QUEUED], JobState.RUNNING)  # b's job runs
+    text = client.get("/metrics").text
+    assert 'pbs2p_tenant_jobs{state="QUEUED",tenant="depth-a"} 3.0' in text
+    assert 'pbs2p_tenant_jobs{state="RUNNING",tenant="depth-b"} 1.0' in text
+    assert 'tenant="depth-b",state="QUEUED"' not in text
+
+
+def test_openapi_names_every_operation_and_types_every_answer(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    ops = {(method, path): op for path, item in spec["paths"].items() for method, op in item.items()}
+    ids = {k: op["operationId"] for k, op in ops.items()}
+    assert ids[("post", "/v1/jobs")] == "submit_job" and ids[("get", "/v1/jobs")] == "list_jobs"
+    assert ids[("get", "/v1/jobs/{job_id}")] == "get_job" and ids[("post", "/v1/jobs/{job_id}/cancel")] == "cancel_job"
+    assert ids[("get", "/healthz")] == "healthz"
+    assert len(set(ids.values())) == len(ids) and all(i.isidentifier() for i in ids.values())
+    for (method, path), op in ops.items():
+        for code, resp in op["responses"].items():
+            assert code[0] == "3" or resp.get("content"), f"{method} {path} {code} has no typed content"
+            if code[0] in "45":
+                assert resp["content"] == {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+        assert "500" in op["responses"], f"{method} {path}"
+    assert "request_id" in spec["components"]["schemas"]["ProblemDetails"]["properties"]

@@ -33,7 +33,9 @@ def manifest_of(job: Job, storage: Storage) -> dict[str, Any]:
         raise Problem(500, "Artifact unavailable", f"the artifact of job {job.id} cannot be read: {exc}") from None
 
 
-@router.get("", response_model=ArtifactPublic, responses=error_responses(401, 404, 409, 422))
+@router.get(
+    "", operation_id="get_artifact", response_model=ArtifactPublic, responses=error_responses(401, 404, 409, 422)
+)
 def artifact(job: OwnJob, state: State) -> ArtifactPublic:
     """Every file of the artifact with its size, sha256 and download URL (manifest.json last)."""
     manifest = manifest_of(job, state.storage)
@@ -49,6 +51,7 @@ def artifact(job: OwnJob, state: State) -> ArtifactPublic:
 
 @router.get(
     "/{name:path}",
+    operation_id="download_artifact_file",
     response_class=Response,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The file (local storage)"},

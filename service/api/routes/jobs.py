@@ -23,6 +23,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post(
     "",
+    operation_id="submit_job",
     status_code=201,
     response_model=JobPublic,
     responses={
@@ -68,7 +69,7 @@ def submit(
     return JobPublic.of(job)
 
 
-@router.get("", response_model=JobList, responses=error_responses(401, 422))
+@router.get("", operation_id="list_jobs", response_model=JobList, responses=error_responses(401, 422))
 def list_jobs(
     who: Tenant,
     state: State,
@@ -87,12 +88,17 @@ def list_jobs(
     return JobList(jobs=[JobPublic.of(j) for j in jobs], next_cursor=encode_cursor(last) if last else None)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404, 422))
+@router.get("/{job_id}", operation_id="get_job", response_model=JobPublic, responses=error_responses(401, 404, 422))
 def get_job(job: OwnJob) -> JobPublic:
     return JobPublic.of(job)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409, 422))
+@router.post(
+    "/{job_id}/cancel",
+    operation_id="cancel_job",
+    response_model=JobPublic,
+    responses=error_responses(401, 404, 409, 422),
+)
 def cancel(job: OwnJob, who: Tenant, state: State) -> JobPublic:
     """A queued job is cancelled at once; a running one stops at its next block (CANCELLING)."""
     store = state.store
@@ -110,6 +116,7 @@ def cancel(job: OwnJob, who: Tenant, state: State) -> JobPublic:
 
 @router.get(
     "/{job_id}/events",
+    operation_id="follow_job",
     response_class=EventSourceResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
