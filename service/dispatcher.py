@@ -180,7 +180,7 @@ class Dispatcher:
                     if moved:
                         log.warning("re-queued jobs of a dispatcher that is gone: %s", ", ".join(moved))
                 while len(self.running) < self.settings.max_running_jobs and not self.stopping.is_set():
-                    job = self.store.claim(self.owner)
+                    job = self.store.claim(self.owner, self.settings.tenant_max_running_jobs)
                     if job is None:
                         break
                     log.info("job %s: started (attempt %d)", job.id, job.attempts)

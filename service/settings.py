@@ -37,6 +37,12 @@ class Settings(WorkerSettings):
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
     dispatcher: bool = Field(True, description="run queued jobs in this process (false: API only)")
     max_running_jobs: int = Field(1, ge=1, description="jobs this dispatcher runs at once")
+    tenant_max_queued_jobs: int = Field(
+        0, ge=0, description="queued jobs a tenant may have; a submit above it gets 429 with Retry-After (0: no limit)"
+    )
+    tenant_max_running_jobs: int = Field(
+        0, ge=0, description="jobs of one tenant running at once, over all dispatchers (0: no limit)"
+    )
     job_workers: int | None = Field(None, ge=1, description="Ray workers per job (default: GPUs, else CPUs)")
     gpus_per_worker: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs")
     lease_seconds: float = Field(60.0, gt=0, description="a running job without a heartbeat this long is re-queued")

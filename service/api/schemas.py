@@ -31,6 +31,13 @@ class JobCreate(BaseModel):
     )
     evaluate: EvalSpec | None = None
     name: str | None = Field(None, min_length=1, max_length=200, description="a name for the job, shown in lists")
+    priority: int = Field(
+        0,
+        ge=-100,
+        le=100,
+        strict=True,
+        description="within the tenant, higher priority starts first (tenants take turns)",
+    )
 
 
 class Progress(BaseModel):
@@ -53,6 +60,7 @@ class JobPublic(BaseModel):
     started_at: datetime.datetime | None
     finished_at: datetime.datetime | None
     attempts: int
+    priority: int
     progress: Progress
     metrics: dict[str, Any]
     timings: dict[str, Any]
@@ -79,6 +87,7 @@ class JobPublic(BaseModel):
             started_at=ts(job.started_at),
             finished_at=ts(job.finished_at),
             attempts=job.attempts,
+            priority=job.priority,
             progress=Progress(**{k: v for k, v in job.progress.items() if k in Progress.model_fields}),
             metrics=report.pop("metrics", {}),
             timings=report.pop("timings", {}),

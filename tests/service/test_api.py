@@ -558,3 +558,24 @@ def test_openapi_names_every_operation_and_types_every_answer(client: httpx.Clie
                 assert resp["content"] == {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
         assert "500" in op["responses"], f"{method} {path}"
     assert "request_id" in spec["components"]["schemas"]["ProblemDetails"]["properties"]
+
+
+# -- fairness and quotas --------------------------------------------------------------------------------------
+def test_a_submit_over_the_queue_limit_gets_429_with_retry_after(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    with (
+        running_service(tmp_path / "data", dirs[0], tenant_max_queued_jobs=2) as svc,
+        httpx.Client(base_url=svc.url, timeout=20) as client,
+    ):
+        auth, other = svc.key("busy"), svc.key("calm")
+        first = submit(client, auth, svc, priority=7)
+        assert first["priority"] == 7
+        submit(client, auth, svc)
+        resp = client.post("/v1/jobs", json={"model": model_path(svc)}, headers=auth)
+        body = problem(resp, 429)
+        assert resp.headers["retry-after"] == "30" and "PBS2P_TENANT_MAX_QUEUED_JOBS" in body["detail"]
+        assert submit(client, other, svc)["state"] == "QUEUED"  # each tenant's queue is its own
+        replay = client.post("/v1/jobs", json={"model": model_path(svc)}, headers={**auth, "Idempotency-Key": "k"})
+        assert replay.status_code == 429
+        assert client.post(f"/v1/jobs/{first['id']}/cancel", headers=auth).status_code == 200
+        assert submit(client, auth, svc)["priority"] == 0  # room again
+        problem(client.post("/v1/jobs", json={"model": model_path(svc), "priority": 101}, headers=auth), 422)

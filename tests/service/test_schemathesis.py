@@ -99,7 +99,7 @@ def test_the_running_app_serves_the_tested_spec(service: Service) -> None:
                 if code.startswith(("4", "5")):
                     assert response["content"] == {"application/problem+json": {"schema": problem_ref}}
     submit_codes = set(served["paths"]["/v1/jobs"]["post"]["responses"])
-    assert {"200", "201", "400", "401", "409", "413", "422", "500"} == submit_codes
+    assert {"200", "201", "400", "401", "409", "413", "422", "429", "500"} == submit_codes
 
 
 def test_fuzzed_jobs_hold_valid_configs(service: Service) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -13,12 +13,28 @@ from starlette.concurrency import run_in_threadpool
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.workers.model_refs import check_model_ref, check_text
 
-from ...jobstore import IdempotencyConflict, JobState, decode_cursor, encode_cursor
-from ..deps import JobId, OwnJob, State, Tenant, find_job
+from ...jobstore import IdempotencyConflict, JobState, QueueFull, decode_cursor, encode_cursor
+from ..deps import AppState, JobId, OwnJob, State, Tenant, find_job
 from ..problems import Problem, error_responses, invalid_field
 from ..schemas import JobCreate, JobList, JobPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+QUEUE_FULL_RETRY_S = 30  # Retry-After of a 429: about when a queued job may have started
+
+
+def queue_options(body: JobCreate, state: AppState) -> dict[str, Any]:
+    """What `create_job` takes besides the job itself: its priority and the tenant's queue limit."""
+    return {"priority": body.priority, "max_queued": state.settings.tenant_max_queued_jobs}
+
+
+def queue_full(exc: QueueFull) -> Problem:
+    return Problem(
+        429,
+        "Too many queued jobs",
+        f"this tenant already has {exc.limit} jobs queued (PBS2P_TENANT_MAX_QUEUED_JOBS); submit again once some "
+        f"have started (Retry-After: {QUEUE_FULL_RETRY_S} s), or cancel queued ones",
+        headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
+    )
 
 
 @router.post(
@@ -28,7 +44,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     response_model=JobPublic,
     responses={
         200: {"model": JobPublic, "description": "Replayed: the job of an earlier request with this key"},
-        **error_responses(400, 401, 409, 413, 422),
+        **error_responses(400, 401, 409, 413, 422, 429),
     },
 )
 def submit(
@@ -54,7 +70,11 @@ def submit(
             raise invalid_field(field, str(exc)) from None
     evaluate = body.evaluate.model_dump() if body.evaluate is not None else None
     try:
-        job, created = state.store.create_job(who, model, body.config.to_dict(), evaluate, body.name, idempotency_key)
+        job, created = state.store.create_job(
+            who, model, body.config.to_dict(), evaluate, body.name, idempotency_key, **queue_options(body, state)
+        )
+    except QueueFull as exc:
+        raise queue_full(exc) from None
     except IdempotencyConflict as exc:
         raise Problem(
             409,
