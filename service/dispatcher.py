@@ -26,11 +26,13 @@ from pbs2p.workers.evaluation import EvalSpec
 from pbs2p.workers.job import JobSpec, RayOptions, Upload, run_job
 from pbs2p.workers.storage import Storage, storage_from_url
 
+from . import lifecycle
 from .jobmetrics import JobMetrics
 from .jobstore import ACTIVE, Job, JobState, JobStore
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+MAINTAIN_S = 60.0  # how often the dispatcher removes deleted jobs and expired artifacts
 
 
 class JobCancelled(Exception):
@@ -118,8 +120,8 @@ def _ray_lost(exc: BaseException) -> bool:
         from ray import exceptions as rex
     except ImportError:  # pragma: no cover - ray is a dependency
         return False
-    lost = (rex.NodeDiedError, rex.WorkerCrashedError, rex.ActorDiedError, rex.ObjectLostError,
-            rex.RaySystemError, rex.ActorUnavailableError, rex.OwnerDiedError)  # fmt: skip
+    lost = (rex.NodeDiedError, rex.WorkerCrashedError, rex.RayActorError, rex.ObjectLostError,
+            rex.RaySystemError, rex.OwnerDiedError)  # fmt: skip
     return isinstance(exc, lost)
 
 
@@ -168,7 +170,7 @@ class Dispatcher:
         except Exception:
             log.exception("dispatcher: Ray did not start; no job will run")
             return
-        last_recover = 0.0
+        last_recover = last_maintain = 0.0
         while not self.stopping.is_set():
             try:
                 now = time.time()
@@ -179,6 +181,9 @@ class Dispatcher:
                     moved = self.store.recover(self.settings.lease_seconds, self._dead_owners())
                     if moved:
                         log.warning("re-queued jobs of a dispatcher that is gone: %s", ", ".join(moved))
+                if now - last_maintain >= MAINTAIN_S:
+                    last_maintain = now
+                    lifecycle.maintain(self.store, self.storage, lifecycle.checkpoints_of(self.settings), self.settings)
                 while len(self.running) < self.settings.max_running_jobs and not self.stopping.is_set():
                     job = self.store.claim(self.owner, self.settings.tenant_max_running_jobs)
                     if job is None:
@@ -241,26 +246,43 @@ class Dispatcher:
             if self.store.transition(job.id, [JobState.CANCELLING], JobState.CANCELLED, owner=self.owner):
                 log.info("job %s: CANCELLED", job.id)
                 self._clear_checkpoint(job.id)
+                done = self.store.get(job.id)
+                if done is not None and done.deleted_at is not None:  # DELETE while it ran: now it goes
+                    lifecycle.purge(self.store, self.storage, lifecycle.checkpoints_of(self.settings), done)
         except LostJob:
             log.warning("job %s: no longer owned by this dispatcher; left to its new owner", job.id)
         except ShuttingDown:
             if self.store.transition(job.id, list(ACTIVE), JobState.QUEUED, owner=self.owner):
                 log.info("job %s: back in the queue (service stopping); it resumes from its checkpoint", job.id)
         except Exception as exc:
-            cause = failure_cause(exc)
-            if cause == "invalid":
-                message = str(exc)
-                log.warning("job %s: FAILED: %s", job.id, message)
-            else:
-                message = f"{cause} error ({type(exc).__name__}: {exc}); see the service log"
-                log.exception("job %s: FAILED", job.id)
-            self.metrics.failures.labels(cause, "false").inc()
-            if self.store.transition(job.id, list(ACTIVE), JobState.FAILED, owner=self.owner, error=message):
-                self.metrics.finished.labels(JobState.FAILED.value).inc()
-            else:
-                log.warning("job %s: failure not recorded (state changed meanwhile)", job.id)
+            self._failed(job, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        """A transient failure goes back to the queue (it resumes from its last checkpointed block) until the job
+        has had PBS2P_JOB_MAX_ATTEMPTS attempts; anything else, or the last attempt, is FAILED."""
+        cause = failure_cause(exc)
+        if cause == "invalid":
+            message = str(exc)
+            log.warning("job %s: attempt %d failed: %s", job.id, job.attempts, message)
+        else:
+            message = f"{cause} error ({type(exc).__name__}: {exc}); see the service log"
+            log.exception("job %s: attempt %d failed (%s)", job.id, job.attempts, cause)
+        retry = cause == "transient" and job.attempts < self.settings.job_max_attempts
+        self.metrics.failures.labels(cause, str(retry).lower()).inc()
+        if retry:
+            note = f"attempt {job.attempts} of {self.settings.job_max_attempts} failed: {message}; retrying"
+            if self.store.transition(
+                job.id, [JobState.RUNNING, JobState.UPLOADING], JobState.QUEUED, owner=self.owner,
+                error=note, progress={"stage": "retrying"},
+            ):  # fmt: skip
+                log.info("job %s: back in the queue for attempt %d", job.id, job.attempts + 1)
+                return
+        if self.store.transition(job.id, list(ACTIVE), JobState.FAILED, owner=self.owner, error=message):
+            self.metrics.finished.labels(JobState.FAILED.value).inc()
+        else:
+            log.warning("job %s: failure not recorded (state changed meanwhile)", job.id)
 
     def _clear_checkpoint(self, job_id: str) -> None:
         try:

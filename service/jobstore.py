@@ -13,9 +13,10 @@ import base64
 import enum
 import hashlib
 import json
+import logging
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -40,6 +42,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 
 from . import migrations
+
+log = logging.getLogger(__name__)
 
 
 class JobState(enum.StrEnum):
@@ -224,6 +228,7 @@ class JobStore:
         """Open the store at `url`, upgrading its schema to the newest revision first (service/migrations: an
         empty database gets every revision, one made before migrations is stamped 0001 then upgraded)."""
         self.url = url
+        self.listeners: list[Callable[[Job], None]] = []  # called with the job after each state change it wins
         self.engine: Engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         try:
@@ -317,6 +322,8 @@ class JobStore:
             if earlier is None:
                 raise
             return self._same_request(earlier, request_hash), False
+        if self.listeners:
+            self._changed(job.id)
         return job, True
 
     def _lock_tenant(self, s: Session, tenant: str) -> None:
@@ -341,11 +348,11 @@ class JobStore:
         return Job.of(row)
 
     def get(self, job_id: str, tenant: str | None = None) -> Job | None:
-        """The job; None when it does not exist or belongs to another tenant."""
+        """The job; None when it does not exist, or (with `tenant`) belongs to another tenant or was deleted."""
         with self.session() as s:
             q = select(JobRow).where(JobRow.id == job_id)
-            if tenant is not None:
-                q = q.where(JobRow.tenant == tenant)
+            if tenant is not None:  # a tenant's view: a deleted job is gone at once
+                q = q.where(JobRow.tenant == tenant, JobRow.deleted_at.is_(None))
             row = s.scalar(q)
             return Job.of(row) if row is not None else None
 
@@ -354,7 +361,7 @@ class JobStore:
     ) -> tuple[list[Job], int | None]:
         """The tenant's jobs, newest first; (page, seq to pass as `before` for the next page or None)."""
         with self.session() as s:
-            q = select(JobRow).where(JobRow.tenant == tenant)
+            q = select(JobRow).where(JobRow.tenant == tenant, JobRow.deleted_at.is_(None))
             wanted = [st.value for st in states]
             if wanted:
                 q = q.where(JobRow.state.in_(wanted))
@@ -379,7 +386,56 @@ class JobStore:
         if owner is not None:
             q = q.where(JobRow.owner == owner)
         with self.session() as s:
-            return bool(s.execute(q.values(**cols)).rowcount)  # type: ignore[attr-defined]
+            won = bool(s.execute(q.values(**cols)).rowcount)  # type: ignore[attr-defined]
+        if won and self.listeners:
+            self._changed(job_id)
+        return won
+
+    def _changed(self, job_id: str) -> None:
+        """Tell the listeners (webhooks) the job's state changed; a listener's error never fails the change."""
+        job = self.get(job_id)
+        if job is None:
+            return
+        for listener in list(self.listeners):
+            try:
+                listener(job)
+            except Exception:
+                log.exception("job %s: a state-change listener failed", job_id)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def mark_deleted(self, job_id: str, expected: Iterable[JobState], new: JobState) -> bool:
+        """Compare-and-set to `new`, hiding the job from its tenant (it is removed once finished)."""
+        return self.transition(job_id, expected, new, deleted_at=time.time())
+
+    def remove(self, job_id: str) -> bool:
+        """Delete the row of a finished job (its artifact and checkpoints are removed first, by the caller)."""
+        terminal = [st.value for st in JobState if st.terminal]
+        with self.session() as s:
+            res = s.execute(delete(JobRow).where(JobRow.id == job_id, JobRow.state.in_(terminal)))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def deleted_and_finished(self) -> list[Job]:
+        """Jobs deleted while running whose run has ended: what is left to remove."""
+        terminal = [st.value for st in JobState if st.terminal]
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.deleted_at.is_not(None), JobRow.state.in_(terminal))
+            return [Job.of(r) for r in s.scalars(q.limit(100))]
+
+    def expired_artifacts(self, finished_before: float) -> list[Job]:
+        """Succeeded jobs finished before `finished_before` whose artifact is still there (oldest first)."""
+        with self.session() as s:
+            q = select(JobRow).where(
+                JobRow.state == JobState.SUCCEEDED.value,
+                JobRow.artifact.is_not(None),
+                JobRow.artifact_expired_at.is_(None),
+                JobRow.finished_at < finished_before,
+            )
+            return [Job.of(r) for r in s.scalars(q.order_by(JobRow.seq).limit(100))]
+
+    def mark_artifact_expired(self, job_id: str) -> bool:
+        with self.session() as s:
+            q = update(JobRow).where(JobRow.id == job_id, JobRow.artifact_expired_at.is_(None))
+            return bool(s.execute(q.values(artifact_expired_at=time.time())).rowcount)  # type: ignore[attr-defined]
 
     def claim(self, owner: str, max_running_per_tenant: int = 0) -> Job | None:
         """Take a queued job for `owner` (QUEUED -> RUNNING), fairly across tenants; None when nothing is claimable.
@@ -416,6 +472,8 @@ class JobStore:
                     )
                 ).rowcount  # type: ignore[attr-defined]
             if won:
+                if self.listeners:
+                    self._changed(job_id)
                 return self.get(job_id)
         return None
 

@@ -45,6 +45,15 @@ class Settings(WorkerSettings):
     )
     job_workers: int | None = Field(None, ge=1, description="Ray workers per job (default: GPUs, else CPUs)")
     gpus_per_worker: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs")
+    job_max_attempts: int = Field(
+        3, ge=1, description="attempts of a job whose failures are transient (storage timeout, lost Ray node)"
+    )
+    artifact_retention_days: float = Field(
+        0, ge=0, description="finished artifacts are removed this many days after the job ends (0: kept)"
+    )
+    webhook_secret: str = Field("", description="HMAC-SHA256 key signing webhook bodies; unset: no webhooks")
+    webhook_hosts: str = Field("", description="comma-separated hosts webhook URLs may name (unset: any host)")
+    webhook_attempts: int = Field(6, ge=1, description="deliveries of one webhook event (backoff 1, 2, 4, ... s)")
     lease_seconds: float = Field(60.0, gt=0, description="a running job without a heartbeat this long is re-queued")
     poll_seconds: float = Field(1.0, gt=0, description="dispatcher and event-stream poll interval")
     model_roots: str = Field("", description="comma-separated directories local model paths must lie under")

@@ -16,6 +16,7 @@ from pbs2p.workers.storage import Storage
 
 from ..jobstore import JobStore
 from ..settings import Settings
+from ..webhooks import Notifier
 from .dashboard import mount_dashboard
 from .deps import AppState
 from .metrics import Metrics
@@ -27,8 +28,14 @@ from .routes import artifacts, jobs, ops
 def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher: Any = None) -> FastAPI:
     """The API over `store` and `storage`; `dispatcher` (optional) is started and stopped with the app."""
 
+    notifier = Notifier(settings) if settings.webhook_secret else None
+    if notifier is not None:
+        store.listeners.append(notifier.job_changed)  # the dispatcher's changes too, when it shares this store
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if notifier is not None:
+            notifier.start()
         if dispatcher is not None:
             dispatcher.start()
         try:
@@ -36,6 +43,8 @@ def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher
         finally:
             if dispatcher is not None:
                 await run_in_threadpool(dispatcher.stop)
+            if notifier is not None:
+                await run_in_threadpool(notifier.stop)
 
     app = FastAPI(
         title="pbs2p",

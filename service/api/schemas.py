@@ -31,6 +31,13 @@ class JobCreate(BaseModel):
     )
     evaluate: EvalSpec | None = None
     name: str | None = Field(None, min_length=1, max_length=200, description="a name for the job, shown in lists")
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2000,
+        description="POSTed a signed event at each state change of the job (X-Pbs2p-Signature: sha256=HMAC of the "
+        "body under the service's webhook secret)",
+    )
     priority: int = Field(
         0,
         ge=-100,
@@ -66,6 +73,9 @@ class JobPublic(BaseModel):
     timings: dict[str, Any]
     report: dict[str, Any]
     error: str | None
+    artifact_expired_at: datetime.datetime | None = Field(
+        None, description="when retention removed the artifact (410 from then on); the metrics stay"
+    )
     links: dict[str, str]
 
     @classmethod
@@ -93,6 +103,7 @@ class JobPublic(BaseModel):
             timings=report.pop("timings", {}),
             report=report,
             error=job.error,
+            artifact_expired_at=ts(job.artifact_expired_at),
             links={"self": base, "events": f"{base}/events", "artifact": f"{base}/artifact"},
         )
 

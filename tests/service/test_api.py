@@ -15,9 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from pbs2p.core.config import CompressionConfig
-from pbs2p.service.jobstore import JobState, encode_cursor
+from pbs2p.service import lifecycle
+from pbs2p.service.jobstore import JobRow, JobState, encode_cursor
 from pbs2p.testing.servers import Service, running_service
 from pbs2p.testing.tiny import make_model, save_tokenizer
 
@@ -549,11 +551,12 @@ def test_openapi_names_every_operation_and_types_every_answer(client: httpx.Clie
     ids = {k: op["operationId"] for k, op in ops.items()}
     assert ids[("post", "/v1/jobs")] == "submit_job" and ids[("get", "/v1/jobs")] == "list_jobs"
     assert ids[("get", "/v1/jobs/{job_id}")] == "get_job" and ids[("post", "/v1/jobs/{job_id}/cancel")] == "cancel_job"
-    assert ids[("get", "/healthz")] == "healthz"
+    assert ids[("get", "/healthz")] == "healthz" and ids[("delete", "/v1/jobs/{job_id}")] == "delete_job"
     assert len(set(ids.values())) == len(ids) and all(i.isidentifier() for i in ids.values())
     for (method, path), op in ops.items():
         for code, resp in op["responses"].items():
-            assert code[0] == "3" or resp.get("content"), f"{method} {path} {code} has no typed content"
+            bodiless = code[0] == "3" or code in ("202", "204")  # redirects, a DELETE's answers
+            assert bodiless or resp.get("content"), f"{method} {path} {code} has no typed content"
             if code[0] in "45":
                 assert resp["content"] == {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
         assert "500" in op["responses"], f"{method} {path}"
@@ -579,3 +582,77 @@ def test_a_submit_over_the_queue_limit_gets_429_with_retry_after(dirs: tuple[Pat
         assert client.post(f"/v1/jobs/{first['id']}/cancel", headers=auth).status_code == 200
         assert submit(client, auth, svc)["priority"] == 0  # room again
         problem(client.post("/v1/jobs", json={"model": model_path(svc), "priority": 101}, headers=auth), 422)
+
+
+# -- lifecycle: delete, retention -----------------------------------------------------------------------------
+def checkpoint_of(svc: Service, job_id: str) -> Path:
+    """A checkpoint file of the job, where the dispatcher keeps them (PBS2P_CHECKPOINT_URL/<job id>/)."""
+    path = Path(svc.settings.checkpoints_url) / job_id / "block_0000" / "state.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"checkpoint")
+    return path
+
+
+def test_delete_removes_the_job_its_artifact_and_checkpoints(
+    svc: Service, client: httpx.Client, auth: dict[str, str], tmp_path: Path
+) -> None:
+    queued = submit(client, auth, svc)["id"]
+    ckpt = checkpoint_of(svc, queued)
+    resp = client.delete(f"/v1/jobs/{queued}", headers=auth)
+    assert resp.status_code == 204 and resp.content == b""
+    problem(client.get(f"/v1/jobs/{queued}", headers=auth), 404)
+    problem(client.delete(f"/v1/jobs/{queued}", headers=auth), 404)
+    assert svc.store.get(queued) is None and not ckpt.parent.parent.exists()
+
+    done, files = fake_artifact(svc, auth, client, tmp_path)
+    where = svc.storage.locate(f"{svc.store.get(done).tenant}/{done}")  # type: ignore[union-attr]
+    assert Path(where, "pbs2p.safetensors").exists()
+    problem(client.delete(f"/v1/jobs/{done}", headers=svc.key("stranger")), 404)  # not another tenant's
+    assert client.delete(f"/v1/jobs/{done}", headers=auth).status_code == 204
+    assert not Path(where).exists() and svc.store.get(done) is None
+    problem(client.get(f"/v1/jobs/{done}/artifact", headers=auth), 404)
+    assert done not in [j["id"] for j in client.get("/v1/jobs", headers=auth).json()["jobs"]]
+
+
+def test_delete_of_a_running_job_cancels_it_then_removes_it(
+    svc: Service, client: httpx.Client, auth: dict[str, str]
+) -> None:
+    job_id = submit(client, auth, svc)["id"]
+    assert svc.store.transition(job_id, [JobState.QUEUED], JobState.RUNNING, owner=None)
+    ckpt = checkpoint_of(svc, job_id)
+    assert client.delete(f"/v1/jobs/{job_id}", headers=auth).status_code == 202
+    problem(client.get(f"/v1/jobs/{job_id}", headers=auth), 404)  # gone for the tenant at once
+    assert job_id not in [j["id"] for j in client.get("/v1/jobs", headers=auth).json()["jobs"]]
+    stored = svc.store.get(job_id)
+    assert stored is not None and stored.state == JobState.CANCELLING and stored.deleted_at is not None
+    # its dispatcher stops it; the next maintenance round removes what is left
+    assert svc.store.transition(job_id, [JobState.CANCELLING], JobState.CANCELLED)
+    assert lifecycle.maintain(svc.store, svc.storage, lifecycle.checkpoints_of(svc.settings), svc.settings) == (1, 0)
+    assert svc.store.get(job_id) is None and not ckpt.exists()
+
+
+def test_retention_removes_old_artifacts_and_keeps_the_jobs_metrics(
+    svc: Service, client: httpx.Client, auth: dict[str, str], tmp_path: Path
+) -> None:
+    old, _ = fake_artifact(svc, auth, client, tmp_path / "old")
+    recent, _ = fake_artifact(svc, auth, client, tmp_path / "recent")
+    with svc.store.session() as s:  # `old` finished 3 days ago, with a report
+        s.execute(
+            update(JobRow)
+            .where(JobRow.id == old)
+            .values(finished_at=time.time() - 3 * 86400, report=json.dumps({"metrics": {"ppl": 41.5}}))
+        )
+    keep = svc.settings.model_copy(update={"artifact_retention_days": 0})
+    checkpoints = lifecycle.checkpoints_of(svc.settings)
+    assert lifecycle.maintain(svc.store, svc.storage, checkpoints, keep) == (0, 0)  # 0: kept for ever
+    two_days = svc.settings.model_copy(update={"artifact_retention_days": 2})
+    assert lifecycle.maintain(svc.store, svc.storage, checkpoints, two_days)[1] == 1
+    assert lifecycle.maintain(svc.store, svc.storage, checkpoints, two_days)[1] == 0  # once
+    job = client.get(f"/v1/jobs/{old}", headers=auth).json()
+    assert job["state"] == "SUCCEEDED" and job["metrics"] == {"ppl": 41.5} and job["artifact_expired_at"]
+    body = problem(client.get(f"/v1/jobs/{old}/artifact", headers=auth), 410)
+    assert "PBS2P_ARTIFACT_RETENTION_DAYS" in body["detail"]
+    problem(client.get(f"/v1/jobs/{old}/artifact/config.json", headers=auth), 410)
+    assert not svc.storage.list(f"{svc.store.get(old).tenant}/{old}/")  # type: ignore[union-attr]
+    assert client.get(f"/v1/jobs/{recent}/artifact", headers=auth).status_code == 200
+    assert client.get(f"/v1/jobs/{recent}", headers=auth).json()["artifact_expired_at"] is None

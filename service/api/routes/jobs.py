@@ -13,7 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.workers.model_refs import check_model_ref, check_text
 
+from ... import lifecycle
 from ...jobstore import IdempotencyConflict, JobState, QueueFull, decode_cursor, encode_cursor
+from ...webhooks import check_webhook_url
 from ..deps import AppState, JobId, OwnJob, State, Tenant, find_job
 from ..problems import Problem, error_responses, invalid_field
 from ..schemas import JobCreate, JobList, JobPublic
@@ -22,9 +24,16 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 QUEUE_FULL_RETRY_S = 30  # Retry-After of a 429: about when a queued job may have started
 
 
-def queue_options(body: JobCreate, state: AppState) -> dict[str, Any]:
-    """What `create_job` takes besides the job itself: its priority and the tenant's queue limit."""
-    return {"priority": body.priority, "max_queued": state.settings.tenant_max_queued_jobs}
+def job_options(body: JobCreate, state: AppState) -> dict[str, Any]:
+    """What `create_job` takes besides the job itself: its priority, its webhook URL (checked: 422 when webhooks
+    are off or the host is not allowed) and the tenant's queue limit."""
+    webhook_url = None
+    if body.webhook_url is not None:
+        try:
+            webhook_url = check_webhook_url(body.webhook_url, state.settings)
+        except ValueError as exc:
+            raise invalid_field("webhook_url", str(exc)) from None
+    return {"priority": body.priority, "webhook_url": webhook_url, "max_queued": state.settings.tenant_max_queued_jobs}
 
 
 def queue_full(exc: QueueFull) -> Problem:
@@ -71,7 +80,7 @@ def submit(
     evaluate = body.evaluate.model_dump() if body.evaluate is not None else None
     try:
         job, created = state.store.create_job(
-            who, model, body.config.to_dict(), evaluate, body.name, idempotency_key, **queue_options(body, state)
+            who, model, body.config.to_dict(), evaluate, body.name, idempotency_key, **job_options(body, state)
         )
     except QueueFull as exc:
         raise queue_full(exc) from None
@@ -132,6 +141,37 @@ def cancel(job: OwnJob, who: Tenant, state: State) -> JobPublic:
     if job.state in (JobState.CANCELLING, JobState.CANCELLED):
         return JobPublic.of(job)
     raise Problem(409, "Job already finished", f"job {job.id} is {job.state.value}; it cannot be cancelled")
+
+
+@router.delete(
+    "/{job_id}",
+    operation_id="delete_job",
+    status_code=204,
+    response_class=Response,
+    responses={
+        202: {"description": "The job was running: it is cancelled, then removed (already 404 for this tenant)"},
+        204: {"description": "Removed: the job, its artifact and its checkpoints"},
+        **error_responses(401, 404, 422),
+    },
+)
+def delete_job(job: OwnJob, state: State) -> Response:
+    """Delete the job, its artifact and its checkpoints; a running job is cancelled first (202), then removed by
+    its dispatcher. Either way the job is 404 from now on."""
+    store = state.store
+    for _ in range(5):  # the job may move on between the read and the compare-and-set
+        if job.state in (JobState.RUNNING, JobState.UPLOADING, JobState.CANCELLING):
+            if store.mark_deleted(job.id, [job.state], JobState.CANCELLING):
+                return Response(status_code=202)
+        elif store.mark_deleted(job.id, [job.state], JobState.CANCELLED if job.state == JobState.QUEUED else job.state):
+            gone = store.get(job.id)
+            if gone is not None:
+                lifecycle.purge(store, state.storage, lifecycle.checkpoints_of(state.settings), gone)
+            return Response(status_code=204)  # files the storage refused now go in the next maintenance round
+        current = store.get(job.id)
+        if current is None:
+            break
+        job = current
+    raise Problem(409, "Job changing", f"job {job.id} changed state while being deleted; try again")
 
 
 @router.get(
