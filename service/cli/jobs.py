@@ -27,7 +27,7 @@ def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) ->
     elif cmd == "status":
         print(json.dumps(client.get(args.job_id), indent=1))
     elif cmd == "list":
-        for job in client.list_jobs(tuple(args.state)):
+        for job in client.list_jobs(tuple(args.state), None if args.all else args.limit):
             p = job["progress"]
             where = f"block {p['block']}/{p['blocks']}" if p.get("blocks") else (p.get("stage") or "")
             print(f"{job['id']}  {job['state']:<10} {job['model']}  {job['config']['method']} "
@@ -43,3 +43,6 @@ def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) ->
         print(args.out)
     elif cmd == "cancel":
         print(json.dumps(client.cancel(args.job_id), indent=1))
+    elif cmd == "delete":
+        gone = client.delete(args.job_id)
+        print(f"{args.job_id}: " + ("deleted" if gone else "cancelling; removed once it has stopped"))

@@ -19,6 +19,7 @@ from sqlalchemy import update
 
 from pbs2p.core.config import CompressionConfig
 from pbs2p.service import lifecycle
+from pbs2p.service.client import ApiError, Client
 from pbs2p.service.jobstore import JobRow, JobState, encode_cursor
 from pbs2p.testing.servers import Service, running_service
 from pbs2p.testing.tiny import make_model, save_tokenizer
@@ -656,3 +657,30 @@ def test_retention_removes_old_artifacts_and_keeps_the_jobs_metrics(
     assert not svc.storage.list(f"{svc.store.get(old).tenant}/{old}/")  # type: ignore[union-attr]
     assert client.get(f"/v1/jobs/{recent}/artifact", headers=auth).status_code == 200
     assert client.get(f"/v1/jobs/{recent}", headers=auth).json()["artifact_expired_at"] is None
+
+
+# -- the Python client ----------------------------------------------------------------------------------------
+def test_the_client_follows_next_cursor_over_every_page(svc: Service, client: httpx.Client) -> None:
+    headers = svc.key("paged")
+    made = [submit(client, headers, svc, name=f"j{i}")["id"] for i in range(7)]
+    api = Client(svc.url, headers["Authorization"].removeprefix("Bearer "))
+    pages: list[str] = []
+    real_call = api._call
+
+    def counting(method: str, path: str, **kw: Any) -> httpx.Response:
+        pages.append(str(kw.get("params", {}).get("cursor")))
+        return real_call(method, path, **kw)
+
+    try:
+        api._call = counting  # type: ignore[method-assign]
+        assert [j["id"] for j in api.iter_jobs(page_size=3)] == made[::-1]  # newest first, none twice
+        assert len(pages) == 3 and pages[0] == "None" and len(set(pages)) == 3  # 3 + 3 + 1, each from its cursor
+        assert [j["id"] for j in api.list_jobs(limit=5)] == made[::-1][:5]
+        assert [j["id"] for j in api.list_jobs(limit=None)] == made[::-1]
+        assert api.list_jobs(("RUNNING",), limit=None) == []
+        assert api.delete(made[0]) is True
+        assert len(api.list_jobs(limit=None)) == 6
+        with pytest.raises(ApiError, match="404"):
+            api.delete(made[0])
+    finally:
+        api.close()
