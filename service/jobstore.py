@@ -372,6 +372,12 @@ class JobStore:
         rows = rows[:limit]
         return [Job.of(r) for r in rows], (rows[-1].seq if more else None)
 
+    def changed_since(self, tenant: str, since: float, limit: int = 200) -> list[Job]:
+        """The tenant's jobs updated after `since` (not deleted), oldest change first: a tenant's event stream."""
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.tenant == tenant, JobRow.updated_at > since, JobRow.deleted_at.is_(None))
+            return [Job.of(r) for r in s.scalars(q.order_by(JobRow.updated_at).limit(limit))]
+
     def transition(
         self, job_id: str, expected: Iterable[JobState], new: JobState, owner: str | None = None, **values: Any
     ) -> bool:

@@ -22,7 +22,7 @@ from .deps import AppState
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestContext
 from .problems import add_problem_handlers, problem_openapi
-from .routes import artifacts, jobs, ops
+from .routes import artifacts, events, jobs, ops
 
 
 def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher: Any = None) -> FastAPI:
@@ -57,7 +57,7 @@ def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher
     add_problem_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
-    for router in (ops.router, jobs.router, artifacts.router):
+    for router in (ops.router, jobs.router, events.router, artifacts.router):
         app.include_router(router)
     problem_openapi(app)
     mount_dashboard(app)  # the web UI at /ui/ (and / redirects there); its data comes from /v1

@@ -684,3 +684,26 @@ def test_the_client_follows_next_cursor_over_every_page(svc: Service, client: ht
             api.delete(made[0])
     finally:
         api.close()
+
+
+def test_the_tenant_event_stream_follows_every_job_of_the_caller(svc: Service, client: httpx.Client) -> None:
+    auth, other = svc.key("streamed"), svc.key("not-streamed")
+    first = submit(client, auth, svc)["id"]
+    theirs = submit(client, other, svc)["id"]
+    seen: list[tuple[str, str]] = []
+    second = ""
+    with client.stream("GET", "/v1/events", headers=auth, timeout=30) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            job = json.loads(line[6:])
+            seen.append((job["id"], job["state"]))
+            if len(seen) == 1:  # the job changed in the last seconds came first; now more changes
+                second = submit(client, auth, svc)["id"]
+                assert svc.store.transition(first, [JobState.QUEUED], JobState.RUNNING)
+                assert svc.store.transition(theirs, [JobState.QUEUED], JobState.RUNNING)
+            if len(seen) == 3:
+                break
+    assert seen == [(first, "QUEUED"), (second, "QUEUED"), (first, "RUNNING")]  # in the order of the changes
+    assert theirs not in {job_id for job_id, _ in seen}  # another tenant's never
