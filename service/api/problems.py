@@ -117,6 +117,9 @@ def problem_openapi(app: FastAPI) -> None:
                 for code, response in operation.get("responses", {}).items():
                     if code[:1] in ("4", "5"):
                         response["content"] = {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+                    if code == "429":
+                        response["headers"] = {"Retry-After": {"description": "seconds to wait before submitting "
+                                               "again", "schema": {"type": "integer"}}}  # fmt: skip
         for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, not ours
             schemas.pop(unused, None)
         return spec

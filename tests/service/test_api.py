@@ -562,6 +562,7 @@ def test_openapi_names_every_operation_and_types_every_answer(client: httpx.Clie
                 assert resp["content"] == {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
         assert "500" in op["responses"], f"{method} {path}"
     assert "request_id" in spec["components"]["schemas"]["ProblemDetails"]["properties"]
+    assert ops[("post", "/v1/jobs")]["responses"]["429"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
 
 
 # -- fairness and quotas --------------------------------------------------------------------------------------
