@@ -60,12 +60,18 @@ class Client:
         evaluate: dict[str, Any] | None = None,
         name: str | None = None,
         idempotency_key: str | None = None,
+        priority: int = 0,
+        webhook_url: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "config": config}
         if evaluate is not None:
             body["evaluate"] = evaluate
         if name:
             body["name"] = name
+        if priority:
+            body["priority"] = priority
+        if webhook_url:
+            body["webhook_url"] = webhook_url
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/v1/jobs", json=body, headers=headers).json()
 

@@ -135,6 +135,8 @@ def _add_jobs_parser(sub: Any) -> None:
     js.add_argument("model", help="alias, Hugging Face id, s3://BUCKET/PREFIX or a path under the service's roots")
     js.add_argument("--name", default=None)
     js.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+    js.add_argument("--priority", type=int, default=0, help="-100..100: higher starts first among your jobs")
+    js.add_argument("--webhook-url", default=None, help="POSTed a signed event at each state change of the job")
     js.add_argument("--evaluate", action="store_true", help="measure perplexity before/after in the job")
     js.add_argument("--eval-data", default="wiki")
     js.add_argument("--eval-windows", type=int, default=40)

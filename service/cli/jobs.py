@@ -19,7 +19,8 @@ def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) ->
     if cmd == "submit":
         assert cfg is not None
         ev = {"data": args.eval_data, "seqlen": cfg.seqlen, "windows": args.eval_windows} if args.evaluate else None
-        job = client.submit(args.model, cfg.to_dict(), ev, args.name, args.idempotency_key)
+        job = client.submit(args.model, cfg.to_dict(), ev, args.name, args.idempotency_key, args.priority,
+                            args.webhook_url)  # fmt: skip
         print(job["id"])
         if args.wait:
             job = client.wait(job["id"], JobBar())

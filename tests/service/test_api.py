@@ -19,6 +19,7 @@ from sqlalchemy import update
 
 from pbs2p.core.config import CompressionConfig
 from pbs2p.service import lifecycle
+from pbs2p.service.cli import main as cli_main
 from pbs2p.service.client import ApiError, Client
 from pbs2p.service.jobstore import JobRow, JobState, encode_cursor
 from pbs2p.testing.servers import Service, running_service
@@ -708,3 +709,22 @@ def test_the_tenant_event_stream_follows_every_job_of_the_caller(svc: Service, c
                 break
     assert seen == [(first, "QUEUED"), (second, "QUEUED"), (first, "RUNNING")]  # in the order of the changes
     assert theirs not in {job_id for job_id, _ in seen}  # another tenant's never
+
+
+def test_the_command_line_lists_every_page_submits_with_priority_and_deletes(
+    svc: Service, client: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    headers = svc.key("cli")
+    key = headers["Authorization"].removeprefix("Bearer ")
+    base = ["jobs", "--url", svc.url, "--key", key]
+    made = [submit(client, headers, svc)["id"] for _ in range(3)]
+    assert cli_main([*base, "submit", model_path(svc), "--priority", "5"]) == 0
+    urgent = capsys.readouterr().out.strip()
+    assert svc.store.get(urgent).priority == 5  # type: ignore[union-attr]
+    assert cli_main([*base, "list", "--limit", "2"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [urgent, made[2]]
+    assert cli_main([*base, "list", "--all"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [urgent, *made[::-1]]
+    assert cli_main([*base, "delete", made[0]]) == 0
+    assert capsys.readouterr().out.strip() == f"{made[0]}: deleted"
+    assert svc.store.get(made[0]) is None
