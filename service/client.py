@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -59,23 +60,47 @@ class Client:
         evaluate: dict[str, Any] | None = None,
         name: str | None = None,
         idempotency_key: str | None = None,
+        priority: int = 0,
+        webhook_url: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "config": config}
         if evaluate is not None:
             body["evaluate"] = evaluate
         if name:
             body["name"] = name
+        if priority:
+            body["priority"] = priority
+        if webhook_url:
+            body["webhook_url"] = webhook_url
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/v1/jobs", json=body, headers=headers).json()
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}").json()
 
-    def list_jobs(self, states: tuple[str, ...] = (), limit: int = 50) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/jobs", params={"state": list(states), "limit": limit}).json()["jobs"]
+    def iter_jobs(self, states: tuple[str, ...] = (), page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every job of the caller (with one of `states`, if given), newest first, page after page (it follows
+        `next_cursor` until the last page; jobs submitted meanwhile are newer than the cursor and not repeated)."""
+        params: dict[str, Any] = {"state": list(states), "limit": page_size}
+        while True:
+            page = self._call("GET", "/v1/jobs", params=params).json()
+            yield from page["jobs"]
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def list_jobs(self, states: tuple[str, ...] = (), limit: int | None = 50) -> list[dict[str, Any]]:
+        """The newest `limit` jobs (None: all of them), over as many pages as that takes."""
+        size = 200 if limit is None else max(1, min(limit, 200))
+        return list(itertools.islice(self.iter_jobs(states, size), limit))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def delete(self, job_id: str) -> bool:
+        """Delete the job, its artifact and checkpoints; True when gone at once, False when it was running (it is
+        cancelled, then removed; it is 404 for the API already)."""
+        return self._call("DELETE", f"/v1/jobs/{job_id}").status_code == 204
 
     def events(self, job_id: str) -> Iterator[dict[str, Any]]:
         """The job each time it changes (server-sent events), until it reaches a final state."""

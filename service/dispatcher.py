@@ -26,10 +26,13 @@ from pbs2p.workers.evaluation import EvalSpec
 from pbs2p.workers.job import JobSpec, RayOptions, Upload, run_job
 from pbs2p.workers.storage import Storage, storage_from_url
 
+from . import lifecycle
+from .jobmetrics import JobMetrics
 from .jobstore import ACTIVE, Job, JobState, JobStore
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+MAINTAIN_S = 60.0  # how often the dispatcher removes deleted jobs and expired artifacts
 
 
 class JobCancelled(Exception):
@@ -98,6 +101,44 @@ class JobProgress:
         return LostJob(self.job_id)
 
 
+TRANSIENT_ERRORS = (TimeoutError, ConnectionError)  # and Ray's lost nodes, workers and objects (below)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """`transient` (may work when tried again: a storage timeout, a dropped connection, a lost Ray node, worker or
+    object), `invalid` (the job's input: a Pbs2pError says what to change), else `internal`."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # the cause chain: a Pbs2pError may wrap a timeout
+        seen.add(id(e))
+        if isinstance(e, TRANSIENT_ERRORS) or _ray_lost(e) or _storage_timeout(e):
+            return "transient"
+        e = e.__cause__ or e.__context__
+    return "invalid" if isinstance(exc, Pbs2pError) else "internal"
+
+
+def _ray_lost(exc: BaseException) -> bool:
+    try:
+        from ray import exceptions as rex
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    lost = (rex.NodeDiedError, rex.WorkerCrashedError, rex.RayActorError, rex.ObjectLostError,
+            rex.RaySystemError, rex.OwnerDiedError)  # fmt: skip
+    return isinstance(exc, lost)
+
+
+def _storage_timeout(exc: BaseException) -> bool:
+    """botocore's timeouts and connection failures (an S3 endpoint that did not answer in time)."""
+    try:
+        from botocore import exceptions as bex
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return False
+    if isinstance(exc, bex.ClientError):  # the server's own trouble (5xx, SlowDown, RequestTimeout) passes
+        err, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+        return int(meta.get("HTTPStatusCode") or 0) >= 500 or err.get("Code") in ("SlowDown", "RequestTimeout")
+    return isinstance(exc, bex.ConnectionError | bex.HTTPClientError | bex.ConnectTimeoutError | bex.ReadTimeoutError)
+
+
 class Dispatcher:
     def __init__(self, settings: Settings, store: JobStore, storage: Storage) -> None:
         self.settings, self.store, self.storage = settings, store, storage
@@ -107,6 +148,7 @@ class Dispatcher:
         self.running: dict[str, Future[None]] = {}
         self.thread: threading.Thread | None = None
         self.ray_address: str | None = None
+        self.metrics = JobMetrics()
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,7 +172,7 @@ class Dispatcher:
         except Exception:
             log.exception("dispatcher: Ray did not start; no job will run")
             return
-        last_recover = 0.0
+        last_recover = last_maintain = 0.0
         while not self.stopping.is_set():
             try:
                 now = time.time()
@@ -141,8 +183,11 @@ class Dispatcher:
                     moved = self.store.recover(self.settings.lease_seconds, self._dead_owners())
                     if moved:
                         log.warning("re-queued jobs of a dispatcher that is gone: %s", ", ".join(moved))
+                if now - last_maintain >= MAINTAIN_S:
+                    last_maintain = now
+                    lifecycle.maintain(self.store, self.storage, lifecycle.checkpoints_of(self.settings), self.settings)
                 while len(self.running) < self.settings.max_running_jobs and not self.stopping.is_set():
-                    job = self.store.claim(self.owner)
+                    job = self.store.claim(self.owner, self.settings.tenant_max_running_jobs)
                     if job is None:
                         break
                     log.info("job %s: started (attempt %d)", job.id, job.attempts)
@@ -194,6 +239,8 @@ class Dispatcher:
                 artifact=prefix, progress={"stage": "done", "percent": 100.0},
             ):  # fmt: skip
                 log.info("job %s: SUCCEEDED", job.id)
+                self.metrics.finished.labels(JobState.SUCCEEDED.value).inc()
+                self.metrics.record_timings(result.timings, time.time() - (job.started_at or time.time()))
                 self._clear_checkpoint(job.id)
             else:
                 raise progress.why_not()
@@ -201,22 +248,43 @@ class Dispatcher:
             if self.store.transition(job.id, [JobState.CANCELLING], JobState.CANCELLED, owner=self.owner):
                 log.info("job %s: CANCELLED", job.id)
                 self._clear_checkpoint(job.id)
+                done = self.store.get(job.id)
+                if done is not None and done.deleted_at is not None:  # DELETE while it ran: now it goes
+                    lifecycle.purge(self.store, self.storage, lifecycle.checkpoints_of(self.settings), done)
         except LostJob:
             log.warning("job %s: no longer owned by this dispatcher; left to its new owner", job.id)
         except ShuttingDown:
             if self.store.transition(job.id, list(ACTIVE), JobState.QUEUED, owner=self.owner):
                 log.info("job %s: back in the queue (service stopping); it resumes from its checkpoint", job.id)
         except Exception as exc:
-            if isinstance(exc, Pbs2pError):
-                message = str(exc)
-                log.warning("job %s: FAILED: %s", job.id, message)
-            else:
-                message = f"internal error ({type(exc).__name__}: {exc}); see the service log"
-                log.exception("job %s: FAILED", job.id)
-            if not self.store.transition(job.id, list(ACTIVE), JobState.FAILED, owner=self.owner, error=message):
-                log.warning("job %s: failure not recorded (state changed meanwhile)", job.id)
+            self._failed(job, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        """A transient failure goes back to the queue (it resumes from its last checkpointed block) until the job
+        has had PBS2P_JOB_MAX_ATTEMPTS attempts; anything else, or the last attempt, is FAILED."""
+        cause = failure_cause(exc)
+        if cause == "invalid":
+            message = str(exc)
+            log.warning("job %s: attempt %d failed: %s", job.id, job.attempts, message)
+        else:
+            message = f"{cause} error ({type(exc).__name__}: {exc}); see the service log"
+            log.exception("job %s: attempt %d failed (%s)", job.id, job.attempts, cause)
+        retry = cause == "transient" and job.attempts < self.settings.job_max_attempts
+        self.metrics.failures.labels(cause, str(retry).lower()).inc()
+        if retry:
+            note = f"attempt {job.attempts} of {self.settings.job_max_attempts} failed: {message}; retrying"
+            if self.store.transition(
+                job.id, [JobState.RUNNING, JobState.UPLOADING], JobState.QUEUED, owner=self.owner,
+                error=note, progress={"stage": "retrying"},
+            ):  # fmt: skip
+                log.info("job %s: back in the queue for attempt %d", job.id, job.attempts + 1)
+                return
+        if self.store.transition(job.id, list(ACTIVE), JobState.FAILED, owner=self.owner, error=message):
+            self.metrics.finished.labels(JobState.FAILED.value).inc()
+        else:
+            log.warning("job %s: failure not recorded (state changed meanwhile)", job.id)
 
     def _clear_checkpoint(self, job_id: str) -> None:
         try:

@@ -13,9 +13,10 @@ import base64
 import enum
 import hashlib
 import json
+import logging
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +30,20 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 
 from . import migrations
+
+log = logging.getLogger(__name__)
 
 
 class JobState(enum.StrEnum):
@@ -62,6 +67,14 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with another request body."""
 
 
+class QueueFull(Exception):
+    """The tenant already has its limit of queued jobs."""
+
+    def __init__(self, tenant: str, limit: int) -> None:
+        super().__init__(f"tenant {tenant} has {limit} queued jobs (the limit)")
+        self.tenant, self.limit = tenant, limit
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -83,6 +96,7 @@ class JobRow(Base):
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
         Index("ix_jobs_state_seq", "state", "seq"),
+        Index("ix_jobs_tenant_claimed", "tenant", "claimed_at"),
     )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # creation order
     id: Mapped[str] = mapped_column(String(40), unique=True)
@@ -105,6 +119,11 @@ class JobRow(Base):
     report: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: metrics, timings, per block N, bits
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     artifact: Mapped[str | None] = mapped_column(Text, nullable=True)  # storage prefix once SUCCEEDED
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # higher first, within a tenant
+    claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # last claim (when its tenant was served)
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    artifact_expired_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # removed by retention
+    deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # DELETE while running: hidden, then gone
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,11 @@ class Job:
     report: dict[str, Any]
     error: str | None
     artifact: str | None
+    priority: int = 0
+    claimed_at: float | None = None
+    webhook_url: str | None = None
+    artifact_expired_at: float | None = None
+    deleted_at: float | None = None
 
     @classmethod
     def of(cls, r: JobRow) -> Job:
@@ -153,6 +177,11 @@ class Job:
             report=json.loads(r.report) if r.report else {},
             error=r.error,
             artifact=r.artifact,
+            priority=r.priority or 0,
+            claimed_at=r.claimed_at,
+            webhook_url=r.webhook_url,
+            artifact_expired_at=r.artifact_expired_at,
+            deleted_at=r.deleted_at,
         )
 
 
@@ -199,6 +228,7 @@ class JobStore:
         """Open the store at `url`, upgrading its schema to the newest revision first (service/migrations: an
         empty database gets every revision, one made before migrations is stamped 0001 then upgraded)."""
         self.url = url
+        self.listeners: list[Callable[[Job], None]] = []  # called with the job after each state change it wins
         self.engine: Engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         try:
@@ -246,10 +276,15 @@ class JobStore:
         evaluate: dict[str, Any] | None = None,
         name: str | None = None,
         idempotency_key: str | None = None,
+        priority: int = 0,
+        webhook_url: str | None = None,
+        max_queued: int = 0,
     ) -> tuple[Job, bool]:
         """(job, created). With an idempotency key used before: the earlier job when the request is the same,
-        IdempotencyConflict when it differs."""
-        request_hash = hashlib.sha256(_dumps([model, config, evaluate, name]).encode()).hexdigest()
+        IdempotencyConflict when it differs. With `max_queued` > 0, QueueFull when the tenant already has that many
+        jobs queued (counted in the inserting transaction, under the tenant's lock: exact under concurrent submits)."""
+        extra = [priority, webhook_url] if priority or webhook_url else []  # the hash of a plain job is as it was
+        request_hash = hashlib.sha256(_dumps([model, config, evaluate, name, *extra]).encode()).hexdigest()
         if idempotency_key is not None:
             earlier = self._by_idempotency(tenant, idempotency_key)
             if earlier is not None:
@@ -268,11 +303,17 @@ class JobStore:
             created_at=now,
             updated_at=now,
             attempts=0,
+            priority=priority,
+            webhook_url=webhook_url,
         )
         try:
             with self.session() as s:
+                if max_queued > 0:
+                    self._lock_tenant(s, tenant)
                 s.add(row)
                 s.flush()
+                if max_queued > 0 and self._queued(s, tenant) > max_queued:
+                    raise QueueFull(tenant, max_queued)  # rolls the insert back
                 job = Job.of(row)
         except IntegrityError:  # a concurrent request with the same key won the insert
             if idempotency_key is None:
@@ -281,7 +322,20 @@ class JobStore:
             if earlier is None:
                 raise
             return self._same_request(earlier, request_hash), False
+        if self.listeners:
+            self._changed(job.id)
         return job, True
+
+    def _lock_tenant(self, s: Session, tenant: str) -> None:
+        """PostgreSQL: serialise this transaction with every other one counting `tenant`'s jobs against a limit
+        (released at commit). SQLite needs none: its writers are serialised, and the counts follow the write."""
+        if self.engine.dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": "pbs2p tenant " + tenant})
+
+    @staticmethod
+    def _queued(s: Session, tenant: str) -> int:
+        q = select(func.count()).where(JobRow.tenant == tenant, JobRow.state == JobState.QUEUED.value)
+        return int(s.scalar(q) or 0)
 
     def _by_idempotency(self, tenant: str, key: str) -> JobRow | None:
         with self.session() as s:
@@ -294,11 +348,11 @@ class JobStore:
         return Job.of(row)
 
     def get(self, job_id: str, tenant: str | None = None) -> Job | None:
-        """The job; None when it does not exist or belongs to another tenant."""
+        """The job; None when it does not exist, or (with `tenant`) belongs to another tenant or was deleted."""
         with self.session() as s:
             q = select(JobRow).where(JobRow.id == job_id)
-            if tenant is not None:
-                q = q.where(JobRow.tenant == tenant)
+            if tenant is not None:  # a tenant's view: a deleted job is gone at once
+                q = q.where(JobRow.tenant == tenant, JobRow.deleted_at.is_(None))
             row = s.scalar(q)
             return Job.of(row) if row is not None else None
 
@@ -307,7 +361,7 @@ class JobStore:
     ) -> tuple[list[Job], int | None]:
         """The tenant's jobs, newest first; (page, seq to pass as `before` for the next page or None)."""
         with self.session() as s:
-            q = select(JobRow).where(JobRow.tenant == tenant)
+            q = select(JobRow).where(JobRow.tenant == tenant, JobRow.deleted_at.is_(None))
             wanted = [st.value for st in states]
             if wanted:
                 q = q.where(JobRow.state.in_(wanted))
@@ -317,6 +371,12 @@ class JobStore:
         more = len(rows) > limit
         rows = rows[:limit]
         return [Job.of(r) for r in rows], (rows[-1].seq if more else None)
+
+    def changed_since(self, tenant: str, since: float, limit: int = 200) -> list[Job]:
+        """The tenant's jobs updated after `since` (not deleted), oldest change first: a tenant's event stream."""
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.tenant == tenant, JobRow.updated_at > since, JobRow.deleted_at.is_(None))
+            return [Job.of(r) for r in s.scalars(q.order_by(JobRow.updated_at).limit(limit))]
 
     def transition(
         self, job_id: str, expected: Iterable[JobState], new: JobState, owner: str | None = None, **values: Any
@@ -332,34 +392,145 @@ class JobStore:
         if owner is not None:
             q = q.where(JobRow.owner == owner)
         with self.session() as s:
-            return bool(s.execute(q.values(**cols)).rowcount)  # type: ignore[attr-defined]
+            won = bool(s.execute(q.values(**cols)).rowcount)  # type: ignore[attr-defined]
+        if won and self.listeners:
+            self._changed(job_id)
+        return won
 
-    def claim(self, owner: str) -> Job | None:
-        """Take the oldest queued job for `owner` (QUEUED -> RUNNING); None when nothing is queued."""
-        for _ in range(5):  # another dispatcher may take the same job between the read and the CAS
+    def _changed(self, job_id: str) -> None:
+        """Tell the listeners (webhooks) the job's state changed; a listener's error never fails the change."""
+        job = self.get(job_id)
+        if job is None:
+            return
+        for listener in list(self.listeners):
+            try:
+                listener(job)
+            except Exception:
+                log.exception("job %s: a state-change listener failed", job_id)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def mark_deleted(self, job_id: str, expected: Iterable[JobState], new: JobState) -> bool:
+        """Compare-and-set to `new`, hiding the job from its tenant (it is removed once finished)."""
+        return self.transition(job_id, expected, new, deleted_at=time.time())
+
+    def remove(self, job_id: str) -> bool:
+        """Delete the row of a finished job (its artifact and checkpoints are removed first, by the caller)."""
+        terminal = [st.value for st in JobState if st.terminal]
+        with self.session() as s:
+            res = s.execute(delete(JobRow).where(JobRow.id == job_id, JobRow.state.in_(terminal)))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def deleted_and_finished(self) -> list[Job]:
+        """Jobs deleted while running whose run has ended: what is left to remove."""
+        terminal = [st.value for st in JobState if st.terminal]
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.deleted_at.is_not(None), JobRow.state.in_(terminal))
+            return [Job.of(r) for r in s.scalars(q.limit(100))]
+
+    def expired_artifacts(self, finished_before: float) -> list[Job]:
+        """Succeeded jobs finished before `finished_before` whose artifact is still there (oldest first)."""
+        with self.session() as s:
+            q = select(JobRow).where(
+                JobRow.state == JobState.SUCCEEDED.value,
+                JobRow.artifact.is_not(None),
+                JobRow.artifact_expired_at.is_(None),
+                JobRow.finished_at < finished_before,
+            )
+            return [Job.of(r) for r in s.scalars(q.order_by(JobRow.seq).limit(100))]
+
+    def mark_artifact_expired(self, job_id: str) -> bool:
+        with self.session() as s:
+            q = update(JobRow).where(JobRow.id == job_id, JobRow.artifact_expired_at.is_(None))
+            return bool(s.execute(q.values(artifact_expired_at=time.time())).rowcount)  # type: ignore[attr-defined]
+
+    def claim(self, owner: str, max_running_per_tenant: int = 0) -> Job | None:
+        """Take a queued job for `owner` (QUEUED -> RUNNING), fairly across tenants; None when nothing is claimable.
+
+        The tenant served is the one with the fewest active jobs, then the least recently served (its newest
+        `claimed_at`; never served first), then the one waiting longest (its oldest queued job); within it the job
+        of highest `priority`, then the oldest.
+        A tenant at `max_running_per_tenant` active jobs (> 0) is skipped. The claim is a compare-and-set on the
+        job's state (two dispatchers never take the same job) which also checks the tenant's active count, under
+        the tenant's lock on PostgreSQL (two dispatchers never together exceed the limit)."""
+        for _ in range(20):  # other dispatchers may take the chosen job (or fill its tenant) first
             with self.session() as s:
-                job_id = s.scalar(
-                    select(JobRow.id).where(JobRow.state == JobState.QUEUED.value).order_by(JobRow.seq).limit(1)
-                )
-            if job_id is None:
+                chosen = self._next_claim(s, max_running_per_tenant)
+            if chosen is None:
                 return None
+            job_id, tenant = chosen
             now = time.time()
             with self.session() as s:
+                if max_running_per_tenant > 0:
+                    self._lock_tenant(s, tenant)
+                q = update(JobRow).where(JobRow.id == job_id, JobRow.state == JobState.QUEUED.value)
+                if max_running_per_tenant > 0:
+                    q = q.where(self._active_of(tenant) < max_running_per_tenant)
                 won = s.execute(
-                    update(JobRow)
-                    .where(JobRow.id == job_id, JobRow.state == JobState.QUEUED.value)
-                    .values(
+                    q.values(
                         state=JobState.RUNNING.value,
                         owner=owner,
                         heartbeat_at=now,
                         updated_at=now,
+                        claimed_at=now,
                         started_at=func.coalesce(JobRow.started_at, now),
                         attempts=JobRow.attempts + 1,
                         error=None,
                     )
                 ).rowcount  # type: ignore[attr-defined]
             if won:
+                if self.listeners:
+                    self._changed(job_id)
                 return self.get(job_id)
+        return None
+
+    @staticmethod
+    def _active_of(tenant: str) -> Any:
+        other = aliased(JobRow)
+        return (
+            select(func.count())
+            .select_from(other)
+            .where(other.tenant == tenant, other.state.in_([a.value for a in ACTIVE]))
+            .scalar_subquery()
+        )
+
+    @staticmethod
+    def _next_claim(s: Session, max_running_per_tenant: int) -> tuple[str, str] | None:
+        """(job id, tenant) of the job `claim` should take now, or None."""
+        waiting = dict(  # tenant -> its oldest queued job's seq
+            s.execute(
+                select(JobRow.tenant, func.min(JobRow.seq))
+                .where(JobRow.state == JobState.QUEUED.value)
+                .group_by(JobRow.tenant)
+            ).all()
+        )
+        if not waiting:
+            return None
+        active = dict(
+            s.execute(
+                select(JobRow.tenant, func.count())
+                .where(JobRow.state.in_([a.value for a in ACTIVE]), JobRow.tenant.in_(list(waiting)))
+                .group_by(JobRow.tenant)
+            ).all()
+        )
+        served = dict(
+            s.execute(
+                select(JobRow.tenant, func.max(JobRow.claimed_at))
+                .where(JobRow.tenant.in_(list(waiting)))
+                .group_by(JobRow.tenant)
+            ).all()
+        )
+        order = sorted(waiting, key=lambda t: (active.get(t, 0), served.get(t) or 0.0, waiting[t]))
+        for tenant in order:
+            if max_running_per_tenant > 0 and active.get(tenant, 0) >= max_running_per_tenant:
+                continue
+            job_id = s.scalar(
+                select(JobRow.id)
+                .where(JobRow.tenant == tenant, JobRow.state == JobState.QUEUED.value)
+                .order_by(JobRow.priority.desc(), JobRow.seq)
+                .limit(1)
+            )
+            if job_id is not None:
+                return job_id, tenant
         return None
 
     def heartbeat(self, owner: str, job_ids: Iterable[str]) -> None:
@@ -421,6 +592,14 @@ class JobStore:
         out = {st.value: 0 for st in JobState}
         out.update({state: int(n) for state, n in rows})
         return out
+
+    def active_by_tenant(self) -> dict[tuple[str, str], int]:
+        """(tenant, state) -> jobs, for the queued and active states (for /metrics: queue depth per tenant)."""
+        wanted = [JobState.QUEUED.value, *(a.value for a in ACTIVE)]
+        with self.session() as s:
+            q = select(JobRow.tenant, JobRow.state, func.count()).where(JobRow.state.in_(wanted))
+            rows = s.execute(q.group_by(JobRow.tenant, JobRow.state)).all()
+        return {(tenant, state): int(n) for tenant, state, n in rows}
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -29,6 +29,10 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    access = logging.getLogger("pbs2p.access")  # JSON lines as they are, not wrapped in the text format
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.handlers, access.propagate = [handler], False
     app = build_app(settings)
     log.info(
         "pbs2p serve on http://%s:%d (database %s, artifacts %s, Ray %s)",

@@ -37,8 +37,23 @@ class Settings(WorkerSettings):
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
     dispatcher: bool = Field(True, description="run queued jobs in this process (false: API only)")
     max_running_jobs: int = Field(1, ge=1, description="jobs this dispatcher runs at once")
+    tenant_max_queued_jobs: int = Field(
+        0, ge=0, description="queued jobs a tenant may have; a submit above it gets 429 with Retry-After (0: no limit)"
+    )
+    tenant_max_running_jobs: int = Field(
+        0, ge=0, description="jobs of one tenant running at once, over all dispatchers (0: no limit)"
+    )
     job_workers: int | None = Field(None, ge=1, description="Ray workers per job (default: GPUs, else CPUs)")
     gpus_per_worker: float | None = Field(None, ge=0, description="default 1 when the cluster has GPUs")
+    job_max_attempts: int = Field(
+        3, ge=1, description="attempts of a job whose failures are transient (storage timeout, lost Ray node)"
+    )
+    artifact_retention_days: float = Field(
+        0, ge=0, description="finished artifacts are removed this many days after the job ends (0: kept)"
+    )
+    webhook_secret: str = Field("", description="HMAC-SHA256 key signing webhook bodies; unset: no webhooks")
+    webhook_hosts: str = Field("", description="comma-separated hosts webhook URLs may name (unset: any host)")
+    webhook_attempts: int = Field(6, ge=1, description="deliveries of one webhook event (backoff 1, 2, 4, ... s)")
     lease_seconds: float = Field(60.0, gt=0, description="a running job without a heartbeat this long is re-queued")
     poll_seconds: float = Field(1.0, gt=0, description="dispatcher and event-stream poll interval")
     model_roots: str = Field("", description="comma-separated directories local model paths must lie under")
@@ -47,6 +62,7 @@ class Settings(WorkerSettings):
     host: str = Field("127.0.0.1", description="address `pbs2p serve` binds")
     port: int = Field(8000, ge=0, le=65535, description="port `pbs2p serve` binds (0: any free port)")
     log_level: str = Field("info", description="debug, info, warning, error")
+    access_log: bool = Field(True, description="one JSON line per request on the `pbs2p.access` logger (stderr)")
 
     @field_validator("log_level")
     @classmethod

@@ -16,19 +16,26 @@ from pbs2p.workers.storage import Storage
 
 from ..jobstore import JobStore
 from ..settings import Settings
+from ..webhooks import Notifier
 from .dashboard import mount_dashboard
 from .deps import AppState
 from .metrics import Metrics
-from .middleware import BodyLimit, Measure
+from .middleware import BodyLimit, RequestContext
 from .problems import add_problem_handlers, problem_openapi
-from .routes import artifacts, jobs, ops
+from .routes import artifacts, events, jobs, ops
 
 
 def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher: Any = None) -> FastAPI:
     """The API over `store` and `storage`; `dispatcher` (optional) is started and stopped with the app."""
 
+    notifier = Notifier(settings) if settings.webhook_secret else None
+    if notifier is not None:
+        store.listeners.append(notifier.job_changed)  # the dispatcher's changes too, when it shares this store
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if notifier is not None:
+            notifier.start()
         if dispatcher is not None:
             dispatcher.start()
         try:
@@ -36,6 +43,8 @@ def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher
         finally:
             if dispatcher is not None:
                 await run_in_threadpool(dispatcher.stop)
+            if notifier is not None:
+                await run_in_threadpool(notifier.stop)
 
     app = FastAPI(
         title="pbs2p",
@@ -43,12 +52,12 @@ def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher
         summary="PBS²P compression jobs: 1-bit weights on N:M sparsity for LLMs",
         lifespan=lifespan,
     )
-    metrics = Metrics(store)
+    metrics = Metrics(store, getattr(dispatcher, "metrics", None))
     app.state.pbs2p = AppState(settings, store, storage, dispatcher, metrics)
     add_problem_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(Measure, metrics=metrics)
-    for router in (ops.router, jobs.router, artifacts.router):
+    app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
+    for router in (ops.router, jobs.router, events.router, artifacts.router):
         app.include_router(router)
     problem_openapi(app)
     mount_dashboard(app)  # the web UI at /ui/ (and / redirects there); its data comes from /v1

@@ -43,9 +43,17 @@ State = Annotated[AppState, Depends(app_state)]
 bearer = HTTPBearer(auto_error=False, description="an API key (create one: pbs2p keys create TENANT)")
 
 
-async def tenant(state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-    """The caller's tenant. Valid keys are remembered for KEY_CACHE_S (a revocation applies within that time),
-    which spares a database read per request under load."""
+async def tenant(
+    request: Request, state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    """The caller's tenant (also noted for the access log). Valid keys are remembered for KEY_CACHE_S (a revocation
+    applies within that time), which spares a database read per request under load."""
+    found = await _tenant_of(state, credentials)
+    request.scope.setdefault("state", {})["tenant"] = found
+    return found
+
+
+async def _tenant_of(state: AppState, credentials: HTTPAuthorizationCredentials | None) -> str:
     key = credentials.credentials.strip() if credentials is not None else ""
     if not key:
         raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <key>' (create one: pbs2p keys create)")

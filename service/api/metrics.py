@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app: requests by route and status, latency, jobs by state (read at scrape)."""
+"""Prometheus metrics of one app: requests by route and status, latency, jobs by state and per tenant queued and
+running (read from the store at scrape), and the dispatcher's job metrics when it runs in this process."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from ..jobmetrics import JobMetrics
 from ..jobstore import JobStore
 
 
 class Metrics:
-    """Prometheus metrics of one app: requests by route and status, latency, jobs by state (read at scrape)."""
+    """The app's registry: its request metrics, the store's gauges (read at scrape) and `jobs` (the dispatcher's)."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, jobs: JobMetrics | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "pbs2p_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
@@ -33,6 +35,14 @@ class Metrics:
                 for state, n in store_ref.counts().items():
                     g.add_metric([state], n)
                 yield g
+                per_tenant = GaugeMetricFamily(
+                    "pbs2p_tenant_jobs", "Queued and active jobs per tenant (queue depth)", labels=["tenant", "state"]
+                )
+                for (who, state), n in sorted(store_ref.active_by_tenant().items()):
+                    per_tenant.add_metric([who, state], n)
+                yield per_tenant
+                if jobs is not None:
+                    yield from jobs.registry.collect()
 
             def describe(self) -> list[Any]:
                 return []

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from pbs2p.core.config import error_message
 
@@ -21,17 +22,22 @@ ERRORS = {
     401: "No valid API key (header WWW-Authenticate: Bearer)",
     404: "No such job for this API key (another tenant's job looks the same)",
     409: "Conflict with the job's state, or an Idempotency-Key reused with another body",
+    410: "Gone: the job's artifact expired (PBS2P_ARTIFACT_RETENTION_DAYS); the job keeps its metrics",
     413: "Request body above PBS2P_MAX_BODY_BYTES",
     422: "Invalid request: `errors` names each field and what to change",
+    429: "Too many jobs of this tenant queued (PBS2P_TENANT_MAX_QUEUED_JOBS); retry after Retry-After seconds",
+    500: "Internal error: the service log has the details under the problem's request_id",
 }
 
 
 class Problem(Exception):
-    """An RFC 9457 problem: raised by routes, rendered by the handler below."""
+    """An RFC 9457 problem: raised by routes, rendered by the handler below (`headers`: extra response headers,
+    e.g. Retry-After)."""
 
-    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+    def __init__(self, status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(detail)
         self.status, self.title, self.detail, self.extra = status, title, detail, extra
+        self.headers = headers
 
 
 def invalid_field(field: str, message: str) -> Problem:
@@ -39,9 +45,25 @@ def invalid_field(field: str, message: str) -> Problem:
     return Problem(422, "Invalid request", f"{field}: {message}", errors=[{"field": field, "message": message}])
 
 
-def problem_response(status: int, title: str, detail: str, instance: str = "", **extra: Any) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance, **extra}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def request_id_of(scope: Scope) -> str:
+    """The id the RequestContext middleware gave this request ("" outside it)."""
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    instance: str = "",
+    request_id: str = "",
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance,
+            "request_id": request_id, **extra}  # fmt: skip
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
@@ -53,7 +75,9 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 def add_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc.status, exc.title, exc.detail, request.url.path, **exc.extra)
+        return problem_response(
+            exc.status, exc.title, exc.detail, request.url.path, request_id_of(request.scope), exc.headers, **exc.extra
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -63,11 +87,16 @@ def add_problem_handlers(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         detail = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors)
-        return problem_response(422, "Invalid request", detail, request.url.path, errors=errors)
+        return problem_response(
+            422, "Invalid request", detail, request.url.path, request_id_of(request.scope), errors=errors
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem_response(exc.status_code, str(exc.detail), str(exc.detail), request.url.path)
+        headers = dict(exc.headers) if exc.headers else None
+        return problem_response(
+            exc.status_code, str(exc.detail), str(exc.detail), request.url.path, request_id_of(request.scope), headers
+        )
 
 
 def problem_openapi(app: FastAPI) -> None:
@@ -84,9 +113,13 @@ def problem_openapi(app: FastAPI) -> None:
         schemas["ProblemDetails"] = problem_schema
         for item in spec.get("paths", {}).values():
             for operation in item.values():
+                operation.setdefault("responses", {}).setdefault("500", {"description": ERRORS[500]})
                 for code, response in operation.get("responses", {}).items():
                     if code[:1] in ("4", "5"):
                         response["content"] = {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+                    if code == "429":
+                        response["headers"] = {"Retry-After": {"description": "seconds to wait before submitting "
+                                               "again", "schema": {"type": "integer"}}}  # fmt: skip
         for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, not ours
             schemas.pop(unused, None)
         return spec

@@ -39,6 +39,20 @@ class JobCreate(BaseModel):
     )
     evaluate: EvalSpec | None = None
     name: str | None = Field(None, min_length=1, max_length=200, description="a name for the job, shown in lists")
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2000,
+        description="POSTed a signed event at each state change of the job (X-Pbs2p-Signature: sha256=HMAC of the "
+        "body under the service's webhook secret)",
+    )
+    priority: int = Field(
+        0,
+        ge=-100,
+        le=100,
+        strict=True,
+        description="within the tenant, higher priority starts first (tenants take turns)",
+    )
 
 
 class Progress(BaseModel):
@@ -65,11 +79,15 @@ class JobPublic(BaseModel):
     started_at: datetime.datetime | None
     finished_at: datetime.datetime | None
     attempts: int
+    priority: int
     progress: Progress
     metrics: dict[str, Any]
     timings: dict[str, Any]
     report: dict[str, Any]
     error: str | None
+    artifact_expired_at: datetime.datetime | None = Field(
+        None, description="when retention removed the artifact (410 from then on); the metrics stay"
+    )
     links: dict[str, str]
 
     @classmethod
@@ -91,11 +109,13 @@ class JobPublic(BaseModel):
             started_at=ts(job.started_at),
             finished_at=ts(job.finished_at),
             attempts=job.attempts,
+            priority=job.priority,
             progress=Progress(**{k: v for k, v in job.progress.items() if k in Progress.model_fields}),
             metrics=report.pop("metrics", {}),
             timings=report.pop("timings", {}),
             report=report,
             error=job.error,
+            artifact_expired_at=ts(job.artifact_expired_at),
             links={"self": base, "events": f"{base}/events", "artifact": f"{base}/artifact"},
         )
 
@@ -119,6 +139,11 @@ class ArtifactPublic(BaseModel):
     manifest_url: str
 
 
+class Health(BaseModel):
+    status: str = Field(description="ok: the service and its database answer")
+    dispatcher: bool = Field(description="whether a dispatcher runs jobs in this process")
+
+
 class ProblemField(BaseModel):
     field: str = Field(description="the request field, dotted (config.pattern, query.limit, ...)")
     message: str = Field(description="what is wrong and what to change")
@@ -132,4 +157,5 @@ class ProblemDetails(BaseModel):
     status: int
     detail: str
     instance: str = ""
+    request_id: str = Field("", description="the request's id (also the X-Request-ID header): quote it in reports")
     errors: list[ProblemField] | None = Field(None, description="422 only: each invalid field")

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_jobs_parser(sub: Any) -> None:
-    j = sub.add_parser("jobs", help="client of a running service: submit, status, list, wait, download, cancel")
+    j = sub.add_parser("jobs", help="client of a running service: submit, status, list, wait, download, cancel, delete")
     j.add_argument("--url", default=os.environ.get("PBS2P_URL", "http://127.0.0.1:8000"), help="default $PBS2P_URL")
     j.add_argument("--key", default=os.environ.get("PBS2P_API_KEY", ""), help="default $PBS2P_API_KEY")
     jsub = j.add_subparsers(dest="jobs_cmd", required=True)
@@ -165,16 +165,21 @@ def _add_jobs_parser(sub: Any) -> None:
     js.add_argument("--revision", default=None, help="of a Hugging Face id: branch, tag or commit (= ID@REVISION)")
     js.add_argument("--name", default=None)
     js.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+    js.add_argument("--priority", type=int, default=0, help="-100..100: higher starts first among your jobs")
+    js.add_argument("--webhook-url", default=None, help="POSTed a signed event at each state change of the job")
     js.add_argument("--evaluate", action="store_true", help="measure perplexity before/after in the job")
     js.add_argument("--eval-data", default="wiki")
     js.add_argument("--eval-windows", type=int, default=40)
     js.add_argument("--wait", action="store_true", help="follow the job until it is final")
     add_config_options(js)
     for name, text in (("status", "one job as JSON"), ("wait", "follow a job's progress until it is final"),
-                       ("cancel", "cancel a job")):  # fmt: skip
+                       ("cancel", "cancel a job"),
+                       ("delete", "delete a job, its artifact and checkpoints (cancelling it first)")):  # fmt: skip
         jsub.add_parser(name, help=text).add_argument("job_id")
     jl = jsub.add_parser("list", help="your jobs, newest first")
     jl.add_argument("--state", action="append", default=[])
+    jl.add_argument("--limit", type=int, default=50, help="the newest this many (default 50)")
+    jl.add_argument("--all", action="store_true", help="every job, page after page")
     jd = jsub.add_parser("download", help="download an artifact, verifying every file's sha256")
     jd.add_argument("job_id")
     jd.add_argument("-o", "--out", type=Path, required=True)

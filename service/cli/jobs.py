@@ -21,7 +21,8 @@ def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) ->
         assert cfg is not None
         ev = {"data": args.eval_data, "seqlen": cfg.seqlen, "windows": args.eval_windows} if args.evaluate else None
         model = with_revision(args.model, args.revision)
-        job = client.submit(model, cfg.to_dict(), ev, args.name, args.idempotency_key)
+        job = client.submit(model, cfg.to_dict(), ev, args.name, args.idempotency_key, args.priority,
+                            args.webhook_url)  # fmt: skip
         print(job["id"])
         if args.wait:
             job = client.wait(job["id"], JobBar())
@@ -29,7 +30,7 @@ def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) ->
     elif cmd == "status":
         print(json.dumps(client.get(args.job_id), indent=1))
     elif cmd == "list":
-        for job in client.list_jobs(tuple(args.state)):
+        for job in client.list_jobs(tuple(args.state), None if args.all else args.limit):
             p = job["progress"]
             where = f"block {p['block']}/{p['blocks']}" if p.get("blocks") else (p.get("stage") or "")
             print(f"{job['id']}  {job['state']:<10} {job['model']}  {job['config']['method']} "
@@ -45,3 +46,6 @@ def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) ->
         print(args.out)
     elif cmd == "cancel":
         print(json.dumps(client.cancel(args.job_id), indent=1))
+    elif cmd == "delete":
+        gone = client.delete(args.job_id)
+        print(f"{args.job_id}: " + ("deleted" if gone else "cancelling; removed once it has stopped"))

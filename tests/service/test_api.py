@@ -16,9 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from pbs2p.core.config import CompressionConfig
-from pbs2p.service.jobstore import JobState, encode_cursor
+from pbs2p.service import lifecycle
+from pbs2p.service.cli import main as cli_main
+from pbs2p.service.client import ApiError, Client
+from pbs2p.service.jobstore import JobRow, JobState, encode_cursor
 from pbs2p.testing.hub import LocalHub, model_files, serve_hub
 from pbs2p.testing.servers import Service, running_service
 from pbs2p.testing.tiny import make_model, save_tokenizer
@@ -125,6 +129,7 @@ def test_another_tenants_job_looks_missing(svc: Service, client: httpx.Client, a
     for suffix, method in (("", "GET"), ("/cancel", "POST"), ("/artifact", "GET"), ("/events", "GET")):
         theirs = problem(client.request(method, f"/v1/jobs/{job['id']}{suffix}", headers=other), 404)
         nothing = problem(client.request(method, f"/v1/jobs/{missing}{suffix}", headers=other), 404)
+        theirs["request_id"] = nothing["request_id"] = "RID"  # each request's own
         assert json.dumps(theirs).replace(job["id"], "ID") == json.dumps(nothing).replace(missing, "ID")
     assert client.get("/v1/jobs", headers=other).json()["jobs"] == []
     assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["state"] == "QUEUED"  # untouched
@@ -496,3 +501,270 @@ def test_healthz_metrics_and_docs(svc: Service, client: httpx.Client, auth: dict
     paths = spec.json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events"} <= set(paths)
     problem(client.get("/no/such/route"), 404)
+
+
+# -- operability: request ids, problems for every error, the access log, job metrics, OpenAPI ----------------
+def test_an_unhandled_exception_is_a_500_problem_with_the_request_id(
+    svc: Service, client: httpx.Client, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    def broken(*_args: Any, **_kw: Any) -> Any:
+        raise RuntimeError("the database fell over")
+
+    monkeypatch.setattr(svc.store, "list_jobs", broken)
+    with caplog.at_level("INFO"):
+        resp = client.get("/v1/jobs", headers=auth)
+    body = problem(resp, 500)
+    rid = resp.headers["x-request-id"]
+    assert body["request_id"] == rid and len(rid) == 16
+    assert rid in body["detail"] and "RuntimeError" in body["detail"]
+    assert "the database fell over" not in body["detail"]  # the client sees no internals; the log has them
+    logged = [r for r in caplog.records if r.name == "pbs2p.service.api.middleware" and rid in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "fell over" in str(logged[0].exc_info[1])
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pbs2p.access"]
+    assert [a["status"] for a in access if a["request_id"] == rid] == [500]
+
+
+def test_every_response_carries_a_request_id_and_problems_repeat_it(
+    svc: Service, client: httpx.Client, auth: dict[str, str]
+) -> None:
+    ok = client.get("/v1/jobs", headers=auth)
+    assert ok.status_code == 200 and len(ok.headers["x-request-id"]) == 16
+    assert client.get("/v1/jobs", headers=auth).headers["x-request-id"] != ok.headers["x-request-id"]
+    mine = client.get("/v1/jobs", headers={**auth, "X-Request-ID": "trace-42.a:b"})
+    assert mine.headers["x-request-id"] == "trace-42.a:b"  # the client's own id is kept ...
+    odd = client.get("/v1/jobs", headers={**auth, "X-Request-ID": "no spaces/allowed"})
+    assert odd.headers["x-request-id"] != "no spaces/allowed"  # ... unless it is not a plausible one
+    for resp, status in (
+        (client.get("/v1/jobs/job_x", headers=auth), 404),
+        (client.get("/v1/jobs"), 401),
+        (client.get("/v1/jobs?limit=0", headers=auth), 422),
+        (client.get("/no/such/route"), 404),
+        (client.delete("/v1/jobs", headers=auth), 405),
+        (client.post("/v1/jobs", content=b"x" * (svc.settings.max_body_bytes + 1), headers=auth), 413),
+    ):
+        body = problem(resp, status)
+        assert body["request_id"] == resp.headers["x-request-id"] and body["request_id"]
+    assert client.delete("/v1/jobs", headers=auth).headers["allow"]  # the 405 keeps its Allow header
+
+
+def test_the_access_log_is_one_json_line_per_request(
+    svc: Service, client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    auth = svc.key("logged-tenant")
+    with caplog.at_level("INFO", logger="pbs2p.access"):
+        job = submit(client, auth, svc)
+        client.get(f"/v1/jobs/{job['id']}", headers=auth, params={"secret": "not logged"})
+        client.get("/v1/jobs/job_none", headers=auth)
+        client.get("/healthz")
+        deadline = time.monotonic() + 10  # the server thread logs just after the response is sent
+        while not any('"/healthz"' in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pbs2p.access"]
+    entries = [json.loads(line) for line in lines]
+    assert all("\n" not in line for line in lines)
+    assert [(e["method"], e["route"], e["status"], e["tenant"]) for e in entries[-4:]] == [
+        ("POST", "/v1/jobs", 201, "logged-tenant"),
+        ("GET", "/v1/jobs/{job_id}", 200, "logged-tenant"),
+        ("GET", "/v1/jobs/{job_id}", 404, "logged-tenant"),
+        ("GET", "/healthz", 200, None),
+    ]
+    for e in entries:
+        assert set(e) == {"time", "request_id", "tenant", "method", "route", "status", "latency_ms"}
+        assert e["time"].endswith("+00:00") and e["latency_ms"] >= 0
+    assert "not logged" not in "".join(lines) and job["id"] not in "".join(lines)  # templates, not paths
+
+
+def test_metrics_report_queue_depth_per_tenant(svc: Service, client: httpx.Client) -> None:
+    a, b = svc.key("depth-a"), svc.key("depth-b")
+    for _ in range(3):
+        submit(client, a, svc)
+    running = submit(client, b, svc)
+    assert svc.store.transition(running["id"], [JobState.QUEUED], JobState.RUNNING)  # b's job runs
+    text = client.get("/metrics").text
+    assert 'pbs2p_tenant_jobs{state="QUEUED",tenant="depth-a"} 3.0' in text
+    assert 'pbs2p_tenant_jobs{state="RUNNING",tenant="depth-b"} 1.0' in text
+    assert 'tenant="depth-b",state="QUEUED"' not in text
+
+
+def test_openapi_names_every_operation_and_types_every_answer(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    ops = {(method, path): op for path, item in spec["paths"].items() for method, op in item.items()}
+    ids = {k: op["operationId"] for k, op in ops.items()}
+    assert ids[("post", "/v1/jobs")] == "submit_job" and ids[("get", "/v1/jobs")] == "list_jobs"
+    assert ids[("get", "/v1/jobs/{job_id}")] == "get_job" and ids[("post", "/v1/jobs/{job_id}/cancel")] == "cancel_job"
+    assert ids[("get", "/healthz")] == "healthz" and ids[("delete", "/v1/jobs/{job_id}")] == "delete_job"
+    assert len(set(ids.values())) == len(ids) and all(i.isidentifier() for i in ids.values())
+    for (method, path), op in ops.items():
+        for code, resp in op["responses"].items():
+            bodiless = code[0] == "3" or code in ("202", "204")  # redirects, a DELETE's answers
+            assert bodiless or resp.get("content"), f"{method} {path} {code} has no typed content"
+            if code[0] in "45":
+                assert resp["content"] == {PROBLEM: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+        assert "500" in op["responses"], f"{method} {path}"
+    assert "request_id" in spec["components"]["schemas"]["ProblemDetails"]["properties"]
+    assert ops[("post", "/v1/jobs")]["responses"]["429"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
+
+
+# -- fairness and quotas --------------------------------------------------------------------------------------
+def test_a_submit_over_the_queue_limit_gets_429_with_retry_after(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    with (
+        running_service(tmp_path / "data", dirs[0], tenant_max_queued_jobs=2) as svc,
+        httpx.Client(base_url=svc.url, timeout=20) as client,
+    ):
+        auth, other = svc.key("busy"), svc.key("calm")
+        first = submit(client, auth, svc, priority=7)
+        assert first["priority"] == 7
+        submit(client, auth, svc)
+        resp = client.post("/v1/jobs", json={"model": model_path(svc)}, headers=auth)
+        body = problem(resp, 429)
+        assert resp.headers["retry-after"] == "30" and "PBS2P_TENANT_MAX_QUEUED_JOBS" in body["detail"]
+        assert submit(client, other, svc)["state"] == "QUEUED"  # each tenant's queue is its own
+        replay = client.post("/v1/jobs", json={"model": model_path(svc)}, headers={**auth, "Idempotency-Key": "k"})
+        assert replay.status_code == 429
+        assert client.post(f"/v1/jobs/{first['id']}/cancel", headers=auth).status_code == 200
+        assert submit(client, auth, svc)["priority"] == 0  # room again
+        problem(client.post("/v1/jobs", json={"model": model_path(svc), "priority": 101}, headers=auth), 422)
+
+
+# -- lifecycle: delete, retention -----------------------------------------------------------------------------
+def checkpoint_of(svc: Service, job_id: str) -> Path:
+    """A checkpoint file of the job, where the dispatcher keeps them (PBS2P_CHECKPOINT_URL/<job id>/)."""
+    path = Path(svc.settings.checkpoints_url) / job_id / "block_0000" / "state.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"checkpoint")
+    return path
+
+
+def test_delete_removes_the_job_its_artifact_and_checkpoints(
+    svc: Service, client: httpx.Client, auth: dict[str, str], tmp_path: Path
+) -> None:
+    queued = submit(client, auth, svc)["id"]
+    ckpt = checkpoint_of(svc, queued)
+    resp = client.delete(f"/v1/jobs/{queued}", headers=auth)
+    assert resp.status_code == 204 and resp.content == b""
+    problem(client.get(f"/v1/jobs/{queued}", headers=auth), 404)
+    problem(client.delete(f"/v1/jobs/{queued}", headers=auth), 404)
+    assert svc.store.get(queued) is None and not ckpt.parent.parent.exists()
+
+    done, files = fake_artifact(svc, auth, client, tmp_path)
+    where = svc.storage.locate(f"{svc.store.get(done).tenant}/{done}")  # type: ignore[union-attr]
+    assert Path(where, "pbs2p.safetensors").exists()
+    problem(client.delete(f"/v1/jobs/{done}", headers=svc.key("stranger")), 404)  # not another tenant's
+    assert client.delete(f"/v1/jobs/{done}", headers=auth).status_code == 204
+    assert not Path(where).exists() and svc.store.get(done) is None
+    problem(client.get(f"/v1/jobs/{done}/artifact", headers=auth), 404)
+    assert done not in [j["id"] for j in client.get("/v1/jobs", headers=auth).json()["jobs"]]
+
+
+def test_delete_of_a_running_job_cancels_it_then_removes_it(
+    svc: Service, client: httpx.Client, auth: dict[str, str]
+) -> None:
+    job_id = submit(client, auth, svc)["id"]
+    assert svc.store.transition(job_id, [JobState.QUEUED], JobState.RUNNING, owner=None)
+    ckpt = checkpoint_of(svc, job_id)
+    assert client.delete(f"/v1/jobs/{job_id}", headers=auth).status_code == 202
+    problem(client.get(f"/v1/jobs/{job_id}", headers=auth), 404)  # gone for the tenant at once
+    assert job_id not in [j["id"] for j in client.get("/v1/jobs", headers=auth).json()["jobs"]]
+    stored = svc.store.get(job_id)
+    assert stored is not None and stored.state == JobState.CANCELLING and stored.deleted_at is not None
+    # its dispatcher stops it; the next maintenance round removes what is left
+    assert svc.store.transition(job_id, [JobState.CANCELLING], JobState.CANCELLED)
+    assert lifecycle.maintain(svc.store, svc.storage, lifecycle.checkpoints_of(svc.settings), svc.settings) == (1, 0)
+    assert svc.store.get(job_id) is None and not ckpt.exists()
+
+
+def test_retention_removes_old_artifacts_and_keeps_the_jobs_metrics(
+    svc: Service, client: httpx.Client, auth: dict[str, str], tmp_path: Path
+) -> None:
+    old, _ = fake_artifact(svc, auth, client, tmp_path / "old")
+    recent, _ = fake_artifact(svc, auth, client, tmp_path / "recent")
+    with svc.store.session() as s:  # `old` finished 3 days ago, with a report
+        s.execute(
+            update(JobRow)
+            .where(JobRow.id == old)
+            .values(finished_at=time.time() - 3 * 86400, report=json.dumps({"metrics": {"ppl": 41.5}}))
+        )
+    keep = svc.settings.model_copy(update={"artifact_retention_days": 0})
+    checkpoints = lifecycle.checkpoints_of(svc.settings)
+    assert lifecycle.maintain(svc.store, svc.storage, checkpoints, keep) == (0, 0)  # 0: kept for ever
+    two_days = svc.settings.model_copy(update={"artifact_retention_days": 2})
+    assert lifecycle.maintain(svc.store, svc.storage, checkpoints, two_days)[1] == 1
+    assert lifecycle.maintain(svc.store, svc.storage, checkpoints, two_days)[1] == 0  # once
+    job = client.get(f"/v1/jobs/{old}", headers=auth).json()
+    assert job["state"] == "SUCCEEDED" and job["metrics"] == {"ppl": 41.5} and job["artifact_expired_at"]
+    body = problem(client.get(f"/v1/jobs/{old}/artifact", headers=auth), 410)
+    assert "PBS2P_ARTIFACT_RETENTION_DAYS" in body["detail"]
+    problem(client.get(f"/v1/jobs/{old}/artifact/config.json", headers=auth), 410)
+    assert not svc.storage.list(f"{svc.store.get(old).tenant}/{old}/")  # type: ignore[union-attr]
+    assert client.get(f"/v1/jobs/{recent}/artifact", headers=auth).status_code == 200
+    assert client.get(f"/v1/jobs/{recent}", headers=auth).json()["artifact_expired_at"] is None
+
+
+# -- the Python client ----------------------------------------------------------------------------------------
+def test_the_client_follows_next_cursor_over_every_page(svc: Service, client: httpx.Client) -> None:
+    headers = svc.key("paged")
+    made = [submit(client, headers, svc, name=f"j{i}")["id"] for i in range(7)]
+    api = Client(svc.url, headers["Authorization"].removeprefix("Bearer "))
+    pages: list[str] = []
+    real_call = api._call
+
+    def counting(method: str, path: str, **kw: Any) -> httpx.Response:
+        pages.append(str(kw.get("params", {}).get("cursor")))
+        return real_call(method, path, **kw)
+
+    try:
+        api._call = counting  # type: ignore[method-assign]
+        assert [j["id"] for j in api.iter_jobs(page_size=3)] == made[::-1]  # newest first, none twice
+        assert len(pages) == 3 and pages[0] == "None" and len(set(pages)) == 3  # 3 + 3 + 1, each from its cursor
+        assert [j["id"] for j in api.list_jobs(limit=5)] == made[::-1][:5]
+        assert [j["id"] for j in api.list_jobs(limit=None)] == made[::-1]
+        assert api.list_jobs(("RUNNING",), limit=None) == []
+        assert api.delete(made[0]) is True
+        assert len(api.list_jobs(limit=None)) == 6
+        with pytest.raises(ApiError, match="404"):
+            api.delete(made[0])
+    finally:
+        api.close()
+
+
+def test_the_tenant_event_stream_follows_every_job_of_the_caller(svc: Service, client: httpx.Client) -> None:
+    auth, other = svc.key("streamed"), svc.key("not-streamed")
+    first = submit(client, auth, svc)["id"]
+    theirs = submit(client, other, svc)["id"]
+    seen: list[tuple[str, str]] = []
+    second = ""
+    with client.stream("GET", "/v1/events", headers=auth, timeout=30) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            job = json.loads(line[6:])
+            seen.append((job["id"], job["state"]))
+            if len(seen) == 1:  # the job changed in the last seconds came first; now more changes
+                second = submit(client, auth, svc)["id"]
+                assert svc.store.transition(first, [JobState.QUEUED], JobState.RUNNING)
+                assert svc.store.transition(theirs, [JobState.QUEUED], JobState.RUNNING)
+            if len(seen) == 3:
+                break
+    assert seen == [(first, "QUEUED"), (second, "QUEUED"), (first, "RUNNING")]  # in the order of the changes
+    assert theirs not in {job_id for job_id, _ in seen}  # another tenant's never
+
+
+def test_the_command_line_lists_every_page_submits_with_priority_and_deletes(
+    svc: Service, client: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    headers = svc.key("cli")
+    key = headers["Authorization"].removeprefix("Bearer ")
+    base = ["jobs", "--url", svc.url, "--key", key]
+    made = [submit(client, headers, svc)["id"] for _ in range(3)]
+    assert cli_main([*base, "submit", model_path(svc), "--priority", "5"]) == 0
+    urgent = capsys.readouterr().out.strip()
+    assert svc.store.get(urgent).priority == 5  # type: ignore[union-attr]
+    assert cli_main([*base, "list", "--limit", "2"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [urgent, made[2]]
+    assert cli_main([*base, "list", "--all"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [urgent, *made[::-1]]
+    assert cli_main([*base, "delete", made[0]]) == 0
+    assert capsys.readouterr().out.strip() == f"{made[0]}: deleted"
+    assert svc.store.get(made[0]) is None

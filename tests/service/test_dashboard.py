@@ -20,7 +20,7 @@ import pytest
 
 from pbs2p.core.config import Ablations, CompressionConfig
 from pbs2p.service.cli.demo import start_service, stop_service
-from pbs2p.service.jobstore import JobStore
+from pbs2p.service.jobstore import JobRow, JobState, JobStore
 from pbs2p.service.settings import Settings
 from pbs2p.testing.tiny import make_model, save_tokenizer, write_text
 
@@ -253,6 +253,7 @@ def test_the_form_has_one_input_per_schema_field(page: Any, service: dict[str, s
     assert optional == {
         "name",
         "revision",
+        "webhook_url",
         "config.spbo_steps",
         "config.ablations.salient_allocation",
         "evaluate",
@@ -407,7 +408,8 @@ def test_submit_follow_and_report(page: Any, service: dict[str, str], files: dic
     seen: list[str] = page.evaluate("window.seen")
     assert any("RUNNING" in t for t in seen), seen  # live: QUEUED/RUNNING -> SUCCEEDED without a reload
     assert any(stage in t for t in seen for stage in ("prepare", "capture", "coarse", "compress", "evaluate"))
-    assert [u for m, u, s in page.api if u.endswith(f"/{job_id}/events")]
+    assert [u for m, u, s in page.api if "/v1/events" in u]  # the list follows the tenant's one stream
+    assert not [u for m, u, s in page.api if u.endswith(f"/{job_id}/events")]
     assert len([u for m, u, s in page.api if m == "GET" and ("/v1/jobs?" in u or u.endswith("/v1/jobs"))]) <= 3
     print(f"\nprogress seen in the page: {list(dict.fromkeys(seen))}")
 
@@ -551,3 +553,37 @@ def test_a_downloading_job_shows_bytes_and_eta(page: Any, service: dict[str, str
     page.wait_for_selector("#job .ptext")
     text = page.inner_text("#job .ptext")
     assert text == "downloading · 114.4 MiB of 513.1 MiB · ETA 2 min", text
+
+
+def test_twenty_running_jobs_follow_one_stream(page: Any, service: dict[str, str]) -> None:
+    """20 running jobs on the list page: one event stream for them all (not one per row: a browser allows ~6
+    connections per host), and every row shows its own progress as it changes."""
+    store = JobStore(Settings(data_dir=Path(service["log"]).parent).db_url)
+    owner = "browser-test"  # no dispatcher's: these rows are moved by the test alone
+    now = time.time()
+    ids = [f"job_browser{i:02d}{'0' * 13}" for i in range(20)]
+    try:
+        with store.session() as s:  # RUNNING from the start: the service's dispatcher never sees them queued
+            for i, job_id in enumerate(ids):
+                s.add(JobRow(id=job_id, tenant="tenant", name=f"many-{i:02d}", state="RUNNING", model="smollm2-135m",
+                             config='{"method":"pbs2p","pattern":"6:8"}', created_at=now + i, updated_at=now + i,
+                             started_at=now, attempts=1, owner=owner, priority=0))  # fmt: skip
+        sign_in(page, service)
+        for job_id in ids:
+            page.wait_for_selector(f'tr[data-job="{job_id}"] .badge[data-state="RUNNING"]')
+        for i, job_id in enumerate(ids):
+            progress = {"stage": "compress", "block": i + 1, "blocks": 30, "percent": round(100 * (i + 1) / 30, 1)}
+            assert store.set_progress(job_id, owner, progress) == JobState.RUNNING
+        for i, job_id in enumerate(ids):
+            cell = page.locator(f'tr[data-job="{job_id}"] .ptext')
+            cell.filter(has_text=f"block {i + 1} of 30").wait_for()
+        for job_id in ids[:10]:
+            assert store.transition(job_id, [JobState.RUNNING], JobState.CANCELLED, owner=owner)
+        for job_id in ids[:10]:
+            page.wait_for_selector(f'tr[data-job="{job_id}"] .badge[data-state="CANCELLED"]')
+        streams = [u for m, u, s in page.api if "/events" in u]
+        assert len(streams) == 1 and streams[0].endswith("/v1/events"), streams
+    finally:
+        for job_id in ids:
+            store.transition(job_id, [JobState.RUNNING], JobState.CANCELLED, owner=owner)
+        store.close()

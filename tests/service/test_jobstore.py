@@ -25,6 +25,7 @@ from pbs2p.service.jobstore import (
     Job,
     JobState,
     JobStore,
+    QueueFull,
     decode_cursor,
     encode_cursor,
 )
@@ -321,3 +322,82 @@ def test_counts_has_every_state(store: JobStore) -> None:
     assert counts["QUEUED"] == 2 and counts["RUNNING"] == 1 and counts["CANCELLED"] == 1
     assert sum(counts.values()) == 4 and set(counts) == {s.value for s in JobState}
     assert set(ACTIVE) <= set(JobState)
+
+
+# -- fairness and quotas --------------------------------------------------------------------------------------
+def finish(store: JobStore, job: Job | None) -> Job:
+    assert job is not None
+    assert store.transition(job.id, [JobState.RUNNING], JobState.SUCCEEDED, owner=job.owner)
+    return job
+
+
+def test_a_tenant_with_one_job_starts_before_another_tenants_fifty_queued(store: JobStore) -> None:
+    flood = make_jobs(store, "a", 50)
+    running = store.claim("d1")
+    assert running is not None and running.id == flood[0].id
+    (late,) = make_jobs(store, "b", 1)
+    nxt = store.claim("d2")  # a second dispatcher slot: b has none running, a has one
+    assert nxt is not None and nxt.id == late.id and nxt.tenant == "b"
+    # one slot, nothing running: the least recently served tenant goes first (a before b; a newcomer before a)
+    finish(store, running)
+    finish(store, nxt)
+    then = store.claim("d1")
+    assert then is not None and then.tenant == "a"
+    finish(store, then)
+    (other,) = make_jobs(store, "c", 1)
+    newcomer = store.claim("d1")
+    assert newcomer is not None and newcomer.id == other.id
+
+
+def test_claims_take_turns_over_tenants_and_priorities_within_one(store: JobStore) -> None:
+    for tenant in ("a", "b", "c"):
+        make_jobs(store, tenant, 3)
+    (urgent,) = make_jobs(store, "a", 1, priority=5)
+    order = []
+    while (job := store.claim("o")) is not None:
+        order.append((job.tenant, job.id))
+        finish(store, job)  # one slot: each job ends before the next claim
+    assert [t for t, _ in order] == ["a", "b", "c"] * 3 + ["a"]
+    assert order[0][1] == urgent.id  # a's first turn goes to its highest priority job
+    for tenant in ("a", "b", "c"):  # within a tenant, equal priorities run oldest first
+        seqs = [store.get(jid).seq for t, jid in order if t == tenant and jid != urgent.id]  # type: ignore[union-attr]
+        assert seqs == sorted(seqs)
+
+
+def test_the_running_limit_skips_a_full_tenant_even_for_racing_dispatchers(store: JobStore) -> None:
+    make_jobs(store, "a", 10)
+    make_jobs(store, "b", 2)
+
+    def dispatcher(i: int) -> list[str]:
+        got = []
+        while (job := store.claim(f"owner-{i}", max_running_per_tenant=2)) is not None:
+            got.append(job.tenant)
+        return got
+
+    tenants = [t for got in in_threads(6, dispatcher) for t in got]
+    assert sorted(tenants) == ["a", "a", "b", "b"]  # two each, however the six raced
+    assert store.claim("late", max_running_per_tenant=2) is None  # a's eight wait for a slot
+    running_a = store.list_jobs("a", [JobState.RUNNING])[0]
+    finish(store, store.get(running_a[0].id))
+    freed = store.claim("late", max_running_per_tenant=2)
+    assert freed is not None and freed.tenant == "a"
+
+
+def test_the_queue_limit_holds_under_concurrent_submits(store: JobStore) -> None:
+    make_jobs(store, "a", 3, max_queued=5)
+
+    def submit(i: int) -> bool:
+        try:
+            store.create_job("a", f"org/m{i}", CONFIG, max_queued=5)
+            return True
+        except QueueFull as exc:
+            assert exc.limit == 5
+            return False
+
+    assert sum(in_threads(6, submit)) == 2
+    assert store.counts()[JobState.QUEUED.value] == 5
+    make_jobs(store, "b", 1, max_queued=5)  # another tenant's queue is its own
+    assert store.claim("o") is not None  # one of a's starts: room for one more
+    store.create_job("a", "org/next", CONFIG, max_queued=5)
+    with pytest.raises(QueueFull):
+        store.create_job("a", "org/over", CONFIG, max_queued=5)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -43,7 +44,8 @@ from pbs2p.service.cli import main
 from pbs2p.service.jobstore import Base, JobState, JobStore
 
 PG_URL = os.environ.get("PBS2P_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-HEAD = "0002"
+HEAD = "0003"
+NEW_IN_0003 = {"priority": 0, "claimed_at": None, "webhook_url": None, "artifact_expired_at": None, "deleted_at": None}
 ABLATIONS = {
     "spbo_mode", "cfs_score", "cfs_spread", "cfs_samples", "mask_score", "arb_iters", "arb_variant", "salient_search",
     "salient_allocation", "column_feedback", "scale_refit", "spbo_report", "scale_dtype", "true_sequential",
@@ -159,8 +161,8 @@ def new_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
     admin = create_engine(base) if base else None
 
     def new() -> str:
-        if admin is None:
-            return f"sqlite:///{tmp_path / f'jobs{len(made)}.db'}"
+        if admin is None:  # a new file each call (two calls in one test are two databases)
+            return f"sqlite:///{tmp_path / f'jobs-{secrets.token_hex(4)}.db'}"
         schema = f"t_{secrets.token_hex(6)}"
         with admin.begin() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
@@ -266,17 +268,30 @@ def fill_legacy(engine: Engine) -> None:
 
 
 # -- the schema -----------------------------------------------------------------------------------------------
+def upgrade_to(engine: Engine, revision: str, legacy: bool = False) -> None:
+    """Upgrade to `revision` (not the head); `legacy`: the tables were made before migrations (stamped 0001 first)."""
+    with migrations.migration_transaction(engine) as conn:
+        cfg = migrations.alembic_config(conn)
+        if legacy:
+            command.stamp(cfg, "0001")
+        command.upgrade(cfg, revision)
+
+
 def test_migrations_make_the_schema_create_all_made_and_the_models_declare(new_db: Callable[[], str]) -> None:
     legacy, migrated = engine_of(new_db()), engine_of(new_db())
     try:
         legacy_tables().create_all(legacy)
-        migrations.upgrade(migrated)
+        upgrade_to(migrated, "0002")  # 0001 and 0002 (data only) make what create_all made
         assert schema_of(migrated) == schema_of(legacy)
         assert set(schema_of(migrated)) == {"api_keys", "jobs"}
         if migrated.dialect.name == "sqlite":  # the very CREATE statements
-            q = text("SELECT type, name, sql FROM sqlite_master WHERE name != 'alembic_version' ORDER BY name")
+            q = text("SELECT type, name, sql FROM sqlite_master WHERE tbl_name != 'alembic_version' ORDER BY name")
             with legacy.connect() as a, migrated.connect() as b:
                 assert a.execute(q).all() == b.execute(q).all()
+        migrations.upgrade(migrated)
+        columns = {c["name"]: c for c in inspect(migrated).get_columns("jobs")}
+        assert set(NEW_IN_0003) <= set(columns) and not columns["priority"]["nullable"]
+        assert any(i["name"] == "ix_jobs_tenant_claimed" for i in inspect(migrated).get_indexes("jobs"))
         with migrated.connect() as conn:  # the models are what the head makes: a model change needs a revision
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     finally:
@@ -306,8 +321,9 @@ def test_a_store_made_before_migrations_is_stamped_and_upgraded_with_every_row_k
             else:  # the hash follows the config, so that a replay after the upgrade is still a replay
                 ev = json.loads(before["evaluate"]) if before["evaluate"] else None
                 assert after["request_hash"] == request_hash(before["model"], cfg, ev, before["name"])
-            unchanged = {k: v for k, v in after.items() if k not in ("config", "request_hash")}
+            unchanged = {k: v for k, v in after.items() if k not in ("config", "request_hash", *NEW_IN_0003)}
             assert unchanged == {k: v for k, v in before.items() if k not in ("config", "request_hash")}
+            assert {k: after[k] for k in NEW_IN_0003} == NEW_IN_0003  # 0003's columns, as for a new job
         assert not ABLATIONS & set(json.loads(jobs_after[0]["config"]))
 
         # the store reads them, keys still authenticate, an old Idempotency-Key still replays
@@ -426,6 +442,7 @@ def test_d_processes_opening_one_database_together_migrate_it_once(db_url: str, 
     assert all(out.rstrip().endswith("opened") for out in outs), outs
     log = "".join(outs)
     assert log.count("Running upgrade  -> 0001") == 1 and log.count("Running upgrade 0001 -> 0002") == 1, outs
+    assert log.count("Running upgrade 0002 -> 0003") == 1, outs
     engine = engine_of(db_url)
     try:
         assert version_of(engine) == [HEAD]
@@ -467,7 +484,7 @@ def test_e_an_unknown_revision_is_refused_with_what_to_do(db_url: str, monkeypat
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     try:
-        with pytest.raises(Pbs2pError, match=r"revision '0099'.*does not know.*newer pbs2p.*pbs2p db downgrade 0002"):
+        with pytest.raises(Pbs2pError, match=r"revision '0099'.*does not know.*newer pbs2p.*pbs2p db downgrade 0003"):
             JobStore(db_url)
         with pytest.raises(Pbs2pError, match="0099"):
             migrations.current(engine)
@@ -488,18 +505,18 @@ def test_cli_db_upgrade_current_and_downgrade(
         assert "0001 without alembic_version" in capsys.readouterr().out
         assert version_of_or_none(engine) is None  # `current` changes nothing
         assert main(["db", "upgrade"]) == 0
-        assert "0001 (unversioned) -> 0002" in capsys.readouterr().out
+        assert "0001 (unversioned) -> 0003" in capsys.readouterr().out
         assert main(["db", "upgrade"]) == 0
-        assert "already at 0002 (head)" in capsys.readouterr().out
+        assert "already at 0003 (head)" in capsys.readouterr().out
         assert main(["db", "current"]) == 0
-        assert capsys.readouterr().out.strip() == "0002 (head)"
+        assert capsys.readouterr().out.strip() == "0003 (head)"
         assert main(["db", "downgrade", "0001"]) == 0
-        assert capsys.readouterr().out.startswith("0001 (head is 0002")
+        assert capsys.readouterr().out.startswith("0001 (head is 0003")
         assert json.loads(rows(engine, "jobs", "seq")[0]["config"]) == FULL_V1
         assert main(["db", "downgrade", "0042"]) == 2
         assert "back to '0042'" in capsys.readouterr().err
         assert main(["db", "upgrade"]) == 0
-        assert "upgraded 0001 -> 0002" in capsys.readouterr().out
+        assert "upgraded 0001 -> 0003" in capsys.readouterr().out
         with engine.begin() as conn:
             conn.execute(text("UPDATE alembic_version SET version_num = 'abcdef'"))
         assert main(["db", "upgrade"]) == 2
@@ -510,3 +527,34 @@ def test_cli_db_upgrade_current_and_downgrade(
 
 def version_of_or_none(engine: Engine) -> list[str] | None:
     return version_of(engine) if "alembic_version" in inspect(engine).get_table_names() else None
+
+
+# -- 0003: priority and the lifecycle columns -----------------------------------------------------------------
+def test_0003_adds_the_columns_to_existing_rows_and_its_downgrade_drops_them(db_url: str) -> None:
+    engine = engine_of(db_url)
+    fill_legacy(engine)
+    try:
+        upgrade_to(engine, "0002", legacy=True)
+        at_0002 = rows(engine, "jobs", "seq")
+        store = JobStore(db_url)  # to 0003
+        try:
+            after = rows(engine, "jobs", "seq")
+            assert [{k: v for k, v in r.items() if k not in NEW_IN_0003} for r in after] == at_0002
+            assert all({k: r[k] for k in NEW_IN_0003} == NEW_IN_0003 for r in after)
+            urgent, _ = store.create_job("acme", "org/new", {"method": "pbs2p"}, priority=3)
+            assert store.get(urgent.id).priority == 3  # type: ignore[union-attr]
+            claimed = store.claim("o")  # acme's queued legacy job (priority 0) waits behind the new one
+            assert claimed is not None and claimed.id == urgent.id and claimed.claimed_at is not None
+        finally:
+            store.close()
+        migrations.downgrade(engine, "0002")
+        assert version_of(engine) == ["0002"]
+        back = rows(engine, "jobs", "seq")
+        assert not set(NEW_IN_0003) & set(back[0])
+        assert back[: len(at_0002)] == at_0002  # the rows as they were (the claim took only the new job)
+        assert "ix_jobs_tenant_claimed" not in {i["name"] for i in inspect(engine).get_indexes("jobs")}
+        assert {i["name"] for i in inspect(engine).get_indexes("jobs")} >= {"ix_jobs_state_seq", "ix_jobs_tenant_seq"}
+        migrations.upgrade(engine)
+        assert version_of(engine) == [HEAD]
+    finally:
+        engine.dispose()

@@ -22,6 +22,13 @@ router = APIRouter(prefix="/v1/jobs/{job_id}/artifact", tags=["artifacts"])
 
 
 def manifest_of(job: Job, storage: Storage) -> dict[str, Any]:
+    if job.artifact_expired_at is not None:
+        raise Problem(
+            410,
+            "Artifact expired",
+            f"the artifact of job {job.id} was removed after the retention period (PBS2P_ARTIFACT_RETENTION_DAYS); "
+            f"the job keeps its metrics and report",
+        )
     if job.state != JobState.SUCCEEDED or not job.artifact:
         raise Problem(
             409, "Artifact not ready", f"job {job.id} is {job.state.value}; its artifact exists once it SUCCEEDED"
@@ -33,7 +40,9 @@ def manifest_of(job: Job, storage: Storage) -> dict[str, Any]:
         raise Problem(500, "Artifact unavailable", f"the artifact of job {job.id} cannot be read: {exc}") from None
 
 
-@router.get("", response_model=ArtifactPublic, responses=error_responses(401, 404, 409, 422))
+@router.get(
+    "", operation_id="get_artifact", response_model=ArtifactPublic, responses=error_responses(401, 404, 409, 410, 422)
+)
 def artifact(job: OwnJob, state: State) -> ArtifactPublic:
     """Every file of the artifact with its size, sha256 and download URL (manifest.json last)."""
     manifest = manifest_of(job, state.storage)
@@ -49,11 +58,12 @@ def artifact(job: OwnJob, state: State) -> ArtifactPublic:
 
 @router.get(
     "/{name:path}",
+    operation_id="download_artifact_file",
     response_class=Response,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The file (local storage)"},
         307: {"description": "Redirect to a presigned URL of the file (S3 storage)"},
-        **error_responses(401, 404, 409, 422),
+        **error_responses(401, 404, 409, 410, 422),
     },
 )
 def artifact_file(job: OwnJob, name: str, state: State) -> Response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -13,21 +13,47 @@ from starlette.concurrency import run_in_threadpool
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.workers.model_refs import check_model_ref, check_text, with_revision
 
-from ...jobstore import IdempotencyConflict, JobState, decode_cursor, encode_cursor
-from ..deps import JobId, OwnJob, State, Tenant, find_job
+from ... import lifecycle
+from ...jobstore import IdempotencyConflict, JobState, QueueFull, decode_cursor, encode_cursor
+from ...webhooks import check_webhook_url
+from ..deps import AppState, JobId, OwnJob, State, Tenant, find_job
 from ..problems import Problem, error_responses, invalid_field
 from ..schemas import JobCreate, JobList, JobPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+QUEUE_FULL_RETRY_S = 30  # Retry-After of a 429: about when a queued job may have started
+
+
+def job_options(body: JobCreate, state: AppState) -> dict[str, Any]:
+    """What `create_job` takes besides the job itself: its priority, its webhook URL (checked: 422 when webhooks
+    are off or the host is not allowed) and the tenant's queue limit."""
+    webhook_url = None
+    if body.webhook_url is not None:
+        try:
+            webhook_url = check_webhook_url(body.webhook_url, state.settings)
+        except ValueError as exc:
+            raise invalid_field("webhook_url", str(exc)) from None
+    return {"priority": body.priority, "webhook_url": webhook_url, "max_queued": state.settings.tenant_max_queued_jobs}
+
+
+def queue_full(exc: QueueFull) -> Problem:
+    return Problem(
+        429,
+        "Too many queued jobs",
+        f"this tenant already has {exc.limit} jobs queued (PBS2P_TENANT_MAX_QUEUED_JOBS); submit again once some "
+        f"have started (Retry-After: {QUEUE_FULL_RETRY_S} s), or cancel queued ones",
+        headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
+    )
 
 
 @router.post(
     "",
+    operation_id="submit_job",
     status_code=201,
     response_model=JobPublic,
     responses={
         200: {"model": JobPublic, "description": "Replayed: the job of an earlier request with this key"},
-        **error_responses(400, 401, 409, 413, 422),
+        **error_responses(400, 401, 409, 413, 422, 429),
     },
 )
 def submit(
@@ -59,7 +85,11 @@ def submit(
             raise invalid_field(field, str(exc)) from None
     evaluate = body.evaluate.model_dump() if body.evaluate is not None else None
     try:
-        job, created = state.store.create_job(who, model, body.config.to_dict(), evaluate, body.name, idempotency_key)
+        job, created = state.store.create_job(
+            who, model, body.config.to_dict(), evaluate, body.name, idempotency_key, **job_options(body, state)
+        )
+    except QueueFull as exc:
+        raise queue_full(exc) from None
     except IdempotencyConflict as exc:
         raise Problem(
             409,
@@ -74,7 +104,7 @@ def submit(
     return JobPublic.of(job)
 
 
-@router.get("", response_model=JobList, responses=error_responses(401, 422))
+@router.get("", operation_id="list_jobs", response_model=JobList, responses=error_responses(401, 422))
 def list_jobs(
     who: Tenant,
     state: State,
@@ -93,12 +123,17 @@ def list_jobs(
     return JobList(jobs=[JobPublic.of(j) for j in jobs], next_cursor=encode_cursor(last) if last else None)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404, 422))
+@router.get("/{job_id}", operation_id="get_job", response_model=JobPublic, responses=error_responses(401, 404, 422))
 def get_job(job: OwnJob) -> JobPublic:
     return JobPublic.of(job)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409, 422))
+@router.post(
+    "/{job_id}/cancel",
+    operation_id="cancel_job",
+    response_model=JobPublic,
+    responses=error_responses(401, 404, 409, 422),
+)
 def cancel(job: OwnJob, who: Tenant, state: State) -> JobPublic:
     """A queued job is cancelled at once; a running one stops at its next block (CANCELLING)."""
     store = state.store
@@ -114,8 +149,40 @@ def cancel(job: OwnJob, who: Tenant, state: State) -> JobPublic:
     raise Problem(409, "Job already finished", f"job {job.id} is {job.state.value}; it cannot be cancelled")
 
 
+@router.delete(
+    "/{job_id}",
+    operation_id="delete_job",
+    status_code=204,
+    response_class=Response,
+    responses={
+        202: {"description": "The job was running: it is cancelled, then removed (already 404 for this tenant)"},
+        204: {"description": "Removed: the job, its artifact and its checkpoints"},
+        **error_responses(401, 404, 422),
+    },
+)
+def delete_job(job: OwnJob, state: State) -> Response:
+    """Delete the job, its artifact and its checkpoints; a running job is cancelled first (202), then removed by
+    its dispatcher. Either way the job is 404 from now on."""
+    store = state.store
+    for _ in range(5):  # the job may move on between the read and the compare-and-set
+        if job.state in (JobState.RUNNING, JobState.UPLOADING, JobState.CANCELLING):
+            if store.mark_deleted(job.id, [job.state], JobState.CANCELLING):
+                return Response(status_code=202)
+        elif store.mark_deleted(job.id, [job.state], JobState.CANCELLED if job.state == JobState.QUEUED else job.state):
+            gone = store.get(job.id)
+            if gone is not None:
+                lifecycle.purge(store, state.storage, lifecycle.checkpoints_of(state.settings), gone)
+            return Response(status_code=204)  # files the storage refused now go in the next maintenance round
+        current = store.get(job.id)
+        if current is None:
+            break
+        job = current
+    raise Problem(409, "Job changing", f"job {job.id} changed state while being deleted; try again")
+
+
 @router.get(
     "/{job_id}/events",
+    operation_id="follow_job",
     response_class=EventSourceResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},

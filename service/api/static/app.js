@@ -59,11 +59,12 @@ async function api(path, { method = "GET", body, signal, raw = false, key } = {}
 }
 
 // Server-sent events over fetch (EventSource cannot send the Authorization header): calls onJob with every
-// `job` event until `end`; reconnects after a dropped connection unless `signal` aborts.
-async function follow(job, onJob, signal) {
+// `job` event of the stream at `url` (a job's links.events, or the tenant's /v1/events) until `end`; reconnects
+// after a dropped connection unless `signal` aborts.
+async function follow(url, onJob, signal) {
   while (!signal.aborted) {
     try {
-      const res = await api(job.links.events, { signal, raw: true });
+      const res = await api(url, { signal, raw: true });
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
       let buf = "";
       for (;;) {
@@ -217,14 +218,26 @@ async function jobsPage() {
       h("td", { text: j.config.method }), h("td", { text: j.config.pattern }), h("td", {}, progressBar(j)),
       h("td", { class: "muted", text: when(j.created_at) }), h("td", { class: "actions" }, actions(j, render, extra)));
     render(job);
-    if (!TERMINAL.has(job.state)) follow(job, render, signal);
+    rows.set(job.id, render);
     return [tr, sub];
   }
+
+  // One event stream for every row (the tenant's): a browser allows only ~6 connections per host. It starts
+  // with the jobs changed in the last seconds, so nothing changed between the list's answer and the stream is
+  // missed; an event of a job that is not on the page (newer: Refresh shows it) is ignored.
+  const rows = new Map();
+  let streaming = false;
+  const followAll = () => {
+    if (streaming) return;
+    streaming = true;
+    follow("/v1/events", (j) => rows.get(j.id)?.(j), signal);
+  };
 
   async function load(cursor) {
     const q = cursor ? `?cursor=${encodeURIComponent(cursor)}` : "";
     const list = await api(`/v1/jobs${q}`, { signal });
     body.append(...list.jobs.flatMap(row));
+    if (list.jobs.some((j) => !TERMINAL.has(j.state))) followAll();
     if (!cursor && !list.jobs.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted", text: "No jobs yet." })));
     more.hidden = !list.next_cursor;
     more.onclick = () => load(list.next_cursor).catch(show);
@@ -321,7 +334,7 @@ async function jobPage(id) {
           .flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { class: "mono", text: typeof v === "object" ? JSON.stringify(v) : String(v) })])))));
   };
   render(job);
-  if (!TERMINAL.has(job.state)) follow(job, render, signal);
+  if (!TERMINAL.has(job.state)) follow(job.links.events, render, signal);
 }
 
 // ---------------------------------------------------------------------------------------------- new job form
