@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # prepared models (the GGUF turned into safetensors once) are cached here
 export PBS2P_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: venv browser demo test lint bench-quality bench-speed bench-scaling bench-memory bench-service-load clean
+.PHONY: venv browser demo test lint bench-quality bench-calibration-chat bench-speed bench-scaling bench-memory bench-service-load clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: venv browser lint
 
 bench-quality: venv
 	$(BIN)/python bench/quality.py
+
+# chat text for the calibration benchmark only (7,168 conversations, MIT); never imported, its JSON is read
+bench-calibration-chat: venv
+	$(BIN)/pip install -q --no-deps chitchat-dataset==0.9.0
+	$(BIN)/python bench/calibration_chat.py
 
 bench-speed: venv
 	$(BIN)/python bench/speed.py

@@ -13,6 +13,7 @@ Versioned: version 2 nests the ablations; a version-1 dict (flat) is migrated on
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
@@ -116,6 +117,64 @@ class NMPattern:
         return {"type": "string", "pattern": r"^[0-9]{1,2}:[0-9]{1,2}$", "examples": ["6:8"]}
 
 
+@dataclass(frozen=True)
+class CalibSource:
+    """One calibration text source ('wiki' or a .txt / .jsonl file) and its share of the calibration windows."""
+
+    source: str
+    weight: float
+
+
+CALIB_EXAMPLE = "wiki:0.7,/data/chat.jsonl:0.3"
+# a source's weight is a trailing ':NUMBER' (a path or 'wiki' before it); 's3://...' or 'C:x' end otherwise
+_WEIGHTED_SOURCE = re.compile(r"^(?P<source>.*?):(?P<weight>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
+_WEIGHT_SUM_TOLERANCE = 1e-6
+
+
+def parse_calib(text: str) -> tuple[CalibSource, ...]:
+    """`calib` as its sources: one source (weight 1), or a weighted mix `SOURCE:WEIGHT,SOURCE:WEIGHT,...` whose
+    weights are positive and sum to 1 (so a path in `calib` cannot contain a comma). Pbs2pError saying what to
+    write otherwise."""
+    parts = [part.strip() for part in text.split(",")]
+    if any(not part for part in parts):
+        raise Pbs2pError(f"{text!r} has an empty source (a stray comma); write SOURCE or a mix like {CALIB_EXAMPLE}")
+    matches = [_WEIGHTED_SOURCE.match(part) for part in parts]
+    if len(parts) == 1 and matches[0] is None:
+        return (CalibSource(parts[0], 1.0),)
+    sources: list[CalibSource] = []
+    for part, match in zip(parts, matches, strict=True):
+        if match is None:
+            raise Pbs2pError(
+                f"source {part!r} has no weight; in a mix every source needs one, e.g. {CALIB_EXAMPLE} "
+                f"(a path in calib cannot contain a comma)"
+            )
+        source, weight = match["source"].strip(), float(match["weight"])
+        if not source:
+            raise Pbs2pError(f"weight {match['weight']} has no source before it; write SOURCE:WEIGHT, e.g. wiki:0.7")
+        if weight <= 0:
+            raise Pbs2pError(
+                f"source {source!r} has weight {match['weight']}; weights must be positive (leave the source out)"
+            )
+        if any(s.source == source for s in sources):
+            raise Pbs2pError(f"source {source!r} is named twice; give each source once, with its whole weight")
+        sources.append(CalibSource(source, weight))
+    total = math.fsum(s.weight for s in sources)
+    if abs(total - 1) > _WEIGHT_SUM_TOLERANCE:
+        raise Pbs2pError(f"the weights sum to {total:g}, not 1; make them add up to 1, e.g. {CALIB_EXAMPLE}")
+    return tuple(sources)
+
+
+def window_counts(sources: tuple[CalibSource, ...], windows: int) -> tuple[int, ...]:
+    """How many of `windows` calibration windows each source gives: the largest-remainder rounding of
+    weight x windows (ties to the source named first), so the counts sum to `windows`."""
+    shares = [s.weight * windows for s in sources]
+    counts = [math.floor(x) for x in shares]
+    by_remainder = sorted(range(len(sources)), key=lambda i: (-(shares[i] - counts[i]), i))
+    for i in by_remainder[: windows - sum(counts)]:
+        counts[i] += 1
+    return tuple(counts)
+
+
 # strict: a JSON body's `0` is no boolean and "3" no integer (the command line, whose values are strings, asks
 # for lax parsing explicitly: `from_options(..., strict=False)`); lists still read as tuples
 _FROZEN = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -211,7 +270,13 @@ class CompressionConfig(BaseModel):
         description="sequential: each block calibrated on the compressed earlier blocks' outputs; independent: "
         "on the FP model's (faster on many workers, worse)",
     )
-    calib: str = Field("wiki", min_length=1, max_length=1024, description="calibration text: 'wiki' or a file")
+    calib: str = Field(
+        "wiki",
+        min_length=1,
+        max_length=1024,
+        description='calibration text: \'wiki\', a .txt or .jsonl file ({"text"} or chat {"messages"} lines, '
+        f"rendered with the model's chat template), or a weighted mix, e.g. {CALIB_EXAMPLE}",
+    )
     calib_samples: int = Field(64, ge=1, le=4096, description="calibration windows")
     seqlen: int = Field(512, ge=8, le=32768, description="tokens per calibration window")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the calibration windows")
@@ -273,6 +338,7 @@ class CompressionConfig(BaseModel):
             bad.append(
                 (("ablations", "salient_allocation"), "salient_search picks a count per block; use 'block'", "linear")
             )
+        bad.extend(_calib_problems(self.calib, self.calib_samples))
         if a.arb_variant == "arb-rc" and (self.salient_columns or a.salient_search):
             bad.append((("ablations", "arb_variant"), "'arb-rc' has no salient residual; set salient_columns=0", None))
         if bad:
@@ -286,6 +352,11 @@ class CompressionConfig(BaseModel):
         if self.method == "prune-binarize":
             return 1
         return self.spbo_steps or (self.pattern.m - self.pattern.n)
+
+    @property
+    def calib_sources(self) -> tuple[CalibSource, ...]:
+        """The calibration sources with their weights (one source: weight 1)."""
+        return parse_calib(self.calib)
 
     @property
     def prunes(self) -> bool:
@@ -322,6 +393,23 @@ class CompressionConfig(BaseModel):
             return cls.model_validate(dict(data), strict=None if strict else False)
         except PydanticValidationError as exc:
             raise ConfigError(field_errors(exc)) from None
+
+
+def _calib_problems(calib: str, windows: int) -> list[tuple[tuple[str, ...], str, Any]]:
+    try:
+        sources = parse_calib(calib)
+    except Pbs2pError as exc:
+        return [(("calib",), str(exc), calib)]
+    empty = [s for s, k in zip(sources, window_counts(sources, windows), strict=True) if k == 0]
+    return [
+        (
+            ("calib",),
+            f"source {s.source!r} at weight {s.weight:g} gets none of the calib_samples={windows} windows; "
+            f"raise its weight or calib_samples",
+            calib,
+        )
+        for s in empty
+    ]
 
 
 def _raise(problems: list[tuple[tuple[str, ...], str, Any]]) -> None:

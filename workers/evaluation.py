@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pbs2p.core.config import parse_calib
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.core.evaluate import perplexity
 from pbs2p.core.format import is_artifact, load_artifact
@@ -27,6 +29,21 @@ class EvalSpec(BaseModel):
     seqlen: int = Field(512, ge=8, le=32768, description="tokens per window")
     windows: int | None = Field(40, ge=1, le=100000, description="windows evaluated (none: all that fit)")
 
+    @field_validator("data")
+    @classmethod
+    def _one_source(cls, data: str) -> str:
+        try:
+            one = [s.source for s in parse_calib(data)] == [data.strip()]
+        except Pbs2pError:
+            one = False
+        if not one:
+            raise PydanticCustomError(
+                "one_text_source",
+                "evaluation reads one text source: 'wiki' or a .txt / .jsonl file (a path without commas); "
+                "weighted mixes are for calib",
+            )
+        return data
+
 
 def check_device(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -43,7 +60,7 @@ def evaluate_model(
     """Perplexity of the model (or verified artifact, decoded per forward) at `model_dir` on `spec`'s windows."""
     check_device(device)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids, bos = eval_windows(tok, load_documents(spec.data, "eval"), spec.seqlen, spec.windows)
+    ids, bos = eval_windows(tok, load_documents(spec.data, "eval", tok), spec.seqlen, spec.windows)
     if is_artifact(model_dir):  # a pbs2p artifact: verified, packed linears decoded per forward
         lm: Any = load_artifact(model_dir, mode="packed", device=device)
     else:

@@ -15,13 +15,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from pbs2p.core.config import parse_calib
 from pbs2p.core.errors import Pbs2pError
 
 from .hub import PICKLE_SUFFIXES, ProgressBytes, check_hub_ref, fetch_hub_model, parse_hub_ref
 from .packaged import MODEL_ALIASES, prepare_alias
 from .settings import WorkerSettings
 from .storage import storage_from_url
-from .text import TEXT_SUFFIXES
+from .text import TEXT_SUFFIXES, read_documents
 
 
 def local_model(path: Path) -> Path:
@@ -125,12 +126,20 @@ def check_model_ref(ref: str, roots: list[Path] | None, settings: WorkerSettings
 
 
 def check_text(ref: str, roots: list[Path] | None) -> str:
-    """Calibration / evaluation text: 'wiki' or a .txt/.jsonl file (under an allowed root when `roots` is given)."""
-    if ref == "wiki":
-        return ref
-    path = Path(ref).expanduser() if roots is None else confined(ref, roots, "text")
-    if path.suffix not in TEXT_SUFFIXES:
-        raise Pbs2pError(f"text file {ref!r} must be .txt (blank-line separated) or .jsonl (a 'text' field)")
+    """Calibration / evaluation text: 'wiki', a .txt/.jsonl file (under an allowed root when `roots` is given), or
+    a weighted mix of them (`wiki:0.7,/data/chat.jsonl:0.3`). Each file is read and every line checked (JSON, a
+    text or messages with known roles); conversations are rendered later, by the job, with the model's chat
+    template."""
+    for source in parse_calib(ref):
+        if source.source == "wiki":
+            continue
+        path = Path(source.source).expanduser() if roots is None else confined(source.source, roots, "text")
+        if path.suffix not in TEXT_SUFFIXES:
+            raise Pbs2pError(
+                f'text file {source.source!r} must be .txt (blank-line separated) or .jsonl ({{"text": ...}} or '
+                f'{{"messages": [...]}} lines)'
+            )
+        read_documents(str(path), "calib")
     return ref
 
 
