@@ -8,7 +8,8 @@ the workers' busy and idle time, so the serial remainder is named.
 Then it times the schedule's pieces alone (one thread: `solve_rows` on row chunks, the Hessian factorisation) and
 estimates 7B and 70B jobs on 1, 2, 8 and 64 workers from them and from the measured forward cost (an estimate, not
 a measurement). Writes bench/results/scaling.md and scaling.png (speedup against workers), or --out DIR/NAME.*.
-`--dry-run` prints the `pbs2p` command lines, checked against the command line's parser and config. Usage:
+`--dry-run` prints the `pbs2p` command lines, checked against the command line's parser and config; `--replot MD`
+draws the plot again from a results table (after a run on a machine without matplotlib). Usage:
   python bench/scaling.py [--calib-samples 32] [--seqlen 512] [--windows 40] [--workers 1 2] [--modes sequential]
                           [--local] [--out DIR]
 """
@@ -145,6 +146,24 @@ def breakdown(out: Path) -> dict[str, float]:
     return mean
 
 
+def speedups_of_table(md: str) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """(measured, estimated) speedups as `plot` takes them, read back from a results table this script wrote."""
+    measured: dict[str, dict[int, float]] = {}
+    est: dict[str, dict[int, float]] = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ray, ") and len(cells) == 6:  # | ray, W worker(s) | mode | wall | job | speedup | ppl |
+            workers = int(cells[0].removeprefix("ray, ").split()[0])
+            measured.setdefault(cells[1], {})[workers] = float(cells[4])
+        if line.startswith("Estimated speedup over 1 worker: "):
+            for part in line.removeprefix("Estimated speedup over 1 worker: ").rstrip(".").split("; "):
+                name, _, pts = part.partition(": ")
+                est[name] = {int(w): float(x.rstrip("x")) for w, x in (p.split(" -> ") for p in pts.split(", "))}
+    if not measured:
+        raise SystemExit("no measured rows ('| ray, N worker(s) | ...') in that table")
+    return measured, est
+
+
 def plot(path: Path, measured: dict[str, dict[int, float]], est: dict[str, dict[int, float]]) -> None:
     import matplotlib  # the dev extra; only for the picture
 
@@ -183,7 +202,11 @@ def main() -> None:
     ap.add_argument("--name", default="scaling", help="results file name (bench/results/NAME.md)")
     add_out_option(ap)
     ap.add_argument("--dry-run", action="store_true", help="print and check the pbs2p command lines; start nothing")
+    ap.add_argument("--replot", type=Path, metavar="MD", help="draw the plot again from a results table; run nothing")
     a = ap.parse_args()
+    if a.replot is not None:
+        plot(a.replot.with_suffix(".png"), *speedups_of_table(a.replot.read_text()))
+        return
     if a.dry_run:
         planned = jobs(a, "127.0.0.1:6379", Path("TMP"))  # Ray's address is known once the cluster is up
         firsts: dict[str, Path] = {}  # each mode's first artifact is evaluated
