@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.errors import Pbs2pError, requires_extra
 from pbs2p.core.format import export_dense, format_inspect, inspect_artifact
 from pbs2p.workers.evaluation import EvalSpec, evaluate_model
 from pbs2p.workers.job import JobSpec, RayOptions, run_job
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "export-dense":
             print(export_dense(args.artifact, args.out))
         elif args.cmd == "demo":
-            from .demo import run_demo  # extra: service
+            with requires_extra("service", "pbs2p demo"):
+                from .demo import run_demo  # extra: service
 
             return run_demo(config_from_args(args), args.out, args.windows)
         elif args.cmd == "serve":
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "keys":
             _keys(args)
         elif args.cmd == "jobs":
-            from .jobs import run_jobs_command  # extra: service
+            with requires_extra("service", "pbs2p jobs"):
+                from .jobs import run_jobs_command  # extra: service
 
             run_jobs_command(args, config_from_args(args) if args.jobs_cmd == "submit" else None)
         elif args.cmd == "db":
@@ -221,8 +223,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from pbs2p.service.server import serve  # extra: service
-    from pbs2p.service.settings import Settings  # extra: service
+    with requires_extra("service", "pbs2p serve"):
+        from pbs2p.service.server import serve  # extra: service
+        from pbs2p.service.settings import Settings  # extra: service
 
     overrides = {
         k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None
@@ -231,8 +234,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _keys(args: argparse.Namespace) -> None:
-    from pbs2p.service.jobstore import JobStore  # extra: service
-    from pbs2p.service.settings import Settings  # extra: service
+    with requires_extra("service", "pbs2p keys"):
+        from pbs2p.service.jobstore import JobStore  # extra: service
+        from pbs2p.service.settings import Settings  # extra: service
 
     store = JobStore(Settings().db_url)
     if args.keys_cmd == "create":
@@ -248,9 +252,10 @@ def _keys(args: argparse.Namespace) -> None:
 
 
 def _db(args: argparse.Namespace) -> None:
-    from pbs2p.service import migrations  # extra: service
-    from pbs2p.service.jobstore import make_engine  # extra: service
-    from pbs2p.service.settings import Settings  # extra: service
+    with requires_extra("service", "pbs2p db"):
+        from pbs2p.service import migrations  # extra: service
+        from pbs2p.service.jobstore import make_engine  # extra: service
+        from pbs2p.service.settings import Settings  # extra: service
 
     engine = make_engine(Settings().db_url)
     try:
