@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.utils
+import transformers.utils.logging
+
 from pbs2p.core.errors import Pbs2pError, requires_extra
 from pbs2p.core.format import export_dense, format_inspect, inspect_artifact
 from pbs2p.workers.evaluation import EvalSpec, evaluate_model
@@ -154,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    # one bar per stage, this command's own: transformers' and huggingface_hub's bars (loading weights, writing
+    # shards, downloads) would be a second bar for the same work
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
     try:
         if args.cmd == "compress":
             _compress(args)

@@ -8,6 +8,7 @@ from typing import Any
 from tqdm import tqdm
 
 _UNITS = {"eval": "window", "evaluate": "model"}
+_FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 class Progress:
@@ -37,17 +38,30 @@ class Progress:
 
 
 class JobBar:
-    """The progress of a job followed over HTTP (each version of the job, as the API returns it)."""
+    """The progress of a job followed over HTTP (each version of the job, as the API returns it): one bar for the
+    whole job, its blocks, with the job's state and stage after it; kept when the state changes (a job that goes
+    back to the queue and resumes moves the same bar), closed when the job is final. State changes are printed
+    above the bar."""
 
     def __init__(self) -> None:
-        self.bar = Progress()
+        self.bar: Any = None
         self.state = ""
 
     def __call__(self, job: dict[str, Any]) -> None:
         p = job.get("progress") or {}
         if job["state"] != self.state:
-            self.bar.close()
             self.state = job["state"]
-            print(f"job {job['id']}: {self.state}", file=sys.stderr)
-        if p.get("stage") == "compress" and p.get("blocks"):
-            self.bar("compress", p["block"], p["blocks"])
+            tqdm.write(f"job {job['id']}: {self.state}", file=sys.stderr)
+        if self.bar is None and p.get("stage") == "compress" and p.get("blocks"):
+            self.bar = tqdm(total=p["blocks"], desc="compress", unit="block", file=sys.stderr)
+        if self.bar is not None:
+            if p.get("stage") == "compress" and p.get("block") is not None:
+                self.bar.update(p["block"] - self.bar.n)
+            self.bar.set_postfix_str(f"{self.state} {p.get('stage', '')}".strip())
+        if self.state in _FINAL:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
