@@ -40,8 +40,11 @@ cd "$work"  # away from the sources: only the installed wheel can be imported
 "$bin/python" - <<'PY'
 from pathlib import Path
 
+import transformers
+
 from pbs2p.testing.tiny import make_model, save_tokenizer, write_text
 
+transformers.utils.logging.disable_progress_bar()  # this script's output: its steps only
 make_model(Path("model"))
 save_tokenizer(Path("model"))
 write_text(Path("calib.txt"))
