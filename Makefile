@@ -29,7 +29,7 @@ lock:
 
 # the built wheel in fresh environments: the core extra alone compresses a tiny model, [service] answers /healthz
 check-wheel: venv
-	tools/check_wheel.sh
+	DEV_PY=$(BIN)/python tools/check_wheel.sh
 
 # the lowest versions pyproject.toml allows, in a fresh environment, against a fast subset of the tests
 lower-bounds: venv
