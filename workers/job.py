@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pbs2p.core.config import CompressionConfig
+from pbs2p.core.errors import requires_extra
 from pbs2p.core.format.manifest import read_manifest
 
 from .evaluation import EvalSpec, check_device, evaluate_model
@@ -135,7 +136,8 @@ def run_job(
     if spec.ray is None:
         report = compress_model(model_dir, out, cfg, calib, progress=progress)
     else:
-        from .distributed import compress_model_ray  # extra: ray
+        with requires_extra("ray", "--ray"):
+            from .distributed import compress_model_ray  # extra: ray
 
         r = spec.ray
         report = compress_model_ray(

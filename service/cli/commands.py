@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.utils
+import transformers.utils.logging
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.errors import Pbs2pError, requires_extra
 from pbs2p.core.format import export_dense, format_inspect, inspect_artifact
 from pbs2p.core.format.export import DTYPES
 from pbs2p.workers.evaluation import EvalSpec, evaluate_model
@@ -189,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    # one bar per stage, this command's own: transformers' and huggingface_hub's bars (loading weights, writing
+    # shards, downloads) would be a second bar for the same work
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
     try:
         if args.cmd == "compress":
             _compress(args)
@@ -203,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             run_generate(args.artifact, args.prompt, args.chat, args.max_new_tokens, args.greedy, args.seed,
                          args.dense, args.device)  # fmt: skip
         elif args.cmd == "demo":
-            from .demo import run_demo  # extra: service
+            with requires_extra("service", "pbs2p demo"):
+                from .demo import run_demo  # extra: service
 
             return run_demo(config_from_args(args), args.out, args.windows)
         elif args.cmd == "serve":
@@ -211,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "keys":
             _keys(args)
         elif args.cmd == "jobs":
-            from .jobs import run_jobs_command  # extra: service
+            with requires_extra("service", "pbs2p jobs"):
+                from .jobs import run_jobs_command  # extra: service
 
             run_jobs_command(args, config_from_args(args) if args.jobs_cmd == "submit" else None)
         elif args.cmd == "db":
@@ -260,8 +268,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from pbs2p.service.server import serve  # extra: service
-    from pbs2p.service.settings import Settings  # extra: service
+    with requires_extra("service", "pbs2p serve"):
+        from pbs2p.service.server import serve  # extra: service
+        from pbs2p.service.settings import Settings  # extra: service
 
     overrides = {
         k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None
@@ -270,8 +279,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _keys(args: argparse.Namespace) -> None:
-    from pbs2p.service.jobstore import JobStore  # extra: service
-    from pbs2p.service.settings import Settings  # extra: service
+    with requires_extra("service", "pbs2p keys"):
+        from pbs2p.service.jobstore import JobStore  # extra: service
+        from pbs2p.service.settings import Settings  # extra: service
 
     store = JobStore(Settings().db_url)
     if args.keys_cmd == "create":
@@ -287,9 +297,10 @@ def _keys(args: argparse.Namespace) -> None:
 
 
 def _db(args: argparse.Namespace) -> None:
-    from pbs2p.service import migrations  # extra: service
-    from pbs2p.service.jobstore import make_engine  # extra: service
-    from pbs2p.service.settings import Settings  # extra: service
+    with requires_extra("service", "pbs2p db"):
+        from pbs2p.service import migrations  # extra: service
+        from pbs2p.service.jobstore import make_engine  # extra: service
+        from pbs2p.service.settings import Settings  # extra: service
 
     engine = make_engine(Settings().db_url)
     try:

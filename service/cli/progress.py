@@ -8,6 +8,7 @@ from typing import Any
 from tqdm import tqdm
 
 _UNITS = {"eval": "window", "evaluate": "model", "downloading": "B"}
+_FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 class Progress:
@@ -38,19 +39,40 @@ class Progress:
 
 
 class JobBar:
-    """The progress of a job followed over HTTP (each version of the job, as the API returns it)."""
+    """The progress of a job followed over HTTP (each version of the job, as the API returns it): one bar for the
+    whole job, with the job's state and stage after it: the bytes of the model's download while it downloads,
+    then its blocks; kept when the state changes (a job that goes back to the queue and resumes moves the same
+    bar), closed when the job is final. State changes are printed above the bar."""
 
     def __init__(self) -> None:
-        self.bar = Progress()
+        self.bar: Any = None
+        self.counting = ""  # what the bar counts: "downloading" (bytes) or "compress" (blocks)
         self.state = ""
 
     def __call__(self, job: dict[str, Any]) -> None:
         p = job.get("progress") or {}
         if job["state"] != self.state:
-            self.bar.close()
             self.state = job["state"]
-            print(f"job {job['id']}: {self.state}", file=sys.stderr)
-        if p.get("stage") == "compress" and p.get("blocks"):
-            self.bar("compress", p["block"], p["blocks"])
-        elif p.get("stage") == "downloading" and p.get("bytes_total"):
-            self.bar("downloading", p["bytes_done"], p["bytes_total"])
+            tqdm.write(f"job {job['id']}: {self.state}", file=sys.stderr)
+        stage = p.get("stage")
+        done, total = (
+            (p.get("block"), p.get("blocks")) if stage == "compress" else (p.get("bytes_done"), p.get("bytes_total"))
+        )
+        if stage in ("downloading", "compress") and total and stage != self.counting:
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc=stage, file=sys.stderr)
+            self.bar.reset(total=total)
+            self.bar.set_description(stage)
+            self.bar.unit, self.bar.unit_scale = ("B", True) if stage == "downloading" else ("block", False)
+            self.counting = stage
+        if self.bar is not None:
+            if stage == self.counting and done is not None:
+                self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(f"{self.state} {stage or ''}".strip())
+        if self.state in _FINAL:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer
 from pbs2p.core.config import CompressionConfig
 from pbs2p.core.format import load_artifact
 from pbs2p.service.cli import commands as cli
+from pbs2p.service.cli import progress
 from pbs2p.service.cli.options import config_from_args
 from pbs2p.testing.artifacts import saved_report
 from pbs2p.testing.cli import run_cli
@@ -63,6 +65,12 @@ def test_cli_compress_then_eval(
     res = json.loads(lines[0])
     assert res["seqlen"] == 16 and res["tokens"] == res["windows"] * 15 == (4 * 60 // 16) * 15
     assert res["ppl"] > 1 and res["ppl"] < 10 * VOCAB
+    # the FP model loads through transformers: its own bar would be a second one beside the command's
+    rc, stdout, err = run_cli(capsys, "eval", str(model), "--data", str(text), "--seqlen", "16", "--windows", "2")
+    assert rc == 0, err
+    assert "perplexity" in stdout
+    bars = {part.split(":")[0].strip() for part in re.split(r"[\r\n]", err) if "%|" in part}
+    assert bars == {"eval"}, err
 
 
 def test_cli_compress_json_report(
@@ -274,3 +282,37 @@ def test_generate_chat_needs_a_template(
     capsys.readouterr()
     rc, out, err = run_cli(capsys, "generate", str(tmp_path / "out"), "--chat")
     assert_one_error(rc, err, "has no chat template", "use --prompt TEXT")
+
+
+def test_a_followed_job_shows_one_bar(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pbs2p demo` / `jobs wait`: one bar for the job's blocks, kept across state changes (a requeued job that
+    resumes moves the same bar), closed when the job is final; each state is printed once."""
+    bars: list[progress.tqdm] = []
+
+    class CountedBar(progress.tqdm):  # type: ignore[misc]
+        def __init__(self, *a: object, **kw: object) -> None:
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(progress, "tqdm", CountedBar)
+    follow = progress.JobBar()
+    blocks = {"stage": "compress", "blocks": 3}
+    for state, p in [
+        ("QUEUED", {}),
+        ("RUNNING", {"stage": "prepare"}),
+        ("RUNNING", {**blocks, "block": 1}),
+        ("QUEUED", {**blocks, "block": 1}),  # its runner died: back to the queue, resumed after block 1
+        ("RUNNING", {**blocks, "block": 2}),
+        ("RUNNING", {**blocks, "block": 3}),
+        ("RUNNING", {"stage": "evaluate"}),
+        ("UPLOADING", {"stage": "upload"}),
+        ("SUCCEEDED", {"stage": "done"}),
+        ("SUCCEEDED", {"stage": "done"}),  # the final GET after the event stream ends
+    ]:
+        follow({"id": "j1", "state": state, "progress": p})
+    assert len(bars) == 1 and bars[0].n == 3 and bars[0].total == 3
+    assert follow.bar is None, "closed once the job is final"
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("job j1: ")] == [
+        f"job j1: {s}" for s in ("QUEUED", "RUNNING", "QUEUED", "RUNNING", "UPLOADING", "SUCCEEDED")
+    ]

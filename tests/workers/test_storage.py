@@ -29,12 +29,12 @@ from pbs2p.workers.storage import (
     LocalStorage,
     ObjectNotFound,
     S3Settings,
-    S3Storage,
     Storage,
     StorageError,
     join_key,
     storage_from_url,
 )
+from pbs2p.workers.storage.s3 import S3Storage
 
 MiB = 1024 * 1024
 CREDS = {"access_key": "testing", "secret_key": "testing"}

