@@ -17,6 +17,7 @@ from ..schemas import JobPublic
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 REPLAY_S = 10.0  # without `since`, the stream starts with the jobs changed in the last seconds (a reconnect's gap)
+SKEW_S = 30.0  # how far apart the clocks of the hosts writing jobs (API, dispatchers) may be
 
 
 @router.get(
@@ -38,10 +39,15 @@ async def tenant_events(
     begins with the jobs changed in the last 10 s."""
     mark = time.time() - REPLAY_S if since is None else since
     interval = min(state.settings.poll_seconds, 1.0)
+    sent: dict[str, float] = {}  # job id -> the updated_at last sent, for the jobs changed within SKEW_S of mark
     while True:
-        changed = await run_in_threadpool(state.store.changed_since, who, mark)
+        # SKEW_S back from the newest change seen: a change stamped by a host whose clock is behind is not missed
+        changed = await run_in_threadpool(state.store.changed_since, who, mark - SKEW_S, 1000)
         for job in changed:
+            if sent.get(job.id) == job.updated_at:
+                continue
+            sent[job.id] = job.updated_at
             mark = max(mark, job.updated_at)
             yield ServerSentEvent(raw_data=JobPublic.of(job).model_dump_json(), event="job", id=f"{job.updated_at:.6f}")
-        if len(changed) < 200:
-            await asyncio.sleep(interval)
+        sent = {k: t for k, t in sent.items() if t >= mark - SKEW_S}
+        await asyncio.sleep(interval)
