@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from pbs2p.service.jobstore import Base, make_engine
+from pbs2p.service.jobrecords import Base
+from pbs2p.service.jobstore import make_engine
 from pbs2p.service.migrations import migration_transaction
 from pbs2p.service.settings import Settings
 

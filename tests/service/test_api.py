@@ -22,7 +22,7 @@ from pbs2p.core.config import CompressionConfig
 from pbs2p.service import lifecycle
 from pbs2p.service.cli import main as cli_main
 from pbs2p.service.client import ApiError, Client
-from pbs2p.service.jobstore import JobRow, JobState, encode_cursor
+from pbs2p.service.jobrecords import JobRow, JobState, encode_cursor
 from pbs2p.testing.hub import LocalHub, model_files, serve_hub
 from pbs2p.testing.servers import Service, running_service
 from pbs2p.testing.tiny import make_model, save_tokenizer

@@ -18,17 +18,17 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from pbs2p.service.jobstore import (
+from pbs2p.service.jobrecords import (
     ACTIVE,
     ApiKeyRow,
     IdempotencyConflict,
     Job,
     JobState,
-    JobStore,
     QueueFull,
     decode_cursor,
     encode_cursor,
 )
+from pbs2p.service.jobstore import JobStore
 
 PG_URL = os.environ.get("PBS2P_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CONFIG: dict[str, Any] = {"method": "pbs2p", "pattern": "6:8"}

@@ -41,7 +41,8 @@ from sqlalchemy import (
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.service import migrations
 from pbs2p.service.cli import main
-from pbs2p.service.jobstore import Base, JobState, JobStore
+from pbs2p.service.jobrecords import Base, JobState
+from pbs2p.service.jobstore import JobStore
 
 PG_URL = os.environ.get("PBS2P_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 HEAD = "0003"

@@ -14,7 +14,7 @@ from pbs2p.core.errors import Pbs2pError
 from pbs2p.workers.model_refs import check_model_ref, check_text, with_revision
 
 from ... import lifecycle
-from ...jobstore import IdempotencyConflict, JobState, QueueFull, decode_cursor, encode_cursor
+from ...jobrecords import IdempotencyConflict, JobState, QueueFull, decode_cursor, encode_cursor
 from ...webhooks import check_webhook_url
 from ..deps import AppState, JobId, OwnJob, State, Tenant, find_job
 from ..problems import Problem, error_responses, invalid_field
