@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 _UNITS = {"eval": "window", "evaluate": "model"}
 _FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+_AFTER_COMPRESS = {"evaluate", "upload", "done"}
 
 
 class Progress:
@@ -57,6 +58,8 @@ class JobBar:
         if self.bar is not None:
             if p.get("stage") == "compress" and p.get("block") is not None:
                 self.bar.update(p["block"] - self.bar.n)
+            elif p.get("stage") in _AFTER_COMPRESS or self.state == "SUCCEEDED":  # the last block's event may be
+                self.bar.update(self.bar.total - self.bar.n)  # folded into the next one's
             self.bar.set_postfix_str(f"{self.state} {p.get('stage', '')}".strip())
         if self.state in _FINAL:
             self.close()

