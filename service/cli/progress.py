@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 _UNITS = {"eval": "window", "evaluate": "model", "downloading": "B"}
 _FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+_AFTER_COMPRESS = {"evaluate", "upload", "done"}
 
 
 class Progress:
@@ -68,6 +69,8 @@ class JobBar:
         if self.bar is not None:
             if stage == self.counting and done is not None:
                 self.bar.update(done - self.bar.n)
+            elif self.counting == "compress" and (stage in _AFTER_COMPRESS or self.state == "SUCCEEDED"):
+                self.bar.update(self.bar.total - self.bar.n)  # the last block's event may be folded into the next
             self.bar.set_postfix_str(f"{self.state} {stage or ''}".strip())
         if self.state in _FINAL:
             self.close()

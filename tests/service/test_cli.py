@@ -303,8 +303,7 @@ def test_a_followed_job_shows_one_bar(monkeypatch: pytest.MonkeyPatch, capsys: p
         ("RUNNING", {**blocks, "block": 1}),
         ("QUEUED", {**blocks, "block": 1}),  # its runner died: back to the queue, resumed after block 1
         ("RUNNING", {**blocks, "block": 2}),
-        ("RUNNING", {**blocks, "block": 3}),
-        ("RUNNING", {"stage": "evaluate"}),
+        ("RUNNING", {"stage": "evaluate"}),  # block 3's own event was folded into this one
         ("UPLOADING", {"stage": "upload"}),
         ("SUCCEEDED", {"stage": "done"}),
         ("SUCCEEDED", {"stage": "done"}),  # the final GET after the event stream ends
