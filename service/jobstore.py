@@ -45,6 +45,8 @@ from .jobrecords import (
 )
 
 log = logging.getLogger(__name__)
+_ACTIVE = [a.value for a in ACTIVE]  # as stored in the state column
+_TERMINAL = [st.value for st in JobState if st.terminal]
 
 
 def make_engine(url: str) -> Engine:
@@ -254,16 +256,14 @@ class JobStore:
 
     def remove(self, job_id: str) -> bool:
         """Delete the row of a finished job (its artifact and checkpoints are removed first, by the caller)."""
-        terminal = [st.value for st in JobState if st.terminal]
         with self.session() as s:
-            res = s.execute(delete(JobRow).where(JobRow.id == job_id, JobRow.state.in_(terminal)))
+            res = s.execute(delete(JobRow).where(JobRow.id == job_id, JobRow.state.in_(_TERMINAL)))
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
     def deleted_and_finished(self) -> list[Job]:
         """Jobs deleted while running whose run has ended: what is left to remove."""
-        terminal = [st.value for st in JobState if st.terminal]
         with self.session() as s:
-            q = select(JobRow).where(JobRow.deleted_at.is_not(None), JobRow.state.in_(terminal))
+            q = select(JobRow).where(JobRow.deleted_at.is_not(None), JobRow.state.in_(_TERMINAL))
             return [Job.of(r) for r in s.scalars(q.limit(100))]
 
     def expired_artifacts(self, finished_before: float) -> list[Job]:
@@ -328,7 +328,7 @@ class JobStore:
         return (
             select(func.count())
             .select_from(other)
-            .where(other.tenant == tenant, other.state.in_([a.value for a in ACTIVE]))
+            .where(other.tenant == tenant, other.state.in_(_ACTIVE))
             .scalar_subquery()
         )
 
@@ -347,7 +347,7 @@ class JobStore:
         active = dict(
             s.execute(
                 select(JobRow.tenant, func.count())
-                .where(JobRow.state.in_([a.value for a in ACTIVE]), JobRow.tenant.in_(list(waiting)))
+                .where(JobRow.state.in_(_ACTIVE), JobRow.tenant.in_(list(waiting)))
                 .group_by(JobRow.tenant)
             ).all()
         )
@@ -379,7 +379,7 @@ class JobStore:
         with self.session() as s:
             s.execute(
                 update(JobRow)
-                .where(JobRow.id.in_(ids), JobRow.owner == owner, JobRow.state.in_([a.value for a in ACTIVE]))
+                .where(JobRow.id.in_(ids), JobRow.owner == owner, JobRow.state.in_(_ACTIVE))
                 .values(heartbeat_at=time.time())
             )
 
@@ -390,7 +390,7 @@ class JobStore:
         with self.session() as s:
             s.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.owner == owner, JobRow.state.in_([a.value for a in ACTIVE]))
+                .where(JobRow.id == job_id, JobRow.owner == owner, JobRow.state.in_(_ACTIVE))
                 .values(progress=dumps(progress), heartbeat_at=now, updated_at=now)
             )
             row = s.scalar(select(JobRow).where(JobRow.id == job_id))
@@ -404,7 +404,7 @@ class JobStore:
         limit = time.time() - lease_seconds
         dead = list(dead_owners)
         with self.session() as s:
-            stale = select(JobRow.id, JobRow.state).where(JobRow.state.in_([a.value for a in ACTIVE]))
+            stale = select(JobRow.id, JobRow.state).where(JobRow.state.in_(_ACTIVE))
             rows = [
                 (r.id, r.state) for r in s.execute(stale.where((JobRow.heartbeat_at < limit) | JobRow.owner.in_(dead)))
             ]
@@ -421,7 +421,7 @@ class JobStore:
 
     def owners(self) -> list[str]:
         with self.session() as s:
-            q = select(JobRow.owner).where(JobRow.state.in_([a.value for a in ACTIVE])).distinct()
+            q = select(JobRow.owner).where(JobRow.state.in_(_ACTIVE)).distinct()
             return [o for o in s.scalars(q) if o is not None]
 
     def counts(self) -> dict[str, int]:
@@ -434,7 +434,7 @@ class JobStore:
 
     def active_by_tenant(self) -> dict[tuple[str, str], int]:
         """(tenant, state) -> jobs, for the queued and active states (for /metrics: queue depth per tenant)."""
-        wanted = [JobState.QUEUED.value, *(a.value for a in ACTIVE)]
+        wanted = [JobState.QUEUED.value, *_ACTIVE]
         with self.session() as s:
             q = select(JobRow.tenant, JobRow.state, func.count()).where(JobRow.state.in_(wanted))
             rows = s.execute(q.group_by(JobRow.tenant, JobRow.state)).all()

@@ -14,7 +14,7 @@ from pbs2p.core.errors import Pbs2pError
 from pbs2p.workers.model_refs import check_model_ref, check_text, with_revision
 
 from ... import lifecycle
-from ...jobrecords import IdempotencyConflict, JobState, QueueFull, decode_cursor, encode_cursor
+from ...jobrecords import ACTIVE, IdempotencyConflict, JobState, QueueFull, decode_cursor, encode_cursor
 from ...webhooks import check_webhook_url
 from ..deps import AppState, JobId, OwnJob, State, Tenant, find_job
 from ..problems import Problem, error_responses, invalid_field
@@ -165,7 +165,7 @@ def delete_job(job: OwnJob, state: State) -> Response:
     its dispatcher. Either way the job is 404 from now on."""
     store = state.store
     for _ in range(5):  # the job may move on between the read and the compare-and-set
-        if job.state in (JobState.RUNNING, JobState.UPLOADING, JobState.CANCELLING):
+        if job.state in ACTIVE:
             if store.mark_deleted(job.id, [job.state], JobState.CANCELLING):
                 return Response(status_code=202)
         elif store.mark_deleted(job.id, [job.state], JobState.CANCELLED if job.state == JobState.QUEUED else job.state):
