@@ -1,7 +1,8 @@
 """Writing an artifact (docs/artifact-format.md, "Files"): block by block, manifest last, renamed into place.
 
-The directory: the source model's config/tokenizer files, safetensors shards `pbs2p-<part>-<k>.safetensors`
-(one part per decoder block plus `rest`, split at a size limit), the run's timings, and the manifest, written
+The directory: the source model's config (with `quantization_config`) and tokenizer files, safetensors shards `pbs2p-<part>-<k>.safetensors`
+(one part per decoder block plus `rest`, split at a size limit), their index for transformers, the run's timings,
+and the manifest, written
 last, with the format version, the source model (hub id and commit when fetched from a hub, and the sha256 of
 each source file), the compression config, per file size and sha256, per tensor dtype and shape,
 per compressed linear its layout and bit counts, and the compression report.
@@ -24,6 +25,7 @@ from ..errors import Pbs2pError
 from ..solver import LinearResult
 from .linear import linear_bits, pack_linear
 from .manifest import (
+    HF_INDEX_FILE,
     MANIFEST_FILE,
     SEP,
     ST_DTYPES,
@@ -31,6 +33,8 @@ from .manifest import (
     build_manifest,
     dump_manifest,
     file_sha256,
+    hf_config_json,
+    hf_index_json,
     model_source,
     nbytes,
     split_timings,
@@ -146,14 +150,20 @@ class ArtifactWriter:
         self.files[fname] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
 
     def finish(self, report: Any) -> Path:
-        """Copy the source's config/tokenizer/generation files, write manifest.json last, rename into place."""
+        """Copy the source's config (with `quantization_config`), tokenizer and generation files, write the weight
+        index transformers reads, then manifest.json last, and rename into place."""
         rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
         for f in sorted(self.model_dir.iterdir()):  # config, tokenizer, generation config, chat template
             if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES):
                 if f.name == MANIFEST_FILE:
                     continue
-                shutil.copyfile(f, self.tmp / f.name)
+                if f.name == "config.json":  # + quantization_config: what transformers needs (pbs2p.hf)
+                    (self.tmp / f.name).write_text(hf_config_json(f.read_text()))
+                else:
+                    shutil.copyfile(f, self.tmp / f.name)
                 self._record(f.name)
+        (self.tmp / HF_INDEX_FILE).write_text(hf_index_json(self.tensors))
+        self._record(HF_INDEX_FILE)
         # wall-clock timings differ from run to run: they go to timings.json (not hashed, not in the manifest),
         # so the same config, model and calibration give a byte-identical artifact
         rep, timings = split_timings(rep)
