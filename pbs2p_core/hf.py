@@ -57,7 +57,7 @@ class Pbs2pConfig(QuantizationConfigMixin):
         weights: str = HF_INDEX_FILE,
         **unknown: Any,  # fields of a later pbs2p: ignored, as readers of the manifest ignore them
     ) -> None:
-        self.quant_method = QUANT_METHOD
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # a str: transformers knows no enum for it
         self.format = format
         self.format_version = format_version
         self.weights = weights
@@ -105,7 +105,9 @@ class PackedSlot(nn.Module):
         if not dot:
             return self, f"weight{SEP}{field_}"
         if "." in tail:
-            raise ArtifactError(f"{self.name}: packed field {field_!r} has more than one dot; this pbs2p cannot load it")
+            raise ArtifactError(
+                f"{self.name}: packed field {field_!r} has more than one dot; this pbs2p cannot load it"
+            )
         child = f"weight{SEP}{head}"
         if create and not hasattr(self, child):
             self.add_module(child, nn.Module())

@@ -122,7 +122,12 @@ def totals(linears: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, Mappi
 
 def hf_quantization_config() -> dict[str, Any]:
     """config.json's `quantization_config` of an artifact (docs/artifact-format.md, "Loading in transformers")."""
-    return {"quant_method": QUANT_METHOD, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "weights": HF_INDEX_FILE}
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "weights": HF_INDEX_FILE,
+    }
 
 
 def hf_config_json(source_config: str) -> str:

@@ -1,11 +1,10 @@
 """Writing an artifact (docs/artifact-format.md, "Files"): block by block, manifest last, renamed into place.
 
-The directory: the source model's config (with `quantization_config`) and tokenizer files, safetensors shards `pbs2p-<part>-<k>.safetensors`
-(one part per decoder block plus `rest`, split at a size limit), their index for transformers, the run's timings,
-and the manifest, written
-last, with the format version, the source model (hub id and commit when fetched from a hub, and the sha256 of
-each source file), the compression config, per file size and sha256, per tensor dtype and shape,
-per compressed linear its layout and bit counts, and the compression report.
+The directory: the source model's config (with `quantization_config`) and tokenizer files, safetensors shards
+`pbs2p-<part>-<k>.safetensors` (one part per decoder block plus `rest`, split at a size limit), their index for
+transformers, the run's timings, and the manifest, written last, with the format version, the source model (hub id
+and commit when fetched from a hub, and the sha256 of each source file), the compression config, per file size
+and sha256, per tensor dtype and shape, per compressed linear its layout and bit counts, and the compression report.
 """
 
 from __future__ import annotations
