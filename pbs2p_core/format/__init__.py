@@ -11,7 +11,7 @@ from .inspect import format_inspect, inspect_artifact
 from .linear import decode_linear, pack_linear, unpack_linear
 from .loader import PackedLinear, dense_state_dict, is_artifact, load_artifact, verify_artifact
 from .manifest import FORMAT_VERSION, MANIFEST_FILE, TIMINGS_FILE
-from .writer import ArtifactWriter
+from .writer import ArtifactWriter, add_transformers_files
 
 __all__ = [
     "FORMAT_VERSION",
@@ -20,6 +20,7 @@ __all__ = [
     "ArtifactError",
     "ArtifactWriter",
     "PackedLinear",
+    "add_transformers_files",
     "decode_linear",
     "dense_state_dict",
     "export_dense",

@@ -23,6 +23,7 @@ from ..config import CompressionConfig
 from ..errors import Pbs2pError
 from ..solver import LinearResult
 from .linear import linear_bits, pack_linear
+from .loader import verify_artifact
 from .manifest import (
     HF_INDEX_FILE,
     MANIFEST_FILE,
@@ -176,3 +177,29 @@ class ArtifactWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def add_transformers_files(path: Path) -> Path:
+    """Give an artifact written before `pbs2p.hf` existed what transformers' `from_pretrained` needs: config.json
+    with `quantization_config` and the weight index, as `finish` writes them today (the result is byte-identical
+    to a fresh compression's). Verifies the artifact first; the tensors are not touched; the manifest (its file
+    table gains the two files) replaces the old one last. A current artifact comes out unchanged."""
+    art = verify_artifact(path)
+    files = dict(art.manifest["files"])
+    new = {
+        "config.json": hf_config_json((art.path / "config.json").read_text()),
+        HF_INDEX_FILE: hf_index_json(art.manifest["tensors"]),
+    }
+    staged = []
+    for name, text in new.items():
+        tmp = art.path / f".{name}.partial-{os.getpid()}"
+        tmp.write_text(text)
+        files[name] = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        staged.append((tmp, art.path / name))
+    manifest = {**art.manifest, "files": {k: files[k] for k in sorted(files)}}
+    tmp = art.path / f".{MANIFEST_FILE}.partial-{os.getpid()}"
+    tmp.write_text(dump_manifest(manifest))
+    staged.append((tmp, art.path / MANIFEST_FILE))
+    for src, dst in staged:  # the manifest last: renames only, nothing left to fail in between
+        os.replace(src, dst)
+    return art.path

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 import pbs2p.hf
 from pbs2p.core.config import CompressionConfig
 from pbs2p.core.errors import ArtifactError, Pbs2pError
-from pbs2p.core.format import PackedLinear, load_artifact, verify_artifact
+from pbs2p.core.format import TIMINGS_FILE, PackedLinear, add_transformers_files, load_artifact, verify_artifact
 from pbs2p.core.format.manifest import HF_INDEX_FILE, MANIFEST_FILE, QUANT_METHOD, file_sha256
 from pbs2p.testing.real import first_blocks
 from pbs2p.testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config
@@ -230,9 +230,10 @@ def test_an_artifact_for_another_model_is_refused(tiny: Tiny, tmp_path: Path) ->
         AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_an_artifact_without_quantization_config_loads_with_the_projects_loader(tiny: Tiny, tmp_path: Path) -> None:
+def test_an_older_artifact_loads_with_the_projects_loader_and_after_its_fix_up(tiny: Tiny, tmp_path: Path) -> None:
     """An artifact written before pbs2p.hf (no quantization_config, no index): the project's loader reads it; in
-    transformers, even with pbs2p.hf imported, it is no model (no weights transformers knows)."""
+    transformers, even with pbs2p.hf imported, it is no model (no weights transformers knows) until
+    `add_transformers_files` gives it what a fresh compression writes."""
     out = tmp_path / "old"
     shutil.copytree(tiny.out, out)
     config = json.loads((out / "config.json").read_text())
@@ -245,6 +246,18 @@ def test_an_artifact_without_quantization_config_loads_with_the_projects_loader(
     )
     with pytest.raises(OSError, match="no file named model.safetensors"):
         AutoModelForCausalLM.from_pretrained(out)
+    # the fix-up: what a fresh compression writes, byte for byte; then from_pretrained reads it
+    add_transformers_files(out)
+    for f in tiny.out.iterdir():
+        if f.name != TIMINGS_FILE:
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny.out.iterdir())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        got = model(input_ids=tiny.ids, use_cache=False).logits
+    assert torch.equal(got, reference(tiny.out, "packed", torch.float32, tiny.ids))
+    add_transformers_files(out)  # a current artifact comes out unchanged
+    assert (out / MANIFEST_FILE).read_bytes() == (tiny.out / MANIFEST_FILE).read_bytes()
 
 
 def test_pbs2p_does_not_compress_while_loading(tmp_path: Path) -> None:
