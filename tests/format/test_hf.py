@@ -260,6 +260,31 @@ def test_an_older_artifact_loads_with_the_projects_loader_and_after_its_fix_up(t
     assert (out / MANIFEST_FILE).read_bytes() == (tiny.out / MANIFEST_FILE).read_bytes()
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_other_families_biases_and_skipped_linears(family: str, tmp_path: Path) -> None:
+    """Qwen2's q/k/v have biases (loaded into the packed linears), Gemma 3 has sliding and full attention; a
+    linear left uncompressed (`skip_modules`) stays an ordinary nn.Linear with its stored weight."""
+    src = make_model(tmp_path / "src", family=family)
+    biases = {n: t for n, t in src.named_parameters() if n.endswith(".bias")}
+    assert (family == "qwen2") == bool(biases)
+    with torch.no_grad():  # transformers initialises biases to zero: give them values that show
+        for t in biases.values():
+            t.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(t.numel()))
+    src.save_pretrained(tmp_path / "src")
+    compress_model(tmp_path / "src", tmp_path / "out", tiny_job_config(skip_modules=("*.mlp.down_proj",)), calib_ids())
+    ids = calib_ids()[:2]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, PackedLinear) and isinstance(layer.mlp.up_proj, PackedLinear)
+    assert type(layer.mlp.down_proj) is torch.nn.Linear
+    loaded = dict(model.named_parameters())
+    for name, t in biases.items():
+        assert torch.equal(loaded[name], t), name
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(got, reference(tmp_path / "out", "packed", torch.float32, ids))
+
+
 def test_pbs2p_does_not_compress_while_loading(tmp_path: Path) -> None:
     make_model(tmp_path / "src")
     with pytest.raises(Pbs2pError, match="pbs2p does not compress while loading"):
