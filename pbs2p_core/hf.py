@@ -8,7 +8,8 @@ Importing this module (as `import pbs2p.hf`) registers `Pbs2pConfig` and `Pbs2pH
   transformers at the artifact's weight index (`transformers_weights` = `pbs2p.safetensors.index.json`). An
   artifact has no `model.safetensors*`: where the quantizer is not registered, transformers warns about the
   unknown quant_method and then raises "no file named model.safetensors", never building random weights.
-- Before the weights load: the whole artifact is verified (`verify_artifact`: every sha256, header, layout), its
+- Before the weights load (from a hub: the manifest and the files transformers did not fetch are fetched at the
+  same commit): the whole artifact is verified (`verify_artifact`: every sha256, header, layout), its
   tensors are checked against the model the config builds, and every compressed `nn.Linear` is replaced by a
   `PackedSlot` whose meta-device buffers carry the artifact's tensor names (`weight:sign`, and `weight:scale`
   holding `alpha`, ... for `weight:scale.alpha`), so transformers loads the packed tensors as they are stored
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from accelerate.hooks import add_hook_to_module
+from huggingface_hub import hf_hub_download
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -43,6 +45,7 @@ from .format.manifest import (
     QUANT_METHOD,
     SEP,
     ST_TORCH,
+    read_manifest,
 )
 
 
@@ -133,15 +136,33 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def _artifact_of(checkpoint_files: list[str] | None) -> Artifact:
+def _fetch_from_hub(path: Path, repo_id: str) -> None:
+    """A hub snapshot (`<cache>/models--org--name/snapshots/<commit>/`) where transformers fetched config.json, the
+    index and the tensor files: fetch the manifest and every other file it lists, at the same commit."""
+    hint = (
+        f"{path} holds the artifact's weights but not its {MANIFEST_FILE}: pbs2p loads a whole artifact (download "
+        f"it, e.g. `hf download REPO --local-dir DIR`, and load DIR)"
+    )
+    if path.parent.name != "snapshots" or Path(repo_id).exists():
+        raise ArtifactError(hint)
+    commit, cache = path.name, path.parents[2]
+    try:
+        hf_hub_download(repo_id, MANIFEST_FILE, revision=commit, cache_dir=cache)
+        for fname in sorted(read_manifest(path)["files"]):
+            if not (path / fname).is_file():
+                hf_hub_download(repo_id, fname, revision=commit, cache_dir=cache)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # the hub client's errors (network, missing file, auth): the hint says what to do
+        raise ArtifactError(f"{hint} ({type(exc).__name__}: {exc})") from exc
+
+
+def _artifact_of(checkpoint_files: list[str] | None, repo_id: str) -> Artifact:
     if not checkpoint_files:
         raise ArtifactError("transformers found no weight files of the artifact")
     path = Path(checkpoint_files[0]).parent
     if not (path / MANIFEST_FILE).is_file():
-        raise ArtifactError(
-            f"{path} holds the artifact's weights but not its {MANIFEST_FILE}: pbs2p loads a whole artifact "
-            f"directory (from a hub, download it first, e.g. `hf download REPO --local-dir DIR`, and load DIR)"
-        )
+        _fetch_from_hub(path, repo_id)
     art = verify_artifact(path)  # every file's size and sha256, headers, layouts: nothing partly checked is used
     got = sorted({Path(f).name for f in checkpoint_files})
     if got != art.tensor_files() or any(Path(f).parent != path for f in checkpoint_files):
@@ -204,7 +225,7 @@ class Pbs2pHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        art = _artifact_of(kwargs.get("checkpoint_files"))
+        art = _artifact_of(kwargs.get("checkpoint_files"), str(getattr(model.config, "name_or_path", "")))
         for name, meta in sorted(art.linears.items()):
             mod_name = name.removesuffix(".weight")
             try:

@@ -24,6 +24,7 @@ from pbs2p.core.config import CompressionConfig
 from pbs2p.core.errors import ArtifactError, Pbs2pError
 from pbs2p.core.format import TIMINGS_FILE, PackedLinear, add_transformers_files, load_artifact, verify_artifact
 from pbs2p.core.format.manifest import HF_INDEX_FILE, MANIFEST_FILE, QUANT_METHOD, file_sha256
+from pbs2p.testing.hub import model_files, serve_hub
 from pbs2p.testing.real import first_blocks
 from pbs2p.testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config
 from pbs2p.workers.local import compress_model
@@ -99,15 +100,36 @@ print("LOADED", type(model).__name__)
 """
 
 
-def fresh(code: str, *args: Any) -> subprocess.CompletedProcess[str]:
+# A fresh interpreter: from_pretrained of hub ids (HF_ENDPOINT: pbs2p.testing.hub's server). argv: ids (.pt), results
+# (.pt), repo ids.
+HUB = r"""
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+import pbs2p.hf
+
+ids, out, res = torch.load(sys.argv[1]), sys.argv[2], {}
+for repo in sys.argv[3:]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
+        with torch.no_grad():
+            res[repo] = model(input_ids=ids, use_cache=False).logits
+    except Exception as exc:
+        res[repo] = f"{type(exc).__name__}: {exc}"
+torch.save(res, out)
+"""
+
+
+def fresh(code: str, *args: Any, **env_vars: str) -> subprocess.CompletedProcess[str]:
     """`code` in a new interpreter that sees the installed packages and this checkout of pbs2p (as an editable
-    install does), nothing imported beforehand, one thread."""
+    install does), nothing imported beforehand, one thread, offline unless `env_vars` say otherwise."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
+        **env_vars,
     }
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True, timeout=600
@@ -205,6 +227,26 @@ def rehash(out: Path) -> None:
         "sha256": file_sha256(out / "config.json"),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(man))
+
+
+def test_from_a_hub(tiny: Tiny, tmp_path: Path) -> None:
+    """A hub id: transformers fetches config.json, the index and the tensor files; the quantizer fetches the
+    manifest and the rest at the same commit, verifies, loads packed. A repo without the manifest is refused."""
+    files = model_files(tiny.out)
+    with serve_hub() as hub:
+        hub.add_commit("org/art", files)
+        hub.add_commit("org/no-manifest", {k: v for k, v in files.items() if k != MANIFEST_FILE})
+        torch.save(tiny.ids, tmp_path / "ids.pt")
+        run = fresh(
+            HUB, tmp_path / "ids.pt", tmp_path / "res.pt", "org/art", "org/no-manifest",
+            HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1",
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert hub.got("GET", f"/{MANIFEST_FILE}")
+    res = torch.load(tmp_path / "res.pt")
+    assert isinstance(res["org/art"], torch.Tensor), res["org/art"]
+    assert torch.equal(res["org/art"], reference(tiny.out, "packed", torch.float32, tiny.ids))
+    assert "ArtifactError" in res["org/no-manifest"] and "download it" in res["org/no-manifest"]
 
 
 def test_a_damaged_artifact_is_refused(tiny: Tiny, tmp_path: Path) -> None:
