@@ -1,8 +1,9 @@
 """The compressed artifact, format v1 (docs/artifact-format.md).
 
 bitpack: bit streams, integer codes, the N:M rank code and the mask. linear: the codec of one compressed
-linear. manifest: names, safetensors dtypes and header, the manifest. writer: `ArtifactWriter`. loader:
-verification, iteration, decoding, loading as a model. inspect: bit accounting. export: a dense checkpoint.
+linear. manifest: names, safetensors dtypes and header, the manifest. writer: `ArtifactWriter` (and
+`add_transformers_files` for artifacts written before `pbs2p.hf`). loader: verification, iteration, decoding,
+loading as a model. inspect: bit accounting. export: a dense checkpoint.
 """
 
 from ..errors import ArtifactError

@@ -168,9 +168,9 @@ def test_the_artifact_carries_what_transformers_needs(tiny: Tiny) -> None:
     index = json.loads((tiny.out / HF_INDEX_FILE).read_text())
     man = verify_artifact(tiny.out).manifest
     assert index["weight_map"] == {k: t["file"] for k, t in man["tensors"].items()}
-    assert index["metadata"]["total_size"] == sum(
-        (tiny.out / f).stat().st_size for f in set(index["weight_map"].values())
-    ) - sum(8 + int.from_bytes((tiny.out / f).read_bytes()[:8], "little") for f in set(index["weight_map"].values()))
+    shards = set(index["weight_map"].values())
+    headers = sum(8 + int.from_bytes((tiny.out / f).read_bytes()[:8], "little") for f in shards)
+    assert index["metadata"]["total_size"] == sum((tiny.out / f).stat().st_size for f in shards) - headers  # data
     assert {HF_INDEX_FILE, "config.json"} <= set(man["files"])  # hashed like every file
     assert not list(tiny.out.glob("model*.safetensors*"))  # nothing transformers finds without the quantizer
 
