@@ -327,6 +327,13 @@ def test_other_families_biases_and_skipped_linears(family: str, tmp_path: Path) 
     assert torch.equal(got, reference(tmp_path / "out", "packed", torch.float32, ids))
 
 
+def test_device_maps(tiny: Tiny, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny.out, dtype=torch.float32, device_map={"": "cpu"})
+    assert isinstance(model.model.layers[1].mlp.down_proj, PackedLinear)
+    with pytest.raises(Pbs2pError, match="cannot be offloaded to disk"):
+        AutoModelForCausalLM.from_pretrained(tiny.out, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
+
+
 def test_pbs2p_does_not_compress_while_loading(tmp_path: Path) -> None:
     make_model(tmp_path / "src")
     with pytest.raises(Pbs2pError, match="pbs2p does not compress while loading"):
