@@ -52,6 +52,23 @@ PY
 "$bin/pbs2p" compress model -o out --calib calib.txt --calib-samples 4 --seqlen 32 > compress.log 2>&1 \
     || { cat compress.log; fail "pbs2p compress of a tiny model"; }
 "$bin/pbs2p" inspect out > /dev/null
+step "transformers' from_pretrained of the artifact: refused without pbs2p.hf, packed with it"
+"$bin/python" -c "from transformers import AutoModelForCausalLM as A; A.from_pretrained('out')" > plain.log 2>&1 \
+    && fail "from_pretrained without pbs2p.hf loaded the artifact"
+grep -q "no file named model.safetensors" plain.log || { cat plain.log; fail "from_pretrained without pbs2p.hf"; }
+"$bin/python" - <<'PY' || fail "from_pretrained with pbs2p.hf"
+import torch
+from transformers import AutoModelForCausalLM
+
+import pbs2p.hf
+from pbs2p.core.format import PackedLinear, load_artifact
+
+model = AutoModelForCausalLM.from_pretrained("out", dtype=torch.float32)
+assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 14
+ids = torch.arange(1, 17)[None]
+with torch.no_grad():
+    assert torch.equal(model(input_ids=ids).logits, load_artifact("out", mode="packed")(input_ids=ids).logits)
+PY
 rc=0
 "$bin/pbs2p" serve > serve.log 2>&1 || rc=$?
 [ "$rc" = 2 ] && grep -q "pip install 'pbs2p\[service\]'" serve.log || { cat serve.log; fail "serve without [service]"; }

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ..errors import Pbs2pError
 from .loader import Artifact, iter_dense, verify_artifact
-from .manifest import nbytes
+from .manifest import HF_INDEX_FILE, nbytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default, "5GB"
@@ -51,9 +51,10 @@ def export_dense(path: Path, out_dir: Path, dtype: str = "auto", max_shard_bytes
         _write_shards(art, tmp, DTYPES[name], shard_bytes)
         tensor_files = set(art.tensor_files())
         for fname in sorted(art.manifest["files"]):
-            if fname not in tensor_files and fname != "config.json":
+            if fname not in tensor_files and fname not in ("config.json", HF_INDEX_FILE):
                 shutil.copyfile(art.path / fname, tmp / fname)
         config["dtype"] = name
+        config.pop("quantization_config", None)  # the weights are dense now
         config.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if out.exists():

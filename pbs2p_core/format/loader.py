@@ -206,6 +206,8 @@ def load_artifact(
     path = art.path
     try:
         config = AutoConfig.from_pretrained(path)  # never trust_remote_code
+        if hasattr(config, "quantization_config"):  # for transformers' from_pretrained (pbs2p.hf), not this model
+            del config.quantization_config
         model: Any = empty_causal_lm(config, dtype)  # parameters on meta, no double allocation
     except (ValueError, OSError, KeyError) as exc:
         raise ArtifactError(f"{path / 'config.json'} does not describe a model transformers can build: {exc}") from None

@@ -26,6 +26,11 @@ TIMINGS_FILE = "timings.json"  # wall-clock timings of the run: not hashed, not 
 # written by the fetch once the files are verified; the manifest's `source` is taken from it
 SOURCE_FILE = ".pbs2p-source.json"
 SEP = ":"  # packed tensor name = f"{weight name}{SEP}{field}", e.g. model.layers.0.mlp.up_proj.weight:sign
+# transformers' `from_pretrained` (pbs2p.hf): config.json's `quantization_config` names the method, and the weight
+# index that only the registered quantizer points transformers at (no `model.safetensors*`: without the quantizer,
+# transformers finds no weights and raises instead of building a randomly initialised model)
+QUANT_METHOD = "pbs2p"
+HF_INDEX_FILE = "pbs2p.safetensors.index.json"
 
 # safetensors dtype names (the header's "dtype" field) and item sizes
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -113,6 +118,35 @@ def totals(linears: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, Mappi
         "uncompressed_tensors": len(other),
         "uncompressed_bytes": sum(other),
     }
+
+
+def hf_quantization_config() -> dict[str, Any]:
+    """config.json's `quantization_config` of an artifact (docs/artifact-format.md, "Loading in transformers")."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "weights": HF_INDEX_FILE,
+    }
+
+
+def hf_config_json(source_config: str) -> str:
+    """The artifact's config.json: the source model's, with `quantization_config` (any earlier one replaced)."""
+    try:
+        config = json.loads(source_config)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"the source model's config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ArtifactError("the source model's config.json is not a JSON object")
+    config["quantization_config"] = hf_quantization_config()
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def hf_index_json(tensors: Mapping[str, Mapping[str, Any]]) -> str:
+    """The weight index transformers reads (`{"metadata": {"total_size"}, "weight_map": {tensor: file}}`)."""
+    total = sum(math.prod(t["shape"]) * ST_SIZES[t["dtype"]] for t in tensors.values())
+    weight_map = {k: tensors[k]["file"] for k in sorted(tensors)}
+    return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
 
 
 def split_timings(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,10 +1,10 @@
 """Writing an artifact (docs/artifact-format.md, "Files"): block by block, manifest last, renamed into place.
 
-The directory: the source model's config/tokenizer files, safetensors shards `pbs2p-<part>-<k>.safetensors`
-(one part per decoder block plus `rest`, split at a size limit), the run's timings, and the manifest, written
-last, with the format version, the source model (hub id and commit when fetched from a hub, and the sha256 of
-each source file), the compression config, per file size and sha256, per tensor dtype and shape,
-per compressed linear its layout and bit counts, and the compression report.
+The directory: the source model's config (with `quantization_config`) and tokenizer files, safetensors shards
+`pbs2p-<part>-<k>.safetensors` (one part per decoder block plus `rest`, split at a size limit), their index for
+transformers, the run's timings, and the manifest, written last, with the format version, the source model (hub id
+and commit when fetched from a hub, and the sha256 of each source file), the compression config, per file size
+and sha256, per tensor dtype and shape, per compressed linear its layout and bit counts, and the compression report.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from ..config import CompressionConfig
 from ..errors import Pbs2pError
 from ..solver import LinearResult
 from .linear import linear_bits, pack_linear
+from .loader import verify_artifact
 from .manifest import (
+    HF_INDEX_FILE,
     MANIFEST_FILE,
     SEP,
     ST_DTYPES,
@@ -31,6 +33,8 @@ from .manifest import (
     build_manifest,
     dump_manifest,
     file_sha256,
+    hf_config_json,
+    hf_index_json,
     model_source,
     nbytes,
     split_timings,
@@ -146,14 +150,20 @@ class ArtifactWriter:
         self.files[fname] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
 
     def finish(self, report: Any) -> Path:
-        """Copy the source's config/tokenizer/generation files, write manifest.json last, rename into place."""
+        """Copy the source's config (with `quantization_config`), tokenizer and generation files, write the weight
+        index transformers reads, then manifest.json last, and rename into place."""
         rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
         for f in sorted(self.model_dir.iterdir()):  # config, tokenizer, generation config, chat template
             if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES):
                 if f.name == MANIFEST_FILE:
                     continue
-                shutil.copyfile(f, self.tmp / f.name)
+                if f.name == "config.json":  # + quantization_config: what transformers needs (pbs2p.hf)
+                    (self.tmp / f.name).write_text(hf_config_json(f.read_text()))
+                else:
+                    shutil.copyfile(f, self.tmp / f.name)
                 self._record(f.name)
+        (self.tmp / HF_INDEX_FILE).write_text(hf_index_json(self.tensors))
+        self._record(HF_INDEX_FILE)
         # wall-clock timings differ from run to run: they go to timings.json (not hashed, not in the manifest),
         # so the same config, model and calibration give a byte-identical artifact
         rep, timings = split_timings(rep)
@@ -167,3 +177,29 @@ class ArtifactWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def add_transformers_files(path: Path) -> Path:
+    """Give an artifact written before `pbs2p.hf` existed what transformers' `from_pretrained` needs: config.json
+    with `quantization_config` and the weight index, as `finish` writes them today (the result is byte-identical
+    to a fresh compression's). Verifies the artifact first; the tensors are not touched; the manifest (its file
+    table gains the two files) replaces the old one last. A current artifact comes out unchanged."""
+    art = verify_artifact(path)
+    files = dict(art.manifest["files"])
+    new = {
+        "config.json": hf_config_json((art.path / "config.json").read_text()),
+        HF_INDEX_FILE: hf_index_json(art.manifest["tensors"]),
+    }
+    staged = []
+    for name, text in new.items():
+        tmp = art.path / f".{name}.partial-{os.getpid()}"
+        tmp.write_text(text)
+        files[name] = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        staged.append((tmp, art.path / name))
+    manifest = {**art.manifest, "files": {k: files[k] for k in sorted(files)}}
+    tmp = art.path / f".{MANIFEST_FILE}.partial-{os.getpid()}"
+    tmp.write_text(dump_manifest(manifest))
+    staged.append((tmp, art.path / MANIFEST_FILE))
+    for src, dst in staged:  # the manifest last: renames only, nothing left to fail in between
+        os.replace(src, dst)
+    return art.path

@@ -35,7 +35,7 @@ from pbs2p.core.format.bitpack import (
 from pbs2p.core.format.inspect import inspect_artifact
 from pbs2p.core.format.linear import decode_linear, expected_tensors, pack_linear, unpack_linear
 from pbs2p.core.format.loader import PackedLinear, dense_state_dict, load_artifact, verify_artifact
-from pbs2p.core.format.manifest import SEP, ST_DTYPES
+from pbs2p.core.format.manifest import HF_INDEX_FILE, SEP, ST_DTYPES, hf_quantization_config
 from pbs2p.core.format.writer import ArtifactWriter
 from pbs2p.core.solver import LinearResult, compress_linear, nm_mask
 from pbs2p.testing.artifacts import logits
@@ -305,7 +305,13 @@ def test_artifact_layout_and_manifest(compressed: Compressed) -> None:
     copied = {p.name for p in compressed.src.iterdir() if not p.name.endswith(".safetensors")}
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= copied
     shards = {"pbs2p-block-00000-000.safetensors", "pbs2p-block-00001-000.safetensors", "pbs2p-rest-000.safetensors"}
-    assert set(names) == copied | shards | {"manifest.json", "timings.json"}
+    assert set(names) == copied | shards | {"manifest.json", "timings.json", HF_INDEX_FILE}
+    # the source's config, with what transformers needs to load it packed (pbs2p.hf)
+    source_config = json.loads((compressed.src / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == {
+        **source_config,
+        "quantization_config": hf_quantization_config(),
+    }
     man = json.loads((out / "manifest.json").read_text())
     assert man["format"] == "pbs2p-artifact" and man["format_version"] == 1
     assert man["config"] == tiny_job_config().to_dict() == man["report"]["config"]
@@ -396,7 +402,9 @@ def test_export_dense_loads_in_plain_transformers(
     assert not (tmp_path / "dense" / "manifest.json").exists() and (tmp_path / "dense" / "tokenizer.json").is_file()
     dense = tmp_path / "dense"
     # the source model's dtype and layout: one weights file (the source has one), no index
-    assert json.loads((dense / "config.json").read_text())["dtype"] == "float32"
+    config = json.loads((dense / "config.json").read_text())
+    assert config["dtype"] == "float32" and "quantization_config" not in config  # dense: not a pbs2p model
+    assert not (dense / HF_INDEX_FILE).exists()
     assert sorted(p.name for p in dense.glob("model*")) == ["model.safetensors"]
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
     ids = calib_ids()
