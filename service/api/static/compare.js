@@ -39,7 +39,7 @@ function range(values, log) {
 }
 
 // Perplexity after compression (y; log scale where the values span more than 10×) against true bits per weight (x).
-// Each job's source perplexity (ppl_before) is a dashed line of the job's colour.
+// The source models' perplexity (ppl_before) is a dashed line.
 function scatter(points) {
   const W = 720, H = 360, L = 60, R = 20, T = 16, B = 44;
   const ys = points.flatMap((p) => [p.r.metrics.ppl_after, p.r.metrics.ppl_before]).filter((v) => v > 0);
@@ -49,7 +49,7 @@ function scatter(points) {
   const fy = logY ? (v) => Math.log10(v) : (v) => v;
   const X = (v) => L + ((W - L - R) * (v - x0)) / (x1 - x0);
   const Y = (v) => T + (H - T - B) * (1 - (fy(v) - fy(y0)) / (fy(y1) - fy(y0)));
-  const svg = s("svg", { id: "compare-plot", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
+  const svg = s("svg", { id: "compare-plot", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "data-yscale": logY ? "log" : "linear",
     "aria-label": "perplexity after compression against true bits per weight, one point per job" });
   for (const v of ticks(x0, x1, false)) {
     svg.append(s("line", { x1: X(v), x2: X(v), y1: T, y2: H - B, class: "grid" }),
@@ -62,12 +62,16 @@ function scatter(points) {
   svg.append(s("text", { x: (L + W - R) / 2, y: H - 6, class: "axis", "text-anchor": "middle" }, "true bits per weight"),
     s("text", { x: 14, y: (T + H - B) / 2, class: "axis", "text-anchor": "middle", transform: `rotate(-90 14 ${(T + H - B) / 2})` },
       `perplexity after${logY ? " (log)" : ""}`));
+  // the source models' perplexity (ppl_before): one dashed line per value, named by the jobs that share it
+  const sources = new Map();
   for (const p of points) {
     const before = p.r.metrics.ppl_before;
-    if (before > 0) {
-      svg.append(s("line", { x1: L, x2: W - R, y1: Y(before), y2: Y(before), class: `source c${p.color}` },
-        s("title", {}, `${label(p.r)}: source model, perplexity ${num(before)}`)));
-    }
+    if (before > 0) sources.set(num(before), [...(sources.get(num(before)) ?? []), p.r.name || p.r.job]);
+  }
+  for (const [text, jobs] of sources) {
+    const y = Y(Number(text));
+    svg.append(s("line", { x1: L, x2: W - R, y1: y, y2: y, class: "source" }, s("title", {}, `source model of ${jobs.join(", ")}: perplexity ${text}`)),
+      s("text", { x: W - R - 4, y: y - 4, class: "tick", "text-anchor": "end" }, `source model ${text}`));
   }
   // labels right of their points (left of them near the right edge), moved down where two would overlap
   const placed = [];
@@ -133,7 +137,7 @@ function blocksTable(reports) {
     h("thead", {},
       h("tr", {}, h("th", { rowspan: 2, text: "block" }), h("th", { rowspan: 2, text: "linear" }),
         reports.map((r, j) => h("th", { colspan: 2, class: `group c${j % COLORS}`, "data-job": r.job, title: r.model, text: label(r) }))),
-      h("tr", {}, reports.map(() => [h("th", { class: "num", text: "N" }), h("th", { class: "num", text: "error" })]))),
+      h("tr", {}, reports.flatMap(() => [h("th", { class: "num", text: "N" }), h("th", { class: "num", text: "error" })]))),
     h("tbody", {}, rows));
 }
 
