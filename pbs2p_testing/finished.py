@@ -37,19 +37,21 @@ def add_finished_job(
     model: Path,
     calib: Path,
     out: Path,
+    evaluate: bool = True,
     **options: Any,
 ) -> Finished:
-    """Run the job of `options` (flat option names over `tiny_options`) on `model`, evaluated on `calib`, into
-    `out`, and store it for `tenant` as SUCCEEDED with its summary."""
+    """Run the job of `options` (flat option names over `tiny_options`) on `model` into `out`, evaluated on
+    `calib` (perplexity before/after) unless `evaluate` is False, and store it for `tenant` as SUCCEEDED with its
+    summary."""
     cfg = CompressionConfig.from_options({**tiny_options(calib), **options})
-    spec = EvalSpec(data=str(calib), windows=2, seqlen=32)
+    spec = EvalSpec(data=str(calib), windows=2, seqlen=32) if evaluate else None
     result = run_job(JobSpec(str(model), cfg, spec), out, WorkerSettings())
     summary = result.summary()
     job_id = "job_" + secrets.token_hex(12)
     now = time.time()
     with store.session() as s:
         s.add(JobRow(id=job_id, tenant=tenant, name=name, state=JobState.SUCCEEDED.value, model=str(model),
-                     config=dumps(cfg.to_dict()), evaluate=dumps(spec.model_dump()), created_at=now, updated_at=now,
-                     started_at=now, finished_at=now, attempts=1, priority=0, report=dumps(summary),
-                     progress=dumps({"stage": "done", "percent": 100.0})))  # fmt: skip
+                     config=dumps(cfg.to_dict()), evaluate=dumps(spec.model_dump()) if spec else None,
+                     created_at=now, updated_at=now, started_at=now, finished_at=now, attempts=1, priority=0,
+                     report=dumps(summary), progress=dumps({"stage": "done", "percent": 100.0})))  # fmt: skip
     return Finished(job_id, name, summary)

@@ -675,3 +675,26 @@ def test_compare_selected_jobs(page: Any, service: dict[str, str], finished: lis
     page.wait_for_selector(f'#compare .alert[data-job="{other_job}"]')
     assert "CANCELLED" in page.inner_text(f'#compare .alert[data-job="{other_job}"]')
     assert page.locator("#compare-plot g.point").count() == 1
+
+
+def test_a_job_without_perplexity_is_listed_not_plotted(
+    page: Any, service: dict[str, str], files: dict[str, Path], finished: list[Finished], tmp_path: Path
+) -> None:
+    """A finished job submitted without `evaluate` has no perplexity: no point, named below the plot, its N and
+    errors in the table all the same."""
+    store = JobStore(Settings(data_dir=Path(service["log"]).parent).db_url)
+    try:
+        bare = add_finished_job(store, "tenant", "cmp-bare", files["model"], files["calib"], tmp_path / "a", False)
+    finally:
+        store.close()
+    assert "ppl_after" not in bare.summary["metrics"]
+    sign_in(page, service)
+    page.wait_for_selector("#jobs")
+    page.goto(f"{service['url']}/ui/#/compare/{finished[0].id},{bare.id}")
+    page.wait_for_selector("#compare-blocks")
+    assert [g.get_attribute("data-job") for g in page.locator("#compare-plot g.point").all()] == [finished[0].id]
+    assert "cmp-bare · pbs2p · 6:8" in page.inner_text("#unplotted")
+    for b in bare.summary["blocks"]:
+        cell = page.locator(f'#compare-blocks td.n[data-job="{bare.id}"][data-block="{b["index"]}"]')
+        assert cell.inner_text() == str(b["n_keep"])
+    assert page.inner_text(f'#compare-jobs tr[data-job="{bare.id}"]').count("n/a") == 2  # perplexity before, after
