@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from pbs2p.service.api.schemas import Progress
+from pbs2p.service.client import ApiError, Client
 from pbs2p.service.jobrecords import JobState
 from pbs2p.testing.finished import Finished, add_finished_job
 from pbs2p.testing.servers import Service, running_service
@@ -71,6 +72,11 @@ def test_the_report_of_a_finished_job(svc: Service, done: Finished) -> None:
             (lr["name"], lr["rel_error"], lr["rel_error_oneshot"]) for lr in b["linears"]
         ]
         assert all(lr["rel_error_oneshot"] is not None and lr["bits"]["true_bits"] > 0 for lr in got["linears"])
+    client = Client(svc.url, svc.store.create_key("owner"))
+    try:
+        assert client.report(done.id) == report  # the Python client's
+    finally:
+        client.close()
     job = httpx.get(f"{svc.url}/v1/jobs/{done.id}", headers=svc.key("owner")).json()
     assert report["blocks"] == job["report"]["blocks"] and report["metrics"] == job["metrics"]
 
@@ -103,6 +109,13 @@ def test_a_job_without_a_report_is_409(svc: Service) -> None:
     for state, job_id in ids.items():
         body = problem(httpx.get(f"{svc.url}/v1/jobs/{job_id}/report", headers=auth), 409)
         assert state.value in body["detail"] and "SUCCEEDED" in body["detail"]
+    client = Client(svc.url, svc.store.create_key("waiting"))
+    try:
+        with pytest.raises(ApiError) as err:
+            client.report(ids[JobState.QUEUED])
+    finally:
+        client.close()
+    assert err.value.status == 409 and "QUEUED" in str(err.value)
 
 
 def test_the_report_route_is_typed_in_openapi(svc: Service) -> None:
