@@ -625,6 +625,8 @@ def test_compare_selected_jobs(page: Any, service: dict[str, str], finished: lis
     for f in finished[1:]:
         page.check(f'tr[data-job="{f.id}"] td.pick input')
     assert compare.is_enabled() and compare.inner_text() == "Compare 3 jobs"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-select.png"))
     compare.click()
     page.wait_for_selector("#compare-plot")
     assert page.url.endswith("#/compare/" + ",".join(f.id for f in finished))
