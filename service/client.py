@@ -78,6 +78,10 @@ class Client:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}").json()
 
+    def report(self, job_id: str) -> dict[str, Any]:
+        """A SUCCEEDED job's report (metrics, timings, per block N and each linear's error); ApiError 409 before."""
+        return self._call("GET", f"/v1/jobs/{job_id}/report").json()
+
     def iter_jobs(self, states: tuple[str, ...] = (), page_size: int = 100) -> Iterator[dict[str, Any]]:
         """Every job of the caller (with one of `states`, if given), newest first, page after page (it follows
         `next_cursor` until the last page; jobs submitted meanwhile are newer than the cursor and not repeated)."""

@@ -1,5 +1,9 @@
 """The web dashboard: static HTML/CSS/JS under /ui/ (and / redirects there), no build step, no external assets.
 
+static/: index.html, style.css and ES modules: app.js (the pages: sign-in, job list, job, the generated submit
+form), lib.js (DOM and SVG builders, the API with the tab's key, event streams), compare.js (finished jobs side
+by side: perplexity against true bits, per block N and layer error).
+
 The files hold no data and need no auth; the page asks for an API key, keeps it in sessionStorage and sends it
 as `Authorization: Bearer <key>` to the /v1 API like any other client.
 """

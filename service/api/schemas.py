@@ -57,7 +57,10 @@ class JobCreate(BaseModel):
 
 class Progress(BaseModel):
     stage: str | None = Field(
-        None, description="prepare, downloading, capture, coarse, compress, evaluate, upload or done"
+        None,
+        description="while the job runs: prepare, downloading (bytes of a hub download), capture, coarse (the CFS "
+        "plan), compress (block i of L), evaluate, upload; done once it SUCCEEDED; retrying (QUEUED again after a "
+        "transient failure) or requeued (QUEUED again: its dispatcher was lost or shut down)",
     )
     block: int | None = None
     blocks: int | None = None
@@ -117,6 +120,64 @@ class JobPublic(BaseModel):
             error=job.error,
             artifact_expired_at=ts(job.artifact_expired_at),
             links={"self": base, "events": f"{base}/events", "artifact": f"{base}/artifact"},
+        )
+
+
+class LinearResult(BaseModel):
+    name: str = Field(description="the linear's full name in the model (model.layers.0.self_attn.q_proj)")
+    shape: list[int] = Field(description="[out_features, in_features]")
+    rel_error: float = Field(description="relative reconstruction error on the calibration inputs, ‖WX − ŴX‖² / ‖WX‖²")
+    rel_error_oneshot: float | None = Field(
+        None, description="the same for one-shot prune-binarize (before SPBO); with ablations.spbo_report only"
+    )
+    bits: dict[str, float] = Field(description="bit counts of the packed linear and its paper_bits, true_bits")
+
+
+class BlockResult(BaseModel):
+    index: int
+    n_keep: int = Field(description="N, the kept weights per group of M, chosen for this block")
+    cosine: float | None = Field(None, description="the CFS coarse stage's cosine of the block (None without CFS)")
+    seconds: float
+    linears: list[LinearResult]
+
+
+class ReportMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    ppl_before: float | None = Field(None, description="perplexity of the source model (jobs with `evaluate`)")
+    ppl_after: float | None = Field(None, description="perplexity of the packed artifact on the same windows")
+    paper_bits: float | None = Field(None, description="bits per weight as the paper counts them")
+    true_bits: float | None = Field(None, description="bits per weight of the packed artifact, everything counted")
+    mean_rel_error: float | None = Field(None, description="the mean of the linears' rel_error")
+
+
+class JobReport(BaseModel):
+    """A finished job's report: what the dashboard's comparison view puts side by side."""
+
+    job: str
+    name: str | None
+    model: str
+    method: str | None = Field(description="config.method")
+    pattern: str | None = Field(description="config.pattern, the target N:M")
+    allocation: str | None = Field(description="config.allocation: how N is chosen per block")
+    config: dict[str, Any]
+    metrics: ReportMetrics
+    timings: dict[str, float]
+    blocks: list[BlockResult]
+
+    @classmethod
+    def of(cls, job: Job) -> JobReport:
+        report, cfg = job.report, job.config
+        return cls(
+            job=job.id,
+            name=job.name,
+            model=job.model,
+            method=cfg.get("method"),
+            pattern=cfg.get("pattern"),
+            allocation=cfg.get("allocation"),
+            config=cfg,
+            metrics=ReportMetrics.model_validate(report.get("metrics") or {}),
+            timings=report.get("timings") or {},
+            blocks=[BlockResult.model_validate(b) for b in report.get("blocks") or []],
         )
 
 

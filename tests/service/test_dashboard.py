@@ -1,13 +1,15 @@
 """The web dashboard (service/static) in a real headless browser: Debian's chromium driven by Playwright.
 
 One `pbs2p serve` child process on a seeded tiny Llama; the browser signs in, submits a job through the form
-(generated from /openapi.json: one input per config field), follows it live to SUCCEEDED and opens its report.
+(generated from /openapi.json: one input per config field), follows it live to SUCCEEDED and opens its report;
+it compares finished jobs side by side.
 Where chromium is missing the tests skip (fail under CI).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 import time
@@ -22,6 +24,7 @@ from pbs2p.core.config import Ablations, CompressionConfig
 from pbs2p.service.cli.demo import start_service, stop_service
 from pbs2p.service.jobstore import JobRow, JobState, JobStore
 from pbs2p.service.settings import Settings
+from pbs2p.testing.finished import Finished, add_finished_job
 from pbs2p.testing.tiny import make_model, save_tokenizer, write_text
 
 CHROMIUM = Path(os.environ.get("PBS2P_CHROMIUM", "/usr/bin/chromium"))
@@ -587,3 +590,113 @@ def test_twenty_running_jobs_follow_one_stream(page: Any, service: dict[str, str
         for job_id in ids:
             store.transition(job_id, [JobState.RUNNING], JobState.CANCELLED, owner=owner)
         store.close()
+
+
+@pytest.fixture(scope="module")
+def finished(
+    service: dict[str, str], files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> list[Finished]:
+    """Three finished jobs of the tenant, compressed and evaluated for real in this process (about a second each)
+    and stored SUCCEEDED with their summaries: other patterns, a CFS allocation, another method."""
+    store = JobStore(Settings(data_dir=Path(service["log"]).parent).db_url)
+    out = tmp_path_factory.mktemp("finished")
+    runs: list[tuple[str, dict[str, Any]]] = [
+        ("cmp-a", {"pattern": "4:8"}),
+        ("cmp-b", {"pattern": "5:8", "allocation": "cfs"}),
+        ("cmp-c", {"pattern": "6:8", "method": "prune-binarize"}),
+    ]
+    try:
+        return [add_finished_job(store, "tenant", n, files["model"], files["calib"], out / n, **o) for n, o in runs]
+    finally:
+        store.close()
+
+
+def test_compare_selected_jobs(page: Any, service: dict[str, str], finished: list[Finished], other_job: str) -> None:
+    """Three finished jobs ticked on the list: one point per job on perplexity against true bits, each where its
+    numbers put it, labelled by name, method and N:M; per block each job's N, per linear its error."""
+    sign_in(page, service)
+    for f in finished:
+        page.wait_for_selector(f'tr[data-job="{f.id}"] td.pick input[type=checkbox]')
+    page.wait_for_selector(f'tr[data-job="{other_job}"]')
+    assert page.locator(f'tr[data-job="{other_job}"] td.pick input').count() == 0  # CANCELLED: no report
+    compare = page.locator("#compare-selected")
+    page.check(f'tr[data-job="{finished[0].id}"] td.pick input')
+    assert compare.is_disabled()  # one job is no comparison
+    for f in finished[1:]:
+        page.check(f'tr[data-job="{f.id}"] td.pick input')
+    assert compare.is_enabled() and compare.inner_text() == "Compare 3 jobs"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-select.png"))
+    compare.click()
+    page.wait_for_selector("#compare-plot")
+    assert page.url.endswith("#/compare/" + ",".join(f.id for f in finished))
+    reports = sorted(u for m, u, s in page.api if u.endswith("/report"))  # fetched at once: in any order
+    assert reports == sorted(f"{service['url']}/v1/jobs/{f.id}/report" for f in finished)
+
+    # the plot: one point per job, x affine in true bits, y in perplexity after (or its log, on a log axis)
+    points = page.eval_on_selector_all(
+        "#compare-plot g.point",
+        """els => els.map(g => ({job: g.dataset.job, label: g.querySelector("text").textContent,
+            cx: +g.querySelector("circle").getAttribute("cx"), cy: +g.querySelector("circle").getAttribute("cy")}))""",
+    )
+    assert sorted(p["job"] for p in points) == sorted(f.id for f in finished)
+    by_id = {f.id: f for f in finished}
+    metric = {p["job"]: by_id[p["job"]].summary["metrics"] for p in points}
+    labels = {f.id: f"{f.name} · {m} · {pat}" for f, m, pat in zip(finished, ("pbs2p", "pbs2p", "prune-binarize"),
+                                                                      ("4:8", "5:8", "6:8"), strict=True)}  # fmt: skip
+    assert {p["job"]: p["label"] for p in points} == labels
+    log_y = page.get_attribute("#compare-plot", "data-yscale") == "log"
+    for axis, key, scale in (("cx", "true_bits", 1.0), ("cy", "ppl_after", -1.0)):
+        values = {j: math.log10(m[key]) if key == "ppl_after" and log_y else m[key] for j, m in metric.items()}
+        assert len(set(values.values())) == len(values), values  # distinct: the order and the scale are tested
+        (a, pa), (b, pb) = [(values[p["job"]], p[axis]) for p in points[:2]]
+        slope = (pb - pa) / (b - a)
+        assert slope * scale > 0  # more bits to the right, more perplexity higher up
+        for p in points:
+            assert p[axis] == pytest.approx(pa + slope * (values[p["job"]] - a), abs=0.01)
+
+    # the table: one column group per job (its label), per block its N, per linear its error
+    assert page.locator("#compare-blocks th.group").all_inner_texts() == [labels[f.id] for f in finished]
+    assert page.locator("#compare-blocks thead tr:nth-child(2) th").all_text_contents() == ["N", "error"] * 3
+    assert page.locator("#compare-blocks tbody tr").count() == LAYERS * 7
+    for f in finished:
+        blocks = f.summary["blocks"]
+        assert len(blocks) == LAYERS
+        for b in blocks:
+            cell = page.locator(f'#compare-blocks td.n[data-job="{f.id}"][data-block="{b["index"]}"]')
+            assert cell.inner_text() == str(b["n_keep"])
+        errors = page.locator(f'#compare-blocks td.err[data-job="{f.id}"]').all_inner_texts()
+        assert errors == [f"{lr['rel_error']:.4f}" for b in blocks for lr in b["linears"]]
+        row = page.locator(f'#compare-jobs tr[data-job="{f.id}"]').inner_text()
+        assert f"{f.summary['metrics']['ppl_after']:.2f}" in row and f"{f.summary['metrics']['true_bits']:.3f}" in row
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"), full_page=True)
+
+    # a job without a report (cancelled) among them: its problem shown, the others compared
+    page.goto(f"{service['url']}/ui/#/compare/{finished[0].id},{other_job}")
+    page.wait_for_selector(f'#compare .alert[data-job="{other_job}"]')
+    assert "CANCELLED" in page.inner_text(f'#compare .alert[data-job="{other_job}"]')
+    assert page.locator("#compare-plot g.point").count() == 1
+
+
+def test_a_job_without_perplexity_is_listed_not_plotted(
+    page: Any, service: dict[str, str], files: dict[str, Path], finished: list[Finished], tmp_path: Path
+) -> None:
+    """A finished job submitted without `evaluate` has no perplexity: no point, named below the plot, its N and
+    errors in the table all the same."""
+    store = JobStore(Settings(data_dir=Path(service["log"]).parent).db_url)
+    try:
+        bare = add_finished_job(store, "tenant", "cmp-bare", files["model"], files["calib"], tmp_path / "a", False)
+    finally:
+        store.close()
+    assert "ppl_after" not in bare.summary["metrics"]
+    sign_in(page, service)
+    page.wait_for_selector("#jobs")
+    page.goto(f"{service['url']}/ui/#/compare/{finished[0].id},{bare.id}")
+    page.wait_for_selector("#compare-blocks")
+    assert [g.get_attribute("data-job") for g in page.locator("#compare-plot g.point").all()] == [finished[0].id]
+    assert "cmp-bare · pbs2p · 6:8" in page.inner_text("#unplotted")
+    for b in bare.summary["blocks"]:
+        cell = page.locator(f'#compare-blocks td.n[data-job="{bare.id}"][data-block="{b["index"]}"]')
+        assert cell.inner_text() == str(b["n_keep"])
+    assert page.inner_text(f'#compare-jobs tr[data-job="{bare.id}"]').count("n/a") == 2  # perplexity before, after

@@ -1,4 +1,4 @@
-"""Jobs: submit, list, read, cancel, follow (server-sent events)."""
+"""Jobs: submit, list, read, report, cancel, delete, follow (server-sent events)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ...jobrecords import ACTIVE, IdempotencyConflict, JobState, QueueFull, deco
 from ...webhooks import check_webhook_url
 from ..deps import AppState, JobId, OwnJob, State, Tenant, find_job
 from ..problems import Problem, error_responses, invalid_field
-from ..schemas import JobCreate, JobList, JobPublic
+from ..schemas import JobCreate, JobList, JobPublic, JobReport
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 QUEUE_FULL_RETRY_S = 30  # Retry-After of a 429: about when a queued job may have started
@@ -126,6 +126,21 @@ def list_jobs(
 @router.get("/{job_id}", operation_id="get_job", response_model=JobPublic, responses=error_responses(401, 404, 422))
 def get_job(job: OwnJob) -> JobPublic:
     return JobPublic.of(job)
+
+
+@router.get(
+    "/{job_id}/report",
+    operation_id="get_job_report",
+    response_model=JobReport,
+    responses=error_responses(401, 404, 409, 422),
+)
+def get_report(job: OwnJob) -> JobReport:
+    """The report of a job that SUCCEEDED: its metrics (perplexity before/after, paper and true bits, mean layer
+    error), timings, and per block N, the CFS cosine and each linear's error and bits (kept when retention
+    removes the artifact). 409 for a job without one (not SUCCEEDED)."""
+    if job.state != JobState.SUCCEEDED or not job.report:
+        raise Problem(409, "No report", f"job {job.id} is {job.state.value}; a job has a report once it has SUCCEEDED")
+    return JobReport.of(job)
 
 
 @router.post(

@@ -1,100 +1,14 @@
 // pbs2p dashboard: plain ES module, no dependencies. Data comes only from the /v1 API with the key the user
 // typed, kept in sessionStorage (gone when the tab closes). Everything from the API is inserted as text.
 
-const KEY = "pbs2p.key";
-const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
+import { KEY, TERMINAL, hooks, h, s, num, secs, bytes, when, badge, ApiError, api, follow, errorBox } from "./lib.js";
+import { comparePage } from "./compare.js";
+
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 let page = new AbortController(); // aborted when the page changes: closes its event streams
 
 // ---------------------------------------------------------------------------------------------- helpers
-
-function h(tag, attrs = {}, ...kids) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === null || v === undefined || v === false) continue;
-    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else if (k === "text") el.textContent = v;
-    else el.setAttribute(k, v === true ? "" : v);
-  }
-  for (const kid of kids.flat()) if (kid !== null && kid !== undefined) el.append(kid);
-  return el;
-}
-
-function s(tag, attrs = {}, ...kids) {
-  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
-  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
-  for (const kid of kids) el.append(kid);
-  return el;
-}
-
-const num = (x, d = 2) => (x === null || x === undefined ? "n/a" : Number(x).toFixed(d));
-const secs = (x) => (x === null || x === undefined ? "n/a" : x < 90 ? `${Math.round(x)} s` : `${Math.round(x / 60)} min`);
-const bytes = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
-const when = (t) => (t ? new Date(t).toLocaleString() : "");
-const badge = (state) => h("span", { class: `badge ${state.toLowerCase()}`, "data-state": state, text: state });
-
-class ApiError extends Error {
-  constructor(status, problem) {
-    super(problem.detail || problem.title || `HTTP ${status}`);
-    this.status = status;
-    this.problem = problem;
-  }
-}
-
-async function api(path, { method = "GET", body, signal, raw = false, key } = {}) {
-  key = key ?? sessionStorage.getItem(KEY);
-  if (!key) throw new ApiError(401, { detail: "sign in with an API key" });
-  const headers = { Authorization: `Bearer ${key}`, Accept: "application/json" };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const res = await fetch(path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
-  if (!res.ok) {
-    let problem = {};
-    try { problem = await res.json(); } catch { problem = { detail: `${res.status} ${res.statusText}` }; }
-    const err = new ApiError(res.status, problem);
-    if (res.status === 401 && key === sessionStorage.getItem(KEY)) signOut(err.message);
-    throw err;
-  }
-  return raw ? res : res.json();
-}
-
-// Server-sent events over fetch (EventSource cannot send the Authorization header): calls onJob with every
-// `job` event of the stream at `url` (a job's links.events, or the tenant's /v1/events) until `end`; reconnects
-// after a dropped connection unless `signal` aborts.
-async function follow(url, onJob, signal) {
-  while (!signal.aborted) {
-    try {
-      const res = await api(url, { signal, raw: true });
-      const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buf = (buf + value).replace(/\r\n?/g, "\n");
-        let cut;
-        while ((cut = buf.indexOf("\n\n")) >= 0) {
-          const block = buf.slice(0, cut);
-          buf = buf.slice(cut + 2);
-          let event = "message";
-          const data = [];
-          for (const line of block.split("\n")) {
-            const i = line.indexOf(":");
-            if (i === 0) continue; // a comment (keep-alive)
-            const field = i < 0 ? line : line.slice(0, i);
-            const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
-            if (field === "event") event = val;
-            else if (field === "data") data.push(val);
-          }
-          if (event === "job") onJob(JSON.parse(data.join("\n")));
-          else if (event === "end") return;
-        }
-      }
-    } catch (err) {
-      if (signal.aborted || (err instanceof ApiError && err.status !== 503)) return;
-    }
-    await new Promise((r) => setTimeout(r, 2000));
-  }
-}
 
 function progressBar(job) {
   const p = job.progress || {};
@@ -114,12 +28,6 @@ function progressBar(job) {
     h("span", { class: "ptext", title: job.error, text }));
 }
 
-function errorBox(err) {
-  const box = h("div", { class: "alert", role: "alert", text: err.message });
-  const list = err.problem?.errors;
-  if (list?.length > 1) box.append(h("ul", {}, list.map((e) => h("li", { text: `${e.field || "body"}: ${e.message}` }))));
-  return box;
-}
 
 // Downloads need the auth header: fetch as a blob and save it through an object URL.
 async function download(job, file, button) {
@@ -199,20 +107,31 @@ async function jobsPage() {
   const body = h("tbody");
   const more = h("button", { type: "button", hidden: true, text: "Older jobs" });
   const table = h("table", { id: "jobs" },
-    h("thead", {}, h("tr", {}, ["job", "state", "model", "method", "pattern", "progress", "created", ""].map((t) => h("th", { text: t })))),
+    h("thead", {}, h("tr", {}, ["", "job", "state", "model", "method", "pattern", "progress", "created", ""].map((t) => h("th", { text: t })))),
     body);
+  // the jobs ticked for the comparison view (finished ones: SUCCEEDED, with a report)
+  const picked = new Set();
+  const compare = h("button", { type: "button", id: "compare-selected", disabled: true, title: "tick two or more finished jobs",
+    text: "Compare selected", onclick: () => { location.hash = `#/compare/${[...picked].map(encodeURIComponent).join(",")}`; } });
+  const pick = (id, on) => {
+    if (on) picked.add(id); else picked.delete(id);
+    compare.disabled = picked.size < 2;
+    compare.textContent = picked.size ? `Compare ${picked.size} jobs` : "Compare selected";
+  };
   main.replaceChildren(h("section", {},
-    h("div", { class: "titlebar" }, h("h2", { text: "Jobs" }),
+    h("div", { class: "titlebar" }, h("h2", { text: "Jobs" }), compare,
       h("button", { type: "button", text: "Refresh", onclick: () => route() }),
       h("a", { class: "button primary", href: "#/new", text: "New job" })),
     table, more));
   const signal = page.signal;
 
   function row(job) {
-    const extra = h("td", { colspan: 8 });
+    const extra = h("td", { colspan: 9 });
     const tr = h("tr", { "data-job": job.id });
     const sub = h("tr", { class: "sub" }, extra);
     const render = (j) => tr.replaceChildren(
+      h("td", { class: "pick" }, j.state === "SUCCEEDED" ? h("input", { type: "checkbox", "aria-label": `compare ${j.name || j.id}`,
+        checked: picked.has(j.id), onchange: (ev) => pick(j.id, ev.target.checked) }) : null),
       h("td", {}, h("a", { href: `#/jobs/${j.id}`, text: j.name || j.id }), j.name ? h("div", { class: "muted mono", text: j.id }) : null),
       h("td", {}, badge(j.state)), h("td", { class: "model", title: j.model, text: j.model }),
       h("td", { text: j.config.method }), h("td", { text: j.config.pattern }), h("td", {}, progressBar(j)),
@@ -238,7 +157,7 @@ async function jobsPage() {
     const list = await api(`/v1/jobs${q}`, { signal });
     body.append(...list.jobs.flatMap(row));
     if (list.jobs.some((j) => !TERMINAL.has(j.state))) followAll();
-    if (!cursor && !list.jobs.length) body.append(h("tr", {}, h("td", { colspan: 8, class: "muted", text: "No jobs yet." })));
+    if (!cursor && !list.jobs.length) body.append(h("tr", {}, h("td", { colspan: 9, class: "muted", text: "No jobs yet." })));
     more.hidden = !list.next_cursor;
     more.onclick = () => load(list.next_cursor).catch(show);
   }
@@ -581,6 +500,8 @@ function signOut(message) {
   signInPage(message);
 }
 
+hooks.unauthorized = signOut;
+
 function route() {
   page.abort();
   page = new AbortController();
@@ -589,6 +510,7 @@ function route() {
   const [, name, id] = location.hash.split("/");
   if (name === "new") return newJobPage();
   if (name === "jobs" && id) return jobPage(decodeURIComponent(id));
+  if (name === "compare") return comparePage(main, (id || "").split(",").filter(Boolean).map(decodeURIComponent), page.signal);
   return jobsPage();
 }
 
