@@ -33,16 +33,16 @@ class PackedLM(TemplateLM):
         batch_size: int = 8,
         max_length: int | None = None,
         device: str = "cpu",
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model: Any = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self._max_length = min(max_length or limit, limit)
         self._device = device
-        self.progress = progress or (lambda n: None)
+        self.progress = progress or (lambda done, total: None)  # requests scored, of those asked at once
         # transformers' causal LMs take the positions whose logits to compute (the whole vocabulary per position
         # is the largest tensor of a batch otherwise)
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -77,8 +77,11 @@ class PackedLM(TemplateLM):
             batch = order[start : start + self.batch_size]
             for i, res in zip(batch, self._score([rows[i] for i in batch]), strict=True):
                 out[i] = res
-            self.progress(len(batch))
+            self.progress(start + len(batch), len(rows))
         return out
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=True)  # the caller's progress shows the scoring
 
     @torch.no_grad()
     def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -125,7 +128,7 @@ class PackedLM(TemplateLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations, one request at a time, cut at the first of the request's stop strings."""
         out = []
-        for req in requests:
+        for n, req in enumerate(requests, 1):
             context, gen_kwargs = req.args
             gen = dict(gen_kwargs or {})
             until = gen.pop("until", None) or [self.tokenizer.decode([self.eot_token_id])]
@@ -143,5 +146,5 @@ class PackedLM(TemplateLM):
             text = self.tokenizer.decode(gen_ids, skip_special_tokens=True)
             cut = min([text.find(s) for s in until if s and s in text], default=len(text))
             out.append(text[:cut])
-            self.progress(1)
+            self.progress(n, len(requests))
         return out

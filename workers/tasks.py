@@ -47,7 +47,9 @@ BUILTIN = {
     "hellaswag": BuiltinTask("hellaswag/hellaswag.yaml", "hellaswag/none", "validation"),
     "winogrande": BuiltinTask("winogrande/default.yaml", "winogrande/winogrande_xl", "validation"),
     # the harness reads BoolQ from SuperGLUE (label 0/1); the shipped copy is google/boolq (answer: bool)
-    "boolq": BuiltinTask("super_glue/boolq/default.yaml", "boolq/none", "validation", {"doc_to_target": "{{answer|int}}"}),
+    "boolq": BuiltinTask(
+        "super_glue/boolq/default.yaml", "boolq/none", "validation", {"doc_to_target": "{{answer|int}}"}
+    ),
     "piqa": BuiltinTask("piqa/piqa.yaml", "piqa/plain_text", "validation"),
     "openbookqa": BuiltinTask("openbookqa/openbookqa.yaml", "openbookqa/main", "validation"),
 }
@@ -139,21 +141,28 @@ def run_tasks(
     limit: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on the tasks `names`: per task its metrics (acc, acc_norm where the task
     has it, their standard errors), the examples scored and where the data came from."""
     check_tasks(names, tasks_dir)
     lm = PackedLM(model, tokenizer, batch_size=batch_size, device=device, progress=progress)
     specs = [_spec(n, tasks_dir) for n in names]
-    res = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=specs,
-        num_fewshot=0,
-        limit=limit,
-        task_manager=_manager(tasks_dir),
-        log_samples=False,
-    )
+    harness_log = logging.getLogger("lm_eval")
+    level = harness_log.level
+    if not log.isEnabledFor(logging.INFO):  # its notes on every task (defaults it fills in) unless verbose
+        harness_log.setLevel(logging.ERROR)
+    try:
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            num_fewshot=0,
+            limit=limit,
+            task_manager=_manager(tasks_dir),
+            log_samples=False,
+        )
+    finally:
+        harness_log.setLevel(level)
     if res is None:
         raise Pbs2pError("lm-evaluation-harness returned no results")
     where = available_tasks(tasks_dir)
