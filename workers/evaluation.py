@@ -33,7 +33,7 @@ class EvalSpec(BaseModel):
     data: str = Field("wiki", min_length=1, max_length=1024, description="'wiki' (held-out split) or a text file")
     seqlen: int = Field(512, ge=8, le=32768, description="tokens per window")
     windows: int | None = Field(40, ge=1, le=100000, description="windows evaluated (none: all that fit)")
-    tasks: list[TaskName] = Field(default_factory=list, max_length=32, description=TASKS_DOC)
+    tasks: list[TaskName] = Field([], max_length=32, description=TASKS_DOC)  # pydantic copies the default
     tasks_limit: int | None = Field(None, ge=1, le=1000000, description="examples per task (none: all)")
 
     @field_validator("data")

@@ -79,12 +79,17 @@ def _data_dir(task: BuiltinTask, tasks_dir: Path | None) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
 def _manager(tasks_dir: Path | None) -> TaskManager:
     """The harness's index of the tasks dir's YAMLs only (its own thousands of hub tasks are not indexed: their
-    data is not here); the built-in tasks are loaded from their YAML files by path."""
+    data is not here); the built-in tasks are loaded from their YAML files by path. Built again when a file is
+    added to or removed from the dir (a running service sees new tasks)."""
     if tasks_dir is not None and not tasks_dir.is_dir():
         raise Pbs2pError(f"tasks dir {tasks_dir} is not a directory; give a folder of lm-eval task YAMLs")
+    return _index(tasks_dir, tasks_dir.stat().st_mtime_ns if tasks_dir else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _index(tasks_dir: Path | None, stamp: int) -> TaskManager:
     return TaskManager(include_defaults=False, include_path=str(tasks_dir) if tasks_dir else None)
 
 

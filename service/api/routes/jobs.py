@@ -89,7 +89,9 @@ def submit(
             check_tasks(body.evaluate.tasks, state.settings.tasks_dir)
         except Pbs2pError as exc:  # unknown, without data here, or the service lacks the tasks extra
             raise invalid_field("evaluate.tasks", str(exc)) from None
-    evaluate = body.evaluate.model_dump() if body.evaluate is not None else None
+    evaluate = None
+    if body.evaluate is not None:  # without tasks, stored as before they existed (the same request hash)
+        evaluate = body.evaluate.model_dump(exclude=set() if body.evaluate.tasks else {"tasks", "tasks_limit"})
     try:
         job, created = state.store.create_job(
             who, model, body.config.to_dict(), evaluate, body.name, idempotency_key, **job_options(body, state)
