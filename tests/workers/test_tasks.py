@@ -121,16 +121,42 @@ def test_packed_lm_scores_like_the_model_in_any_batch(tiny: dict[str, Path]) -> 
     model = load_artifact(tiny["artifact"], mode="packed")
     tok = AutoTokenizer.from_pretrained(tiny["artifact"])
     docs = toy_docs(6)
-
-    class Req:
-        def __init__(self, *args: str) -> None:
-            self.args = args
-
     reqs = [Req(d["question"], f" {c}") for d in docs for c in d["choices"]]
     want = [ll for d in docs for ll in hand_loglikelihoods(model, tok, d["question"], d["choices"])]
     for batch in (1, 4, 64):
         got = PackedLM(model, tok, batch_size=batch).loglikelihood(reqs)  # type: ignore[arg-type]
         assert [g for g, _ in got] == pytest.approx(want, abs=1e-4)
+
+
+class Req:
+    """What the harness hands a model: an Instance's `args`."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+
+@torch.no_grad()
+def test_rolling_loglikelihood_and_greedy_generation_are_the_models(tiny: dict[str, Path]) -> None:
+    """Perplexity tasks: the log-likelihood of a whole text after the prefix token, summed over the tokens (one
+    window, and in windows of 8: each window's context is the tokens before it). Generative tasks: the greedy
+    continuation, cut at the first stop string."""
+    model = load_artifact(tiny["artifact"], mode="packed")
+    tok = AutoTokenizer.from_pretrained(tiny["artifact"])
+    text = " ".join(f"w{(13 * k) % WORDS}" for k in range(20))
+    lm = PackedLM(model, tok)
+    ids = [lm.prefix_token_id, *tok.encode(text, add_special_tokens=False)]
+    logp = F.log_softmax(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float(), -1)
+    want = float(sum(logp[p - 1, ids[p]] for p in range(1, len(ids))))
+    assert lm.loglikelihood_rolling([Req(text)]) == [pytest.approx(want, abs=1e-4)]
+    windowed = PackedLM(model, tok, max_length=8).loglikelihood_rolling([Req(text)])[0]
+    assert windowed < 0 and windowed != pytest.approx(want, abs=1e-3)  # less context per token
+
+    greedy = model.generate(torch.tensor([tok.encode("w1 w2", add_special_tokens=False)]), max_new_tokens=6,
+                            do_sample=False)[0, 2:]  # fmt: skip
+    words = tok.decode(greedy, skip_special_tokens=True)
+    stop = words.split()[3]
+    got = lm.generate_until([Req("w1 w2", {"until": [stop], "max_gen_toks": 6}), Req("w1 w2", {"max_gen_toks": 6})])
+    assert got == [words[: words.find(stop)], words]
 
 
 def test_the_job_puts_task_accuracy_before_and_after_into_its_metrics(tiny: dict[str, Path], tmp_path: Path) -> None:
