@@ -260,7 +260,9 @@ def test_offline_service_refuses_hub_models_it_has_not_cached(dirs: tuple[Path, 
     assert "offline mode is on" in got["detail"] and "hf download example-org/tiny" in got["detail"], got
 
 
-def test_tasks_of_the_services_tasks_dir_are_accepted(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_tasks_of_the_services_tasks_dir_are_accepted(
+    dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """evaluate.tasks is checked against what the service has (PBS2P_TASKS_DIR): a task there is queued with
     the job; the same name is refused by a service without it."""
     pytest.importorskip("lm_eval", reason="the tasks extra (pip install 'pbs2p[tasks]')")
@@ -275,6 +277,24 @@ def test_tasks_of_the_services_tasks_dir_are_accepted(dirs: tuple[Path, Path], t
         resp = c.post("/v1/jobs", json=body, headers=svc.key("t"))
         assert resp.status_code == 201, resp.text
         assert resp.json()["evaluate"]["tasks"] == ["mine"] and resp.json()["evaluate"]["tasks_limit"] == 5
+        key = svc.key("t")["Authorization"].removeprefix("Bearer ")
+        argv = [
+            "jobs",
+            "--url",
+            svc.url,
+            "--key",
+            key,
+            "submit",
+            body["model"],
+            "--tasks",
+            "mine",
+            "--tasks-limit",
+            "3",
+        ]
+        assert cli_main(argv) == 0  # --tasks implies --evaluate
+        job = svc.store.get(capsys.readouterr().out.strip())
+        assert job is not None and job.evaluate is not None
+        assert job.evaluate["tasks"] == ["mine"] and job.evaluate["tasks_limit"] == 3 and job.evaluate["data"] == "wiki"
     with running_service(tmp_path / "without", dirs[0]) as svc, httpx.Client(base_url=svc.url) as c:
         got = problem(c.post("/v1/jobs", json=body, headers=svc.key("t")), 422)
         assert got["errors"][0]["field"] == "evaluate.tasks" and "unknown task(s) mine" in got["detail"], got
