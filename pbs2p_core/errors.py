@@ -20,6 +20,7 @@ class ArtifactError(Pbs2pError):
 EXTRA_PACKAGES = {
     "ray": {"ray"},
     "s3": {"boto3", "botocore", "s3transfer"},
+    "tasks": {"lm_eval", "datasets"},
     "service": {
         "fastapi",
         "starlette",

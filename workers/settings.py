@@ -29,6 +29,11 @@ class WorkerSettings(BaseSettings):
     max_model_bytes: int = Field(
         200 * 2**30, ge=1, description="largest model downloaded from s3:// or a Hugging Face hub (bytes)"
     )
+    tasks_dir: Path | None = Field(
+        None,
+        description="zero-shot tasks (evaluate.tasks): a folder of lm-eval task YAMLs with local data, and/or "
+        "copies of the built-in tasks' data saved with datasets' save_to_disk as <data>/<split>/",
+    )
     # the Hugging Face hub, under the names huggingface_hub and `hf download` read (HF_HUB_OFFLINE also as a
     # PBS2P_ setting); the token is a deployment secret: never stored, logged or returned
     hf_offline: bool = Field(

@@ -23,7 +23,7 @@ from pydantic import ByteSize, TypeAdapter, ValidationError
 from pbs2p.core.errors import Pbs2pError, requires_extra
 from pbs2p.core.format import export_dense, format_inspect, inspect_artifact
 from pbs2p.core.format.export import DTYPES
-from pbs2p.workers.evaluation import EvalSpec, evaluate_model
+from pbs2p.workers.evaluation import EvalSpec, check_tasks, evaluate_model, evaluate_tasks
 from pbs2p.workers.job import JobSpec, RayOptions, run_job
 from pbs2p.workers.model_refs import fetch_model, with_revision
 from pbs2p.workers.settings import WorkerSettings
@@ -73,6 +73,15 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is no size; give bytes or e.g. 5GB, 500MB") from None
 
 
+def task_list(text: str) -> list[str]:
+    """`--tasks a,b`: the names, checked as the API's evaluate.tasks is."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    try:
+        return EvalSpec(tasks=names).tasks
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.errors()[0]['msg']}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pbs2p", description="PBS²P: 1-bit weights on N:M sparsity for LLMs")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -102,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", default=None, metavar="DIR_OR_S3_URL", help="checkpoint storage (default: the cache dir)"
     )
     r.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoints once the artifact is written")
-    e = sub.add_parser("eval", help="perplexity of a model or a compressed output")
+    e = sub.add_parser("eval", help="perplexity, or zero-shot task accuracy (--tasks), of a model or an artifact")
     e.add_argument("model")
     e.add_argument("--revision", default=None, help="of a Hugging Face id: branch, tag or commit (= ID@REVISION)")
     e.add_argument("--data", default="wiki", help="'wiki' (held-out split) or a .txt/.jsonl file")
@@ -111,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
+    t = e.add_argument_group("zero-shot tasks (lm-evaluation-harness, the 'tasks' extra) instead of perplexity")
+    t.add_argument("--tasks", type=task_list, default=None, metavar="T1,T2", help="e.g. arc_easy,hellaswag,piqa")
+    t.add_argument("--tasks-dir", type=Path, default=None, metavar="DIR",
+                   help="your lm-eval task YAMLs and task data (default $PBS2P_TASKS_DIR)")  # fmt: skip
+    t.add_argument("--limit", type=int, default=None, help="the first N examples of each task (default all)")
     i = sub.add_parser("inspect", help="bit accounting of a compressed artifact, from the bytes written")
     i.add_argument("artifact", type=Path)
     i.add_argument("--json", action="store_true")
@@ -172,6 +186,11 @@ def _add_jobs_parser(sub: Any) -> None:
     js.add_argument("--evaluate", action="store_true", help="measure perplexity before/after in the job")
     js.add_argument("--eval-data", default="wiki")
     js.add_argument("--eval-windows", type=int, default=40)
+    js.add_argument(
+        "--tasks", type=task_list, default=None, metavar="T1,T2",
+        help="zero-shot task accuracy before/after too (implies --evaluate): e.g. arc_easy,piqa",
+    )  # fmt: skip
+    js.add_argument("--tasks-limit", type=int, default=None, help="the first N examples of each task (default all)")
     js.add_argument("--wait", action="store_true", help="follow the job until it is final")
     add_config_options(js)
     for name, text in (("status", "one job as JSON"), ("wait", "follow a job's progress until it is final"),
@@ -246,6 +265,11 @@ def _compress(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.tasks is not None:
+        _eval_tasks(args)
+        return
+    if args.tasks_dir is not None or args.limit is not None:
+        raise Pbs2pError("--tasks-dir and --limit apply to zero-shot tasks; add --tasks T1,T2")
     if args.windows is not None and args.windows < 1:
         raise Pbs2pError("--windows must be >= 1")
     bar = Progress()
@@ -265,6 +289,31 @@ def _eval(args: argparse.Namespace) -> None:
     bos = "each window starts with BOS" if r["bos"] else "no BOS (the tokenizer adds none)"
     print(f"{r['windows']} windows x {r['seqlen']} tokens, {bos}", file=sys.stderr)
     print(json.dumps(r) if args.json else f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens")
+
+
+def _eval_tasks(args: argparse.Namespace) -> None:
+    if not args.tasks:
+        raise Pbs2pError("--tasks names no task; give e.g. --tasks arc_easy,piqa")
+    if args.limit is not None and args.limit < 1:
+        raise Pbs2pError("--limit must be >= 1")
+    settings = WorkerSettings()
+    tasks_dir = args.tasks_dir or settings.tasks_dir
+    check_tasks(args.tasks, tasks_dir)  # before a download
+    bar = Progress()
+    try:
+        model_dir = fetch_model(with_revision(args.model, args.revision), settings,
+                                progress=lambda done, total: bar("downloading", done, total))  # fmt: skip
+        r = evaluate_tasks(model_dir, args.tasks, tasks_dir, args.limit, args.batch_size, args.device,
+                           progress=lambda done, total: bar("tasks", done, total))  # fmt: skip
+    finally:
+        bar.close()
+    r["model"] = args.model
+    if args.json:
+        print(json.dumps(r))
+        return
+    for task, m in r["tasks"].items():
+        scores = "  ".join(f"{k} {v:.4f} ± {m[k + '_stderr']:.4f}" for k, v in m.items() if f"{k}_stderr" in m)
+        print(f"{task:<16} {scores}  ({m.get('examples', '?')} examples)")
 
 
 def _serve(args: argparse.Namespace) -> None:

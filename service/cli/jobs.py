@@ -19,7 +19,11 @@ def run_jobs_command(args: argparse.Namespace, cfg: CompressionConfig | None) ->
     cmd = args.jobs_cmd
     if cmd == "submit":
         assert cfg is not None
-        ev = {"data": args.eval_data, "seqlen": cfg.seqlen, "windows": args.eval_windows} if args.evaluate else None
+        ev = None
+        if args.evaluate or args.tasks:
+            ev = {"data": args.eval_data, "seqlen": cfg.seqlen, "windows": args.eval_windows}
+            if args.tasks:
+                ev |= {"tasks": args.tasks, "tasks_limit": args.tasks_limit}
         model = with_revision(args.model, args.revision)
         job = client.submit(model, cfg.to_dict(), ev, args.name, args.idempotency_key, args.priority,
                             args.webhook_url)  # fmt: skip

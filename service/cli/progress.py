@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-_UNITS = {"eval": "window", "evaluate": "model", "downloading": "B"}
+_UNITS = {"eval": "window", "evaluate": "model", "downloading": "B", "tasks": "request"}
 _FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 _AFTER_COMPRESS = {"evaluate", "upload", "done"}
 
@@ -23,7 +23,7 @@ class Progress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if stage != self.stage:
+        if stage != self.stage or (self.bar is not None and self.bar.total != total):
             self.close()
             self.stage = stage
         if total <= 1:

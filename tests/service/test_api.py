@@ -194,6 +194,15 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("evaluate-data-missing", {"model": M, "evaluate": {"data": "ROOT/none.txt"}}, "evaluate.data", "does not exist"),
     ("evaluate-seqlen", {"model": M, "evaluate": {"seqlen": 1}}, "evaluate.seqlen", "greater than or equal to 8"),
     ("evaluate-extra", {"model": M, "evaluate": {"windowz": 3}}, "evaluate.windowz", "remove it"),
+    (
+        "evaluate-task-unknown",
+        {"model": M, "evaluate": {"tasks": ["no_such_task"]}},
+        "evaluate.tasks",
+        "unknown task(s) no_such_task",
+    ),
+    ("evaluate-task-spelling", {"model": M, "evaluate": {"tasks": ["arc easy"]}}, "evaluate.tasks.0", "pattern"),
+    ("evaluate-task-twice", {"model": M, "evaluate": {"tasks": ["piqa", "piqa"]}}, "evaluate.tasks", "each task once"),
+    ("evaluate-tasks-limit", {"model": M, "evaluate": {"tasks_limit": 0}}, "evaluate.tasks_limit", "greater than"),
     ("extra-top-level", {"model": M, "colour": "red"}, "colour", "remove it"),
     ("config-not-object", {"model": M, "config": "6:8"}, "config", "valid dictionary"),
 ]
@@ -249,6 +258,46 @@ def test_offline_service_refuses_hub_models_it_has_not_cached(dirs: tuple[Path, 
     ):
         got = problem(c.post("/v1/jobs", json={"model": HUB_MODEL}, headers=offline.key("t")), 422)
     assert "offline mode is on" in got["detail"] and "hf download example-org/tiny" in got["detail"], got
+
+
+def test_tasks_of_the_services_tasks_dir_are_accepted(
+    dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """evaluate.tasks is checked against what the service has (PBS2P_TASKS_DIR): a task there is queued with
+    the job; the same name is refused by a service without it."""
+    pytest.importorskip("lm_eval", reason="the tasks extra (pip install 'pbs2p[tasks]')")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text(
+        f"task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'mine.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: q\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n"
+    )
+    body = {"model": str(dirs[0].resolve() / "model"), "evaluate": {"tasks": ["mine"], "tasks_limit": 5}}
+    with running_service(tmp_path / "with", dirs[0], tasks_dir=tasks) as svc, httpx.Client(base_url=svc.url) as c:
+        resp = c.post("/v1/jobs", json=body, headers=svc.key("t"))
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["evaluate"]["tasks"] == ["mine"] and resp.json()["evaluate"]["tasks_limit"] == 5
+        key = svc.key("t")["Authorization"].removeprefix("Bearer ")
+        argv = [
+            "jobs",
+            "--url",
+            svc.url,
+            "--key",
+            key,
+            "submit",
+            body["model"],
+            "--tasks",
+            "mine",
+            "--tasks-limit",
+            "3",
+        ]
+        assert cli_main(argv) == 0  # --tasks implies --evaluate
+        job = svc.store.get(capsys.readouterr().out.strip())
+        assert job is not None and job.evaluate is not None
+        assert job.evaluate["tasks"] == ["mine"] and job.evaluate["tasks_limit"] == 3 and job.evaluate["data"] == "wiki"
+    with running_service(tmp_path / "without", dirs[0]) as svc, httpx.Client(base_url=svc.url) as c:
+        got = problem(c.post("/v1/jobs", json=body, headers=svc.key("t")), 422)
+        assert got["errors"][0]["field"] == "evaluate.tasks" and "unknown task(s) mine" in got["detail"], got
 
 
 def test_submit_returns_201_with_location_and_the_resolved_config(

@@ -261,6 +261,7 @@ def test_the_form_has_one_input_per_schema_field(page: Any, service: dict[str, s
         "config.ablations.salient_allocation",
         "evaluate",
         "evaluate.windows",
+        "evaluate.tasks_limit",
     }
 
     open_form(page, service)
@@ -533,6 +534,45 @@ def test_a_failed_job_shows_its_error(page: Any, service: dict[str, str]) -> Non
     assert ("ablations.spbo_mode", "fixed") in listed  # the ablations nested, by their dotted names
     # nothing to follow for this (final) job; the list page may still follow other tests' running jobs
     assert not [u for _, u, _ in page.api if u.endswith(f"{base}/events")]
+
+
+def test_a_job_with_tasks_shows_their_accuracy_before_and_after(page: Any, service: dict[str, str]) -> None:
+    """The job page of a SUCCEEDED job with evaluate.tasks (the API's answer stubbed in the browser): one row per
+    task and metric with the accuracy before and after, its change and standard error; the tasks in the config."""
+    job_id = "job_with_tasks_in_the_browser"
+    base = f"/v1/jobs/{job_id}"
+    before = {"arc_easy": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.45, "acc_norm_stderr": 0.1, "examples": 20},
+              "boolq": {"acc": 0.6, "acc_stderr": 0.11, "examples": 20}}  # fmt: skip
+    after = {"arc_easy": {"acc": 0.4, "acc_stderr": 0.11, "acc_norm": 0.35, "acc_norm_stderr": 0.1, "examples": 20},
+             "boolq": {"acc": 0.55, "acc_stderr": 0.11, "examples": 20}}  # fmt: skip
+    tasks = {"before": before, "after": after, "data": {}, "lm_eval": "0.4.13", "data_package": None, "limit": 20}
+    job = {
+        "id": job_id, "name": None, "state": "SUCCEEDED", "model": "smollm2-135m",
+        "config": {"method": "pbs2p", "pattern": "6:8", "calib": "wiki", "ablations": {}},
+        "evaluate": {"data": "wiki", "seqlen": 512, "windows": 40, "tasks": ["arc_easy", "boolq"], "tasks_limit": 20},
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:01:00Z",
+        "started_at": "2026-01-01T00:00:01Z", "finished_at": "2026-01-01T00:01:00Z", "attempts": 1,
+        "progress": {"stage": "done", "percent": 100.0},
+        "metrics": {"ppl_before": 20.0, "ppl_after": 40.0, "tasks": tasks},
+        "timings": {}, "report": {}, "error": None,
+        "links": {"self": base, "events": f"{base}/events", "artifact": f"{base}/artifact"},
+    }  # fmt: skip
+    page.route(f"**{base}", lambda route: route.fulfill(json=job))
+    sign_in(page, service)
+    page.wait_for_selector("#jobs")
+    page.goto(f"{service['url']}/ui/#/jobs/{job_id}")
+    page.wait_for_selector("#tasks")
+    rows = page.eval_on_selector_all(
+        "#tasks tr.task", "rs => rs.map(r => [...r.querySelectorAll('td')].map(td => td.textContent))"
+    )
+    assert rows == [
+        ["arc_easy", "acc", "0.5000", "0.4000", "-0.1000", "0.1100", "20"],
+        ["arc_easy", "acc_norm", "0.4500", "0.3500", "-0.1000", "0.1000", "20"],
+        ["boolq", "acc", "0.6000", "0.5500", "-0.0500", "0.1100", "20"],
+    ]
+    assert "first 20 examples each" in page.inner_text("#tasks >> xpath=../..")
+    names, values = page.locator("#config dt").all_text_contents(), page.locator("#config dd").all_text_contents()
+    assert ("evaluate.tasks", '["arc_easy","boolq"]') in list(zip(names, values, strict=True))
 
 
 def test_a_downloading_job_shows_bytes_and_eta(page: Any, service: dict[str, str]) -> None:

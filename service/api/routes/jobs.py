@@ -11,6 +11,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from pbs2p.core.errors import Pbs2pError
+from pbs2p.workers.evaluation import check_tasks
 from pbs2p.workers.model_refs import check_model_ref, check_text, with_revision
 
 from ... import lifecycle
@@ -83,7 +84,14 @@ def submit(
             check_text(ref, roots)
         except Pbs2pError as exc:
             raise invalid_field(field, str(exc)) from None
-    evaluate = body.evaluate.model_dump() if body.evaluate is not None else None
+    if body.evaluate is not None and body.evaluate.tasks:
+        try:
+            check_tasks(body.evaluate.tasks, state.settings.tasks_dir)
+        except Pbs2pError as exc:  # unknown, without data here, or the service lacks the tasks extra
+            raise invalid_field("evaluate.tasks", str(exc)) from None
+    evaluate = None
+    if body.evaluate is not None:  # without tasks, stored as before they existed (the same request hash)
+        evaluate = body.evaluate.model_dump(exclude=set() if body.evaluate.tasks else {"tasks", "tasks_limit"})
     try:
         job, created = state.store.create_job(
             who, model, body.config.to_dict(), evaluate, body.name, idempotency_key, **job_options(body, state)

@@ -212,6 +212,21 @@ function layerTable(blocks) {
     })));
 }
 
+// The job's zero-shot task accuracy (metrics.tasks): per task and metric (acc, acc_norm), before and after.
+function taskTable(tasks) {
+  const after = tasks?.after || {}, before = tasks?.before || {};
+  const rows = Object.entries(after).flatMap(([task, m]) => Object.keys(m)
+    .filter((k) => !k.endsWith("_stderr") && k !== "examples")
+    .map((metric) => ({ task, metric, before: before[task]?.[metric], after: m[metric], se: m[`${metric}_stderr`], n: m.examples })));
+  return h("table", { id: "tasks" },
+    h("thead", {}, h("tr", {}, ["task", "metric", "before", "after", "change", "± (after)", "examples"].map((t) => h("th", { text: t })))),
+    h("tbody", {}, rows.map((r) => h("tr", { class: "task", "data-task": r.task, "data-metric": r.metric },
+      h("td", { class: "mono", text: r.task }), h("td", { text: r.metric }),
+      h("td", { class: "num", text: num(r.before, 4) }), h("td", { class: "num", text: num(r.after, 4) }),
+      h("td", { class: "num", text: r.before === undefined ? "n/a" : num(r.after - r.before, 4) }),
+      h("td", { class: "num", text: num(r.se, 4) }), h("td", { class: "num", text: r.n ?? "n/a" })))));
+}
+
 // A nested object as [dotted name, value] pairs: {ablations: {spbo_report: true}} -> [["ablations.spbo_report", true]].
 const dotted = (obj, prefix = "") => Object.entries(obj).flatMap(([k, v]) =>
   (v && typeof v === "object" && !Array.isArray(v) ? dotted(v, `${prefix}${k}.`) : [[prefix + k, v]]));
@@ -243,6 +258,8 @@ async function jobPage(id) {
         stat("paper bits / weight", num(m.paper_bits, 3), "paper-bits"), stat("true bits / weight", num(m.true_bits, 3), "true-bits"),
         stat("mean rel. error", num(m.mean_rel_error, 4)),
         stat("timings", `prepare ${secs(t.prepare_s)} · compress ${secs(t.compress_s)} · evaluate ${secs(t.evaluate_s)}`, "timings")),
+      m.tasks ? h("div", { class: "card" }, h("h3", { text: `Zero-shot tasks (lm-evaluation-harness ${m.tasks.lm_eval}, ${m.tasks.limit ? `first ${m.tasks.limit} examples each` : "all examples"}): ${(j.evaluate?.tasks || []).join(", ")}` }),
+        h("div", { class: "scroll" }, taskTable(m.tasks))) : null,
       blocks.length ? h("div", { class: "card" }, h("h3", { text: `Kept weights N per block (${j.config.allocation} allocation, ${j.config.pattern} target dashed)` }), h("div", { class: "chart" }, nChart(blocks, j.config.pattern))) : null,
       blocks.length ? h("div", { class: "card" }, h("h3", { text: "Per-layer reconstruction error" }),
         j.config.ablations?.spbo_report ? null : h("p", { class: "muted", text: "“Before SPBO” needs the config field ablations.spbo_report: true." }),
