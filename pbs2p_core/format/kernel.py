@@ -45,8 +45,32 @@ _SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _P = {  # indices of the descriptor, as packed_kernel.cpp's enum says
     k: i
     for i, k in enumerate(
-        "R C N M MASK_KIND RANK_BITS NBLOCKS CHUNK MASK SIGN SIGN2 DEP BITMAP_OF BLOCK_OFF SAL_OFF SAL_COLS "
-        "SIGN_START SIGN2_START MASK_LEN SIGN_LEN SIGN2_LEN NTHREADS SCALES".split()
+        [
+            "R",
+            "C",
+            "N",
+            "M",
+            "MASK_KIND",
+            "RANK_BITS",
+            "NBLOCKS",
+            "CHUNK",
+            "MASK",
+            "SIGN",
+            "SIGN2",
+            "DEP",
+            "BITMAP_OF",
+            "BLOCK_OFF",
+            "SAL_OFF",
+            "SAL_COLS",
+            "SIGN_START",
+            "SIGN2_START",
+            "MASK_LEN",
+            "SIGN_LEN",
+            "SIGN2_LEN",
+            "NTHREADS",
+            "DEP2",
+            "SCALES",
+        ]
     )
 }
 P_SIZE = _P["SCALES"] + 3 * len(ROLES)
@@ -160,6 +184,16 @@ def _rank_luts(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     return bitmap_of.to(torch.int32).to(torch.uint16), dep
 
 
+@functools.lru_cache(maxsize=64)
+def _rank_luts8(n: int) -> torch.Tensor:
+    """For m = 8: (rank << n | kept signs) -> kept-and-positive bits | kept-and-negative bits << 8, uint16."""
+    bitmap_of, dep = _rank_luts(8, n)
+    assert dep is not None  # 2^(7 + 7) entries at most
+    bm = bitmap_of.to(torch.int32).repeat_interleave(1 << n)
+    pos = dep.to(torch.int32)
+    return (pos | ((bm & ~pos) << 8)).to(torch.uint16)
+
+
 def _block_scale_offsets(spec: Mapping[str, Any], R: int, widths: list[int], want_col: bool) -> list[int] | None:
     """Per block, where its values start in the stored scale (-1: absent); None when a shape is not per row
     (per column for alpha_col), which the kernel does not read."""
@@ -204,6 +238,8 @@ class KernelPlan:
             bitmap_of, dep = _rank_luts(m, n)
             P[_P["BITMAP_OF"]] = ptr("bitmap_of", bitmap_of)
             P[_P["DEP"]] = ptr("dep", dep) if dep is not None else 0
+            if m == 8:
+                P[_P["DEP2"]] = ptr("dep2", _rank_luts8(n))
         for f, key in (("mask", "MASK"), ("sign", "SIGN"), ("sign2", "SIGN2")):
             t = fields.get(f, torch.zeros(1, dtype=torch.uint8))
             P[_P[key]], P[_P[f"{key}_LEN"]] = ptr(f, t), t.numel()
@@ -241,7 +277,9 @@ class KernelPlan:
                 raise ValueError(f"block {b} has only one of alpha_s, mu_s")
         self.P, self.keep = P, keep
         self.extra_bytes = P.numel() * 8 + sum(
-            t.numel() * t.element_size() for k, t in keep.items() if k.startswith(("block_", "sal_", "sign_st", "sign2_st", "offs"))
+            t.numel() * t.element_size()
+            for k, t in keep.items()
+            if k.startswith(("block_", "sal_", "sign_st", "sign2_st", "offs"))
         )
 
     def _call(self, name: str, *args: Any) -> None:
@@ -254,8 +292,13 @@ class KernelPlan:
         """Rows [r0, r1) of Ŵ into `out` ((r1 - r0, C) float32, rows contiguous), bit-exactly decode_linear."""
         if r0 % CHUNK or out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (r1 - r0, self.C):
             raise ValueError("decode_rows needs a chunk-aligned start and a (rows, C) float32 buffer")
-        self._call("pbs2p_decode_rows", ctypes.c_int64(r0), ctypes.c_int64(r1), ctypes.c_void_p(out.data_ptr()),
-                   ctypes.c_int64(out.stride(0)))
+        self._call(
+            "pbs2p_decode_rows",
+            ctypes.c_int64(r0),
+            ctypes.c_int64(r1),
+            ctypes.c_void_p(out.data_ptr()),
+            ctypes.c_int64(out.stride(0)),
+        )
 
     def dense(self) -> torch.Tensor:
         out = torch.empty(self.R, self.C)
@@ -266,8 +309,13 @@ class KernelPlan:
         """x (rows, C) float32 -> x Ŵᵀ (rows, R) straight from the packed bits."""
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.R)
-        self._call("pbs2p_gemv", ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(x.shape[0]),
-                   ctypes.c_int64(x.stride(0)), ctypes.c_void_p(y.data_ptr()))
+        self._call(
+            "pbs2p_gemv",
+            ctypes.c_void_p(x.data_ptr()),
+            ctypes.c_int64(x.shape[0]),
+            ctypes.c_int64(x.stride(0)),
+            ctypes.c_void_p(y.data_ptr()),
+        )
         return y
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#ifdef __BMI2__
+#if defined(__BMI2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -26,7 +26,7 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 enum {
     P_R, P_C, P_N, P_M, P_MASK_KIND, P_RANK_BITS, P_NBLOCKS, P_CHUNK,
     P_MASK, P_SIGN, P_SIGN2, P_DEP, P_BITMAP_OF, P_BLOCK_OFF, P_SAL_OFF, P_SAL_COLS,
-    P_SIGN_START, P_SIGN2_START, P_MASK_LEN, P_SIGN_LEN, P_SIGN2_LEN, P_NTHREADS,
+    P_SIGN_START, P_SIGN2_START, P_MASK_LEN, P_SIGN_LEN, P_SIGN2_LEN, P_NTHREADS, P_DEP2,
     P_SCALES,  // 7 roles x (pointer, dtype, per-block offsets)
     P_SIZE = P_SCALES + 21
 };
@@ -44,6 +44,9 @@ static void init_lanes() {
 }
 
 static inline float h2f(uint16_t h) {  // IEEE half -> float, exact (subnormals, inf, nan)
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#endif
     uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
     if (e == 0) {
         float f = (float)m * (1.0f / 16777216.0f);
@@ -79,10 +82,12 @@ struct Scale {
 struct Lin {
     int64_t R, C, n, m, kind, b, nblocks, chunk;
     const uint8_t *mask, *sign, *sign2;
-    const uint16_t *dep, *bitmap_of;
+    const uint16_t *dep, *bitmap_of, *dep2;
     const int64_t *block_off, *sal_off, *sal_cols, *sign_start, *sign2_start;
     int64_t mask_len, sign_len, sign2_len, nthreads;
     Scale sc[NROLES];
+    std::vector<int64_t> chunk_off;  // per block, its first 8-column chunk (chunks are block-relative)
+    bool fast;                       // an m = 8 rank code: a chunk is a group (blocks are multiples of 8)
     explicit Lin(const int64_t* P) {
         R = P[P_R]; C = P[P_C]; n = P[P_N]; m = P[P_M]; kind = P[P_MASK_KIND]; b = P[P_RANK_BITS];
         nblocks = P[P_NBLOCKS]; chunk = P[P_CHUNK];
@@ -97,7 +102,13 @@ struct Lin {
             sc[i].dtype = (int)P[P_SCALES + 3 * i + 1];
             sc[i].off = (const int64_t*)P[P_SCALES + 3 * i + 2];
         }
+        dep2 = (const uint16_t*)P[P_DEP2];
+        chunk_off.assign(nblocks + 1, 0);
+        for (int64_t bl = 0; bl < nblocks; bl++)
+            chunk_off[bl + 1] = chunk_off[bl] + (block_off[bl + 1] - block_off[bl] + 7) / 8;
+        fast = kind == MASK_RANK && m == 8 && dep2 != nullptr && n <= 7 && b <= 7;
     }
+    int64_t nchunks() const { return chunk_off[nblocks]; }
 };
 
 // up to 57 bits of an LSB-first stream of `len` bytes, from bit `pos`
@@ -184,58 +195,130 @@ static void row_bits(const Lin& L, int64_t r, uint64_t* K, uint64_t* S, int64_t 
 
 static inline int64_t words_of(const Lin& L) { return L.C / 64 + 3; }
 
-static inline float pm(float a, int s) { return s ? a : -a; }
+struct Row {  // one thread's scratch: a row's kept-and-positive / kept-and-negative bits per 8-column chunk
+    std::vector<uint64_t> K, S;
+    std::vector<uint8_t> pos, neg;
+    explicit Row(const Lin& L) : K(words_of(L)), S(words_of(L)), pos(L.nchunks() + 8), neg(L.nchunks() + 8) {}
+};
 
-// the exact value of salient column c of a row (kept), as BlockCode.dense computes it; `main` = its value
-// without the salient code (alpha B + mu) for layouts whose salient columns share the block's first plane
-static inline float salient_value(const Lin& L, int64_t bl, int64_t r, int s1, int s2, float main) {
-    float q = main;
-    if (L.sc[ALPHA_S].has(bl)) q = pm(L.sc[ALPHA_S].get(bl, r), s1) + L.sc[MU_S].get(bl, r);
-    float mr = L.sc[MU_R].has(bl) ? L.sc[MU_R].get(bl, r) : 0.0f;
-    return q + (pm(L.sc[ALPHA_R].get(bl, r), s2) + mr);
-}
-
-static void decode_row(const Lin& L, int64_t r, const uint64_t* K, const uint64_t* S, int64_t& s2pos,
-                       const float* acol, float* out) {
+static void row_codes(const Lin& L, int64_t r, Row& w, int64_t& spos) {
+    if (L.fast) {  // 8 groups (8 rank codes, 8 x n signs) per read of each stream
+        const int64_t G = L.C / 8, n = L.n, b = L.b, g0 = r * G;
+        const uint64_t cm = (1ull << b) - 1, sm = (1ull << n) - 1;
+        int64_t g = 0;
+        for (; g + 8 <= G; g += 8) {
+            uint64_t cw = bits(L.mask, L.mask_len, (g0 + g) * b, (int)(8 * b));
+            uint64_t sw = bits(L.sign, L.sign_len, (g0 + g) * n, (int)(8 * n));
+            for (int i = 0; i < 8; i++) {
+                uint16_t v = L.dep2[((cw & cm) << n) | (sw & sm)];
+                cw >>= b;
+                sw >>= n;
+                w.pos[g + i] = (uint8_t)v;
+                w.neg[g + i] = (uint8_t)(v >> 8);
+            }
+        }
+        for (; g < G; g++) {
+            uint64_t code = bits(L.mask, L.mask_len, (g0 + g) * b, (int)b);
+            uint16_t v = L.dep2[(code << n) | bits(L.sign, L.sign_len, (g0 + g) * n, (int)n)];
+            w.pos[g] = (uint8_t)v;
+            w.neg[g] = (uint8_t)(v >> 8);
+        }
+        return;
+    }
+    row_bits(L, r, w.K.data(), w.S.data(), words_of(L), spos);
     for (int64_t bl = 0; bl < L.nblocks; bl++) {
         const int64_t o = L.block_off[bl], e = L.block_off[bl + 1];
-        const bool rc = L.sc[ALPHA_COL].has(bl);
-        const float a = L.sc[ALPHA].get(bl, r);
-        const float vp = rc ? 0.0f : a + L.sc[MU].get(bl, r);
-        const float vn = rc ? 0.0f : -a + L.sc[MU].get(bl, r);
-        int64_t c = o;
-        for (; c + 8 <= e; c += 8) {
-            uint32_t k = get8(K, c), s = get8(S, c);
-            v8u res;
-            if (rc) {
-                v8f v;
-                memcpy(&v, acol + c, 32);
-                v8f av = a * v;  // fl(alpha * alpha_col), then the sign: exactly dense()'s alpha*alpha_col*B
-                v8u au;
-                memcpy(&au, &av, 32);
-                res = (au ^ (LANES[k & ~s & 0xFF] & 0x80000000u)) & LANES[k];
-            } else {
-                v8u up, un;
-                float fp = vp, fn = vn;
-                uint32_t ip, in;
-                memcpy(&ip, &fp, 4);
-                memcpy(&in, &fn, 4);
-                up = ip - (v8u){};
-                un = in - (v8u){};
-                res = (up & LANES[k & s]) | (un & LANES[k & ~s & 0xFF]);
-            }
-            memcpy(out + c, &res, 32);
+        for (int64_t c = o, ch = L.chunk_off[bl]; c < e; c += 8, ch++) {
+            uint32_t k = get8(w.K.data(), c), sg = get8(w.S.data(), c);
+            if (c + 8 > e) k &= (1u << (e - c)) - 1;
+            w.pos[ch] = (uint8_t)(k & sg);
+            w.neg[ch] = (uint8_t)(k & ~sg);
         }
-        for (; c < e; c++) {
-            float v = rc ? a * acol[c] : 0.0f;
-            float q = rc ? pm(v, bit(S, c)) : (bit(S, c) ? vp : vn);
-            out[c] = bit(K, c) ? q : 0.0f;
+    }
+}
+
+// (kept, first-plane sign) of column col of block bl in the row's chunks
+static inline void kept_sign(const Lin& L, const Row& w, int64_t bl, int64_t col, int& kept, int& s1) {
+    int64_t rel = col - L.block_off[bl], ch = L.chunk_off[bl] + rel / 8;
+    int sh = (int)(rel & 7);
+    s1 = (w.pos[ch] >> sh) & 1;
+    kept = s1 | ((w.neg[ch] >> sh) & 1);
+}
+
+
+// the scales of one row of one block, read once: the first plane's values for B = +1 / -1 (ARB-RC: +-alpha,
+// the column factor applies to x or to the decoded value), and the salient columns' codes: full layout
+// (alpha_s) sal[s1 * 2 + s2] = (alpha_s B1 + mu_s) + (alpha_r B2 + mu_r), the column's whole value; otherwise
+// sal[s2] = alpha_r B2 + mu_r, added to the first plane's value. Same float operations as BlockCode.dense.
+struct RowBlock {
+    bool rc, full;
+    float a, vp, vn, sal[4];
+};
+
+static inline RowBlock row_block(const Lin& L, int64_t bl, int64_t r) {
+    RowBlock q;
+    q.rc = L.sc[ALPHA_COL].has(bl);
+    q.a = L.sc[ALPHA].get(bl, r);
+    const float mu = q.rc ? 0.0f : L.sc[MU].get(bl, r);
+    q.vp = q.rc ? q.a : q.a + mu;  // alpha * (+-1) is exact
+    q.vn = q.rc ? -q.a : -q.a + mu;
+    q.full = L.sc[ALPHA_S].has(bl);
+    if (L.sal_off[bl + 1] > L.sal_off[bl]) {
+        const float ar = L.sc[ALPHA_R].get(bl, r), mr = L.sc[MU_R].has(bl) ? L.sc[MU_R].get(bl, r) : 0.0f;
+        const float rp = ar + mr, rn = -ar + mr;
+        if (q.full) {
+            const float as = L.sc[ALPHA_S].get(bl, r), ms = L.sc[MU_S].get(bl, r);
+            const float fp = as + ms, fn = -as + ms;
+            q.sal[0] = fn + rn, q.sal[1] = fn + rp, q.sal[2] = fp + rn, q.sal[3] = fp + rp;
+        } else {
+            q.sal[0] = q.sal[2] = rn, q.sal[1] = q.sal[3] = rp;
+        }
+    }
+    return q;
+}
+
+static inline v8u bcast(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (v8u){} + u;
+}
+
+static void decode_row(const Lin& L, int64_t r, const Row& w, int64_t& s2pos, const float* acol, float* out) {
+    for (int64_t bl = 0; bl < L.nblocks; bl++) {
+        const int64_t o = L.block_off[bl], e = L.block_off[bl + 1];
+        const RowBlock q = row_block(L, bl, r);
+        const bool rc = q.rc;
+        const float a = q.a, vp = q.vp, vn = q.vn;
+        const v8u up = bcast(vp), un = bcast(vn);
+        for (int64_t c = o, ch = L.chunk_off[bl]; c < e; c += 8, ch++) {
+            const uint32_t p = w.pos[ch], n = w.neg[ch];
+            if (c + 8 <= e) {
+                v8u res;
+                if (rc) {  // fl(alpha * alpha_col), then the sign: exactly dense()'s alpha * alpha_col * B
+                    v8f v;
+                    memcpy(&v, acol + c, 32);
+                    v8f av = a * v;
+                    v8u au;
+                    memcpy(&au, &av, 32);
+                    res = (au & LANES[p]) | ((au ^ 0x80000000u) & LANES[n]);
+                } else {
+                    res = (up & LANES[p]) | (un & LANES[n]);
+                }
+                memcpy(out + c, &res, 32);
+            } else {
+                for (int64_t i = 0; c + i < e; i++) {
+                    float v = rc ? a * acol[c + i] : 0.0f;
+                    out[c + i] = (p >> i) & 1 ? (rc ? v : vp) : (n >> i) & 1 ? (rc ? -v : vn) : 0.0f;
+                }
+            }
         }
         for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++) {
             int64_t col = L.sal_cols[j];
-            if (!bit(K, col)) continue;
-            int s2 = (int)bits(L.sign2, L.sign2_len, s2pos++, 1);
-            out[col] = salient_value(L, bl, r, bit(S, col), s2, out[col]);
+            int kept, s1;
+            kept_sign(L, w, bl, col, kept, s1);
+            if (!kept) continue;
+            const int s2 = (int)bits(L.sign2, L.sign2_len, s2pos++, 1);
+            out[col] = q.full ? q.sal[s1 * 2 + s2] : out[col] + q.sal[s2];
         }
     }
 }
@@ -263,114 +346,147 @@ extern "C" int pbs2p_decode_rows(const int64_t* P, int64_t r0, int64_t r1, float
     const int64_t nch = (r1 - r0 + L.chunk - 1) / L.chunk;
 #pragma omp parallel num_threads((int)L.nthreads)
     {
-        const int64_t W = words_of(L);
-        std::vector<uint64_t> K(W), S(W);
+        Row w(L);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ch = 0; ch < nch; ch++) {
             const int64_t a = r0 + ch * L.chunk, z = a + L.chunk < r1 ? a + L.chunk : r1;
             int64_t spos = L.sign_start[a / L.chunk], s2pos = L.sign2_start[a / L.chunk];
             for (int64_t r = a; r < z; r++) {
-                row_bits(L, r, K.data(), S.data(), W, spos);
-                decode_row(L, r, K.data(), S.data(), s2pos, ac, out + (r - r0) * ldo);
+                row_codes(L, r, w, spos);
+                decode_row(L, r, w, s2pos, ac, out + (r - r0) * ldo);
             }
         }
     }
     return 0;
 }
 
-static inline float hsum(v8f v) {
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
+struct BitReader {  // one bit at a time from an LSB-first stream, 56 bits a read
+    const uint8_t* p;
+    int64_t len, pos;
+    uint64_t buf = 0;
+    int left = 0;
+    inline int get() {
+        if (!left) {
+            buf = bits(p, len, pos, 56);
+            left = 56;
+        }
+        int b = (int)(buf & 1);
+        buf >>= 1;
+        left--;
+        pos++;
+        return b;
+    }
+};
 
+// NB rows of x dotted with row r of W_hat: per block, the chunk sums of the kept-positive and kept-negative
+// inputs from the subset-sum tables (tab[t] + chunk * 256, 256 sums of a chunk's 8 inputs), times the
+// block's values for B = +1 and -1; then the salient columns one by one. Returns the advanced sign2 position.
 template <int NB>
-static void gemv_block(const uint64_t* K, const uint64_t* S, int64_t o, int64_t e, const float* x, int64_t ldx,
-                       float* sumS, float* sumT) {
-    v8f accS[NB], accT[NB];
-    for (int t = 0; t < NB; t++) accS[t] = accT[t] = (v8f){};
-    for (int64_t c = o; c < e; c += 8) {
-        uint32_t k = get8(K, c), s = get8(S, c);
-        if (c + 8 > e) k &= (1u << (e - c)) - 1;
-        const v8u km = LANES[k], sm = LANES[k & ~s & 0xFF] & 0x80000000u;
-        for (int t = 0; t < NB; t++) {
-            v8u xv;
-            memcpy(&xv, x + t * ldx + c, 32);
-            v8u xm = xv & km;
-            v8u xs = xm ^ sm;
-            v8f fm, fs;
-            memcpy(&fm, &xm, 32);
-            memcpy(&fs, &xs, 32);
-            accT[t] += fm;
-            accS[t] += fs;
+static int64_t row_dot(const Lin& L, const Row& w, int64_t r, int64_t s2pos, const float* tab, int64_t ldt,
+                       const float* x, int64_t ldx, const int64_t* sal_ch, const int* sal_sh, float* out) {
+    float acc[NB];
+    for (int t = 0; t < NB; t++) acc[t] = 0.0f;
+    BitReader s2{L.sign2, L.sign2_len, s2pos};
+    for (int64_t bl = 0; bl < L.nblocks; bl++) {
+        const RowBlock q = row_block(L, bl, r);
+        float p0[NB], p1[NB], n0[NB], n1[NB];
+        for (int t = 0; t < NB; t++) p0[t] = p1[t] = n0[t] = n1[t] = 0.0f;
+        int64_t ch = L.chunk_off[bl];
+        const int64_t c1 = L.chunk_off[bl + 1];
+        for (; ch + 2 <= c1; ch += 2) {
+            const uint32_t a = w.pos[ch], b = w.neg[ch], c = w.pos[ch + 1], d = w.neg[ch + 1];
+            for (int t = 0; t < NB; t++) {
+                const float* T = tab + t * ldt + ch * 256;
+                p0[t] += T[a];
+                n0[t] += T[b];
+                p1[t] += T[256 + c];
+                n1[t] += T[256 + d];
+            }
+        }
+        if (ch < c1) {
+            const uint32_t a = w.pos[ch], b = w.neg[ch];
+            for (int t = 0; t < NB; t++) {
+                p0[t] += tab[t * ldt + ch * 256 + a];
+                n0[t] += tab[t * ldt + ch * 256 + b];
+            }
+        }
+        for (int t = 0; t < NB; t++) acc[t] += q.vp * (p0[t] + p1[t]) + q.vn * (n0[t] + n1[t]);
+        for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++) {
+            const uint32_t pb = (w.pos[sal_ch[j]] >> sal_sh[j]) & 1, nb_ = (w.neg[sal_ch[j]] >> sal_sh[j]) & 1;
+            if (!(pb | nb_)) continue;
+            const float v = q.sal[pb * 2 + s2.get()];  // full: the whole value (x is 0 in the table)
+            const int64_t col = L.sal_cols[j];
+            for (int t = 0; t < NB; t++) acc[t] += x[t * ldx + col] * v;
         }
     }
-    for (int t = 0; t < NB; t++) {
-        sumS[t] = hsum(accS[t]);
-        sumT[t] = hsum(accT[t]);
-    }
+    for (int t = 0; t < NB; t++) out[t] = acc[t];
+    return s2.pos;
 }
 
-typedef void (*block_fn)(const uint64_t*, const uint64_t*, int64_t, int64_t, const float*, int64_t, float*, float*);
-static const block_fn BLOCK_FNS[9] = {nullptr,           gemv_block<1>, gemv_block<2>, gemv_block<3>, gemv_block<4>,
-                                      gemv_block<5>,     gemv_block<6>, gemv_block<7>, gemv_block<8>};
+typedef int64_t (*dot_fn)(const Lin&, const Row&, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                          const int64_t*, const int*, float*);
+static const dot_fn DOTS[5] = {nullptr, row_dot<1>, row_dot<2>, row_dot<3>, row_dot<4>};
 
 // y (nb x R, row stride R) = x (nb x C, row stride ldx) W_hat^T
 extern "C" int pbs2p_gemv(const int64_t* P, const float* x, int64_t nb, int64_t ldx, float* y) {
     init_lanes();
     const Lin L(P);
-    const int64_t C = L.C, Cp = C + 16;
-    // xp: x padded (zeros past C), the salient columns of blocks with their own first plane (alpha_s) zeroed
-    // (their exact value is added one by one); xc: xp times alpha_col for ARB-RC blocks
-    std::vector<float> xp(nb * Cp, 0.0f), xc;
-    for (int64_t t = 0; t < nb; t++) memcpy(&xp[t * Cp], x + t * ldx, C * 4);
-    for (int64_t bl = 0; bl < L.nblocks; bl++)
-        if (L.sc[ALPHA_S].has(bl))
-            for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++)
-                for (int64_t t = 0; t < nb; t++) xp[t * Cp + L.sal_cols[j]] = 0.0f;
+    const int64_t C = L.C, nchunks = L.nchunks(), ldt = nchunks * 256, nsal = L.sal_off[L.nblocks];
+    // the inputs each chunk's table sums: x, with the salient columns of blocks that give them their own
+    // first plane (alpha_s) zeroed (their exact value is added one by one), times alpha_col in ARB-RC blocks
+    std::vector<float> xs(nb * (C + 8), 0.0f), tab(nb * ldt);
     std::vector<float> acol = alpha_cols(L);
-    if (!acol.empty()) {
-        xc = xp;
-        for (int64_t t = 0; t < nb; t++)
-            for (int64_t c = 0; c < C; c++) xc[t * Cp + c] *= acol[c];
+    for (int64_t t = 0; t < nb; t++) {
+        float* row = &xs[t * (C + 8)];
+        memcpy(row, x + t * ldx, C * 4);
+        for (int64_t bl = 0; bl < L.nblocks; bl++) {
+            if (L.sc[ALPHA_S].has(bl))
+                for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++) row[L.sal_cols[j]] = 0.0f;
+            if (L.sc[ALPHA_COL].has(bl))
+                for (int64_t c = L.block_off[bl]; c < L.block_off[bl + 1]; c++) row[c] *= acol[c];
+        }
     }
+    std::vector<int64_t> sal_ch(nsal + 1);  // chunk and bit of every salient column
+    std::vector<int> sal_sh(nsal + 1);
+    for (int64_t bl = 0; bl < L.nblocks; bl++)
+        for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++) {
+            const int64_t rel = L.sal_cols[j] - L.block_off[bl];
+            sal_ch[j] = L.chunk_off[bl] + rel / 8;
+            sal_sh[j] = (int)(rel & 7);
+        }
     const int64_t nch = (L.R + L.chunk - 1) / L.chunk;
 #pragma omp parallel num_threads((int)L.nthreads)
     {
-        const int64_t W = words_of(L);
-        std::vector<uint64_t> K(W), S(W);
-        float sS[8], sT[8];
-        std::vector<float> acc(nb);
+#pragma omp for schedule(static)
+        for (int64_t tc = 0; tc < nb * nchunks; tc++) {  // subset sums: T[k] = sum of the inputs of k's bits
+            const int64_t t = tc / nchunks, ch = tc % nchunks;
+            int64_t bl = 0;
+            while (L.chunk_off[bl + 1] <= ch) bl++;
+            const int64_t c = L.block_off[bl] + (ch - L.chunk_off[bl]) * 8, e = L.block_off[bl + 1];
+            float* T = &tab[t * ldt + ch * 256];
+            const float* xv = &xs[t * (C + 8) + c];
+            T[0] = 0.0f;
+            for (int j = 0; j < 8; j++) {
+                const float v = c + j < e ? xv[j] : 0.0f;
+                for (int i = 0; i < (1 << j); i++) T[(1 << j) + i] = T[i] + v;
+            }
+        }
+        Row w(L);
+        float out[4];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ch = 0; ch < nch; ch++) {
             const int64_t a = ch * L.chunk, z = a + L.chunk < L.R ? a + L.chunk : L.R;
             int64_t spos = L.sign_start[ch], s2pos = L.sign2_start[ch];
             for (int64_t r = a; r < z; r++) {
-                row_bits(L, r, K.data(), S.data(), W, spos);
-                for (int64_t t = 0; t < nb; t++) acc[t] = 0.0f;
-                for (int64_t bl = 0; bl < L.nblocks; bl++) {
-                    const int64_t o = L.block_off[bl], e = L.block_off[bl + 1];
-                    const bool rc = L.sc[ALPHA_COL].has(bl);
-                    const float* xs = rc ? xc.data() : xp.data();
-                    const float al = L.sc[ALPHA].get(bl, r), mu = rc ? 0.0f : L.sc[MU].get(bl, r);
-                    for (int64_t t0 = 0; t0 < nb; t0 += 8) {
-                        const int64_t tn = nb - t0 < 8 ? nb - t0 : 8;
-                        BLOCK_FNS[tn](K.data(), S.data(), o, e, xs + t0 * Cp, Cp, sS, sT);
-                        for (int64_t t = 0; t < tn; t++) acc[t0 + t] += rc ? al * sS[t] : al * sS[t] + mu * sT[t];
-                    }
-                    for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++) {
-                        const int64_t col = L.sal_cols[j];
-                        if (!bit(K.data(), col)) continue;
-                        const int s1 = bit(S.data(), col), s2 = (int)bits(L.sign2, L.sign2_len, s2pos++, 1);
-                        float v;
-                        if (L.sc[ALPHA_S].has(bl)) {
-                            v = salient_value(L, bl, r, s1, s2, 0.0f);
-                        } else {  // the first plane is in the block sum already: add the residual code only
-                            float mr = L.sc[MU_R].has(bl) ? L.sc[MU_R].get(bl, r) : 0.0f;
-                            v = pm(L.sc[ALPHA_R].get(bl, r), s2) + mr;
-                        }
-                        for (int64_t t = 0; t < nb; t++) acc[t] += x[t * ldx + col] * v;
-                    }
+                row_codes(L, r, w, spos);
+                int64_t next = s2pos;
+                for (int64_t t0 = 0; t0 < nb; t0 += 4) {
+                    const int64_t tn = nb - t0 < 4 ? nb - t0 : 4;
+                    next = DOTS[tn](L, w, r, s2pos, &tab[t0 * ldt], ldt, x + t0 * ldx, ldx, sal_ch.data(),
+                                    sal_sh.data(), out);
+                    for (int64_t t = 0; t < tn; t++) y[(t0 + t) * L.R + r] = out[t];
                 }
-                for (int64_t t = 0; t < nb; t++) y[t * L.R + r] = acc[t];
+                s2pos = next;
             }
         }
     }
