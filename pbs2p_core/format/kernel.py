@@ -1,4 +1,4 @@
-"""Fast CPU inference on packed linears: a small C++ library (`packed_kernel.cpp`) compiled on first use with the
+"""Fast CPU inference on packed linears: a small C++ library (`packed_kernel.cpp`, `.h`) compiled on first use with the
 system C++ compiler and loaded with ctypes (no Python headers, no ninja), and the per-linear plan it reads.
 
 Two paths, chosen by the number of input rows: up to `GEMV_ROWS` rows (decoding a token) a fused kernel reads
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .bitpack import decode_mask, rank_bits, rank_tables
 
 SOURCE = Path(__file__).with_name("packed_kernel.cpp")
+HEADER = SOURCE.with_suffix(".h")  # included by the source
 GEMV_ROWS = 8  # at most this many input rows: the fused kernel; more: tile decode + BLAS
 TILE_FLOATS = 1 << 22  # a prefill tile of Ŵ: at most 16 MiB of float32 (at least one chunk of rows)
 CHUNK = 16  # rows of W per unit of parallel work (sign offsets are stored per chunk)
@@ -98,7 +99,7 @@ def build_dir() -> Path:
 
 def _compile(cxx: str, out_dir: Path) -> Path:
     """Compile the library (with -march=native where the compiler takes it) into out_dir; return its path."""
-    src = SOURCE.read_bytes()
+    src = SOURCE.read_bytes() + HEADER.read_bytes()
     errors = []
     for extra in (["-march=native"], []):
         cmd = [cxx, *FLAGS, *extra]
