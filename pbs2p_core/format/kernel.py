@@ -40,6 +40,7 @@ HEADER = SOURCE.with_suffix(".h")  # included by the source
 GEMV_ROWS = 8  # at most this many input rows: the fused kernel; more: tile decode + BLAS
 TILE_FLOATS = 1 << 22  # a prefill tile of Ŵ: at most 16 MiB of float32 (at least one chunk of rows)
 CHUNK = 16  # rows of W per unit of parallel work (sign offsets are stored per chunk)
+PARALLEL_WEIGHTS = 1 << 17  # smaller linears run on one thread
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
 ROLES = ("alpha", "mu", "alpha_s", "mu_s", "alpha_r", "mu_r", "alpha_col")
 _SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -284,7 +285,8 @@ class KernelPlan:
         )
 
     def _call(self, name: str, *args: Any) -> None:
-        self.P[_P["NTHREADS"]] = torch.get_num_threads()
+        small = self.R * self.C < PARALLEL_WEIGHTS  # a thread's start costs more than the work
+        self.P[_P["NTHREADS"]] = 1 if small else torch.get_num_threads()
         rc = getattr(self.lib, name)(ctypes.c_void_p(self.P.data_ptr()), *args)
         if rc:
             raise RuntimeError(f"{name} failed with code {rc}")

@@ -193,10 +193,10 @@ class PackedLinear(nn.Module):
         place), or None."""
         if library() is None:  # not built, or switched off (`kernel.use_kernel(False)`)
             return None
-        packed = self.packed()
-        key = tuple(x for t in packed.values() for x in (t.data_ptr(), t._version))  # moved, replaced or written
+        bufs = self._buffers  # moved, replaced or written in place: another key
+        key = tuple(x for t in bufs.values() if t is not None for x in (t.data_ptr(), t._version))
         if self._plan is None or self._plan[0] != key:
-            self._plan = (key, plan_for(self.meta, packed))
+            self._plan = (key, plan_for(self.meta, self.packed()))
         return self._plan[1]
 
     def kernel_bytes(self) -> int:

@@ -116,7 +116,7 @@ extern "C" int pbs2p_decode_rows(const int64_t* P, int64_t r0, int64_t r1, float
 #pragma omp parallel num_threads((int)L.nthreads)
     {
         Row w(L);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static) nowait
         for (int64_t ch = 0; ch < nch; ch++) {
             const int64_t a = r0 + ch * L.chunk, z = a + L.chunk < r1 ? a + L.chunk : r1;
             int64_t spos = L.sign_start[a / L.chunk];
@@ -136,8 +136,9 @@ extern "C" int pbs2p_decode_rows(const int64_t* P, int64_t r0, int64_t r1, float
 // FUSED (an m = 8 rank code): each group's (rank, signs) is decoded here, 8 groups per read of each stream,
 // straight into the lookups (and into w.v for the salient columns); else w.v comes from row_codes.
 template <int NB, bool FUSED>
-static void row_dot(const Lin& L, Row& w, int64_t r, BitReader& s2, const SalientPos& sp, const float* tab,
+static void row_dot(const Lin& L, Row& w, int64_t r, BitReader& s2_, const SalientPos& sp, const float* tab,
                     int64_t ldt, const float* xsal, int64_t nsal, float* out) {
+    BitReader s2 = s2_;  // a local copy: the compiler keeps it in registers (no stores through the reference)
     const int64_t n = L.n, b = L.b, g0 = r * (L.C / 8);
     const uint64_t cm = (1ull << b) - 1, sm = (1ull << n) - 1;
     float acc[NB], sa[NB], sb[NB];
@@ -202,6 +203,7 @@ static void row_dot(const Lin& L, Row& w, int64_t r, BitReader& s2, const Salien
         }
     }
     for (int t = 0; t < NB; t++) out[t] = acc[t] + (sa[t] + sb[t]);
+    s2_ = s2;
 }
 
 typedef void (*dot_fn)(const Lin&, Row&, int64_t, BitReader&, const SalientPos&, const float*, int64_t,
@@ -217,7 +219,7 @@ extern "C" int pbs2p_gemv(const int64_t* P, const float* x, int64_t nb, int64_t 
     const int64_t C = L.C, nchunks = L.nchunks(), ldt = nchunks * 256, nsal = L.sal_off[L.nblocks];
     // the inputs each chunk's table sums: x, with the salient columns of blocks that give them their own
     // first plane (alpha_s) zeroed (their exact value is added one by one), times alpha_col in ARB-RC blocks
-    std::vector<float> xs(nb * (C + 8), 0.0f), tab(nb * ldt), xsal(nb * nsal + 1);
+    std::vector<float> xs(nb * (C + 8), 0.0f), xsal(nb * nsal + 1);
     std::vector<float> acol = alpha_cols(L);
     for (int64_t t = 0; t < nb; t++) {
         float* row = &xs[t * (C + 8)];
@@ -232,25 +234,26 @@ extern "C" int pbs2p_gemv(const int64_t* P, const float* x, int64_t nb, int64_t 
     }
     const SalientPos sp(L);
     const int64_t nch = (L.R + L.chunk - 1) / L.chunk;
+    // one parallel loop and no barrier inside: every thread builds its own copy of the tables (a few hundred
+    // KiB at most, in its own cache), so that a thread the OS runs late never holds the others up
 #pragma omp parallel num_threads((int)L.nthreads)
     {
-#pragma omp for schedule(static)
-        for (int64_t tc = 0; tc < nb * nchunks; tc++) {  // subset sums: T[k] = sum of the inputs of k's bits
-            const int64_t t = tc / nchunks, ch = tc % nchunks;
-            int64_t bl = 0;
-            while (L.chunk_off[bl + 1] <= ch) bl++;
-            const int64_t c = L.block_off[bl] + (ch - L.chunk_off[bl]) * 8, e = L.block_off[bl + 1];
-            float* T = &tab[t * ldt + ch * 256];
-            const float* xv = &xs[t * (C + 8) + c];
-            T[0] = 0.0f;
-            for (int j = 0; j < 8; j++) {
-                const float v = c + j < e ? xv[j] : 0.0f;
-                for (int i = 0; i < (1 << j); i++) T[(1 << j) + i] = T[i] + v;
-            }
-        }
+        std::vector<float> tab(nb * ldt);
+        for (int64_t t = 0; t < nb; t++)  // subset sums: T[k] = sum of the inputs of k's bits
+            for (int64_t bl = 0; bl < L.nblocks; bl++)
+                for (int64_t ch = L.chunk_off[bl]; ch < L.chunk_off[bl + 1]; ch++) {
+                    const int64_t c = L.block_off[bl] + (ch - L.chunk_off[bl]) * 8, e = L.block_off[bl + 1];
+                    float* T = &tab[t * ldt + ch * 256];
+                    const float* xv = &xs[t * (C + 8) + c];
+                    T[0] = 0.0f;
+                    for (int j = 0; j < 8; j++) {
+                        const float v = c + j < e ? xv[j] : 0.0f;
+                        for (int i = 0; i < (1 << j); i++) T[(1 << j) + i] = T[i] + v;
+                    }
+                }
         Row w(L);
         float out[4];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static) nowait
         for (int64_t ch = 0; ch < nch; ch++) {
             const int64_t a = ch * L.chunk, z = a + L.chunk < L.R ? a + L.chunk : L.R;
             int64_t spos = L.sign_start[ch];
