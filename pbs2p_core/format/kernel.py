@@ -219,7 +219,7 @@ class KernelPlan:
     shared by all linears of a pattern. `extra_bytes` counts what a linear adds to its packed bytes."""
 
     def __init__(self, lib: ctypes.CDLL, meta: Mapping[str, Any], fields: Mapping[str, torch.Tensor]) -> None:
-        self.lib = lib
+        del lib  # not kept: a model with plans stays deep-copyable and picklable (ctypes handles are not)
         R, C = (int(v) for v in meta["shape"])
         n, m = int(meta["n_keep"]), int(meta["m"])
         widths, ks = [int(w) for w in meta["blocks"]], [int(k) for k in meta["salient"]]
@@ -287,7 +287,7 @@ class KernelPlan:
     def _call(self, name: str, *args: Any) -> None:
         small = self.R * self.C < PARALLEL_WEIGHTS  # a thread's start costs more than the work
         self.P[_P["NTHREADS"]] = 1 if small else torch.get_num_threads()
-        rc = getattr(self.lib, name)(ctypes.c_void_p(self.P.data_ptr()), *args)
+        rc = getattr(_state["lib"], name)(ctypes.c_void_p(self.P.data_ptr()), *args)
         if rc:
             raise RuntimeError(f"{name} failed with code {rc}")
 

@@ -199,6 +199,11 @@ class PackedLinear(nn.Module):
             self._plan = (key, plan_for(self.meta, self.packed()))
         return self._plan[1]
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy, pickle: the plan points into these buffers
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        return state
+
     def kernel_bytes(self) -> int:
         """Bytes the kernel's plan adds to the packed code (index arrays; 0 without the kernel)."""
         plan = self.kernel_plan()

@@ -4,6 +4,8 @@ the artifact has; without a compiler PackedLinear falls back to the torch decode
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import typing
 import warnings
@@ -174,6 +176,19 @@ def test_plan_follows_the_buffers() -> None:
     mod.load_state_dict(PackedLinear(meta, p2).state_dict())  # copy_ into the same storage
     W2 = decode_linear(p2, meta)
     assert bool(((mod(x) - x @ W2.T).abs().double() <= bound(x, W2)).all())
+
+
+def test_copies_and_pickles_build_their_own_plan() -> None:
+    packed, meta = packed_layout(LAYOUTS[0])
+    mod = PackedLinear(meta, packed)
+    x = torch.randn(2, 320, generator=torch.Generator().manual_seed(0))
+    y = mod(x)
+    clone = copy.deepcopy(mod)
+    assert clone._plan is None and torch.equal(clone(x), y)
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
 
 
 def test_fallback_without_a_compiler(tmp_path: Path) -> None:
