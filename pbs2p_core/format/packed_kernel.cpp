@@ -138,6 +138,7 @@ extern "C" int pbs2p_decode_rows(const int64_t* P, int64_t r0, int64_t r1, float
 template <int NB, bool FUSED>
 static void row_dot(const Lin& L, Row& w, int64_t r, BitReader& s2_, const SalientPos& sp, const float* tab,
                     int64_t ldt, const float* xsal, int64_t nsal, float* out) {
+    const int64_t nchunks = L.nchunks();
     BitReader s2 = s2_;  // a local copy: the compiler keeps it in registers (no stores through the reference)
     const int64_t n = L.n, b = L.b, g0 = r * (L.C / 8);
     const uint64_t cm = (1ull << b) - 1, sm = (1ull << n) - 1;
@@ -162,7 +163,8 @@ static void row_dot(const Lin& L, Row& w, int64_t r, BitReader& s2_, const Salie
                     cw >>= b, sw >>= n;
                     v = L.dep2[((cw & cm) << n) | (sw & sm)];
                     cw >>= b, sw >>= n;
-                    w.v[g + i] = (uint16_t)u, w.v[g + i + 1] = (uint16_t)v;
+                    w.kb[g + i] = (uint8_t)(u | u >> 8), w.kb[g + i + 1] = (uint8_t)(v | v >> 8);
+                    w.pb[g + i] = (uint8_t)u, w.pb[g + i + 1] = (uint8_t)v;
                 } else {
                     u = w.v[g + i], v = w.v[g + i + 1];
                 }
@@ -180,7 +182,7 @@ static void row_dot(const Lin& L, Row& w, int64_t r, BitReader& s2_, const Salie
             if (FUSED) {
                 const uint64_t code = bits(L.mask, L.mask_len, (g0 + g) * b, (int)b);
                 u = L.dep2[(code << n) | bits(L.sign, L.sign_len, (g0 + g) * n, (int)n)];
-                w.v[g] = (uint16_t)u;
+                w.kb[g] = (uint8_t)(u | u >> 8), w.pb[g] = (uint8_t)u;
             }
             for (int t = 0; t < NB; t++) {
                 p0[t] += tab[t * ldt + g * 256 + (u & 0xFFu)];
@@ -190,6 +192,28 @@ static void row_dot(const Lin& L, Row& w, int64_t r, BitReader& s2_, const Salie
         for (int t = 0; t < NB; t++) acc[t] += q.vp * (p0[t] + p1[t]) + q.vn * (n0[t] + n1[t]);
         int64_t j = L.sal_off[bl];
         const int64_t j1 = L.sal_off[bl + 1];
+        if (FUSED && j < j1) {  // the block's salient columns at once: kept, B1 and B2 bits, 4 subset sums
+            uint64_t kept = 0, s1 = 0;
+            int at = 0;
+            for (int64_t e = sp.w0[bl]; e < sp.w0[bl + 1]; e++) {
+                uint64_t kw, pw;
+                memcpy(&kw, &w.kb[8 * sp.word[e]], 8);
+                memcpy(&pw, &w.pb[8 * sp.word[e]], 8);
+                kept |= extract(kw, sp.mask[e]) << at;
+                s1 |= extract(pw, sp.mask[e]) << at;
+                at += __builtin_popcountll(sp.mask[e]);
+            }
+            const uint64_t b2 = deposit(s2.take(__builtin_popcountll(kept)), kept);
+            const uint64_t m[4] = {kept & ~s1 & ~b2, kept & ~s1 & b2, s1 & ~b2, s1 & b2};  // = sal[0..3]
+            const float* T = tab + (nchunks + sp.tab0[bl]) * 256;
+            for (int c = 0; c < 4; c++)
+                for (int t = 0; t < NB; t++) {
+                    float sum = 0.0f;
+                    for (int q8 = 0; q8 * 8 < j1 - j; q8++) sum += T[t * ldt + q8 * 256 + ((m[c] >> (8 * q8)) & 0xFFu)];
+                    (c & 1 ? sb : sa)[t] += q.sal[c] * sum;
+                }
+            j = j1;
+        }
         for (; j + 2 <= j1; j += 2) {  // full: the whole value (x is 0 in the table); two sums: no long chain
             const float v = q.sal[salient_index(w, sp, j, s2)], v2 = q.sal[salient_index(w, sp, j + 1, s2)];
             for (int t = 0; t < NB; t++) {
@@ -216,7 +240,9 @@ static const dot_fn DOTS[2][5] = {
 extern "C" int pbs2p_gemv(const int64_t* P, const float* x, int64_t nb, int64_t ldx, float* y) {
     init_lanes();
     const Lin L(P);
-    const int64_t C = L.C, nchunks = L.nchunks(), ldt = nchunks * 256, nsal = L.sal_off[L.nblocks];
+    const SalientPos sp(L);
+    const int64_t C = L.C, nchunks = L.nchunks(), nsal = L.sal_off[L.nblocks];
+    const int64_t ldt = (nchunks + sp.tab0[L.nblocks]) * 256;  // per input: the chunks' tables, the salient ones
     // the inputs each chunk's table sums: x, with the salient columns of blocks that give them their own
     // first plane (alpha_s) zeroed (their exact value is added one by one), times alpha_col in ARB-RC blocks
     std::vector<float> xs(nb * (C + 8), 0.0f), xsal(nb * nsal + 1);
@@ -232,7 +258,6 @@ extern "C" int pbs2p_gemv(const int64_t* P, const float* x, int64_t nb, int64_t 
                 for (int64_t c = L.block_off[bl]; c < L.block_off[bl + 1]; c++) row[c] *= acol[c];
         }
     }
-    const SalientPos sp(L);
     const int64_t nch = (L.R + L.chunk - 1) / L.chunk;
     // one parallel loop and no barrier inside: every thread builds its own copy of the tables (a few hundred
     // KiB at most, in its own cache), so that a thread the OS runs late never holds the others up
@@ -251,6 +276,16 @@ extern "C" int pbs2p_gemv(const int64_t* P, const float* x, int64_t nb, int64_t 
                         for (int i = 0; i < (1 << j); i++) T[(1 << j) + i] = T[i] + v;
                     }
                 }
+        for (int64_t t = 0; t < nb && L.fast && sp.words; t++)  // the salient columns' sums, 8 columns a table
+            for (int64_t bl = 0; bl < L.nblocks; bl++)
+                for (int64_t j = L.sal_off[bl], q8 = 0; j < L.sal_off[bl + 1]; j += 8, q8++) {
+                    float* T = &tab[t * ldt + (nchunks + sp.tab0[bl] + q8) * 256];
+                    T[0] = 0.0f;
+                    for (int i = 0; i < 8; i++) {
+                        const float v = j + i < L.sal_off[bl + 1] ? xsal[t * nsal + j + i] : 0.0f;
+                        for (int k = 0; k < (1 << i); k++) T[(1 << i) + k] = T[k] + v;
+                    }
+                }
         Row w(L);
         float out[4];
 #pragma omp for schedule(static) nowait
@@ -259,12 +294,12 @@ extern "C" int pbs2p_gemv(const int64_t* P, const float* x, int64_t nb, int64_t 
             int64_t spos = L.sign_start[ch];
             BitReader s2(L.sign2, L.sign2_len, L.sign2_start[ch]);
             for (int64_t r = a; r < z; r++) {
-                if (!L.fast) row_codes(L, r, w, spos);
+                if (!(L.fast && sp.words)) row_codes(L, r, w, spos);
                 const BitReader start = s2;
                 for (int64_t t0 = 0; t0 < nb; t0 += 4) {  // every group of 4 inputs reads the row's sign2 again
                     const int64_t tn = nb - t0 < 4 ? nb - t0 : 4;
                     s2 = start;
-                    DOTS[L.fast][tn](L, w, r, s2, sp, &tab[t0 * ldt], ldt, &xsal[t0 * nsal], nsal, out);
+                    DOTS[L.fast && sp.words][tn](L, w, r, s2, sp, &tab[t0 * ldt], ldt, &xsal[t0 * nsal], nsal, out);
                     for (int64_t t = 0; t < tn; t++) y[(t0 + t) * L.R + r] = out[t];
                 }
             }

@@ -116,6 +116,17 @@ static inline uint64_t bits64(const uint8_t* p, int64_t len, int64_t pos, int nb
     return bits(p, len, pos, 32) | (bits(p, len, pos + 32, nb - 32) << 32);
 }
 
+static inline uint64_t extract(uint64_t src, uint64_t mask) {  // the bits of src under mask, packed low
+#ifdef __BMI2__
+    return _pext_u64(src, mask);
+#else
+    uint64_t r = 0;
+    for (uint64_t bit = 1; mask; mask &= mask - 1, bit <<= 1)
+        if (src & mask & (0 - mask)) r |= bit;
+    return r;
+#endif
+}
+
 static inline uint64_t deposit(uint64_t src, uint64_t mask) {
 #ifdef __BMI2__
     return _pdep_u64(src, mask);
@@ -184,7 +195,9 @@ static inline int64_t words_of(const Lin& L) { return L.C / 64 + 3; }
 struct Row {  // one thread's scratch: per 8-column chunk of a row, kept-and-positive | kept-and-negative << 8
     std::vector<uint64_t> K, S;
     std::vector<uint16_t> v;
-    explicit Row(const Lin& L) : K(words_of(L)), S(words_of(L)), v(L.nchunks() + 8) {}
+    std::vector<uint8_t> kb, pb;  // the fused GEMV (m = 8): kept and kept-positive bits, one byte a group
+    explicit Row(const Lin& L)
+        : K(words_of(L)), S(words_of(L)), v(L.nchunks() + 8), kb(L.C / 8 + 16), pb(L.C / 8 + 16) {}
 };
 
 static void row_codes(const Lin& L, int64_t r, Row& w, int64_t& spos) {
@@ -229,6 +242,14 @@ struct BitReader {  // an LSB-first stream read in order, 56 bits a load
         left = 56;
     }
     inline uint32_t peek() const { return (uint32_t)(buf & 1); }
+    inline uint64_t take(int k) {  // the next k <= 48 bits
+        if (left < k) refill();
+        const uint64_t r = buf & ((1ull << k) - 1);
+        buf >>= k;
+        left -= k;
+        pos += k;
+        return r;
+    }
     inline void skip(uint32_t k) {  // k = 0 or 1
         buf >>= k;
         left -= (int)k;
@@ -241,13 +262,32 @@ struct BitReader {  // an LSB-first stream read in order, 56 bits a load
 struct SalientPos {
     std::vector<int64_t> ch;
     std::vector<int> sh;
-    explicit SalientPos(const Lin& L) : ch(L.sal_off[L.nblocks] + 1), sh(L.sal_off[L.nblocks] + 1) {
-        for (int64_t bl = 0; bl < L.nblocks; bl++)
+    // the fused GEMV: per block, the 64-column words its salient columns lie in and their masks (columns
+    // ascending: the bits come out in the order of the sign2 stream); usable when every block has <= 48
+    std::vector<int64_t> w0;    // per block, its first entry in word/mask
+    std::vector<int64_t> tab0;  // per block, its first table of 8 salient columns (GEMV)
+    std::vector<int64_t> word;
+    std::vector<uint64_t> mask;
+    bool words = true;
+    explicit SalientPos(const Lin& L)
+        : ch(L.sal_off[L.nblocks] + 1), sh(L.sal_off[L.nblocks] + 1), w0(L.nblocks + 1, 0), tab0(L.nblocks + 1, 0) {
+        for (int64_t bl = 0; bl < L.nblocks; bl++) {
+            w0[bl] = (int64_t)word.size();
+            tab0[bl + 1] = tab0[bl] + (L.sal_off[bl + 1] - L.sal_off[bl] + 7) / 8;
+            words = words && L.sal_off[bl + 1] - L.sal_off[bl] <= 48;
             for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++) {
-                const int64_t rel = L.sal_cols[j] - L.block_off[bl];
+                const int64_t rel = L.sal_cols[j] - L.block_off[bl], col = L.sal_cols[j];
                 ch[j] = L.chunk_off[bl] + rel / 8;
                 sh[j] = (int)(rel & 7);
+                words = words && (j == L.sal_off[bl] || col > L.sal_cols[j - 1]);
+                if ((int64_t)word.size() == w0[bl] || word.back() != col / 64) {
+                    word.push_back(col / 64);
+                    mask.push_back(0);
+                }
+                mask.back() |= 1ull << (col & 63);
             }
+        }
+        w0[L.nblocks] = (int64_t)word.size();
     }
 };
 

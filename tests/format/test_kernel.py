@@ -73,6 +73,7 @@ LAYOUTS = [
     (17, [96, 96], 3, 6, [4, 4], "shared", "fp16"),  # m = 6: groups straddle the 8-column chunks
     (21, [64, 32], 6, 8, [0, 0], "rc", "bf16"),  # ARB-RC: row x column scales
     (40, [120, 45], 10, 15, [5, 3], "full", "fp16"),  # m = 15: no sign table, bit deposit
+    (18, [128, 64], 6, 8, [56, 8], "full", "fp16"),  # > 48 salient columns in a block: one at a time
 ]
 
 
