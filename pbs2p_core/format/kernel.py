@@ -141,6 +141,9 @@ def load_library(cxx: str | None = None, out_dir: Path | None = None) -> ctypes.
         return None
     for name in ("pbs2p_decode_rows", "pbs2p_gemv"):
         getattr(lib, name).restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.pbs2p_decode_rows.argtypes = [ptr, i64, i64, ptr, i64]
+    lib.pbs2p_gemv.argtypes = [ptr, ptr, i64, i64, ptr]
     return lib
 
 
@@ -286,8 +289,10 @@ class KernelPlan:
 
     def _call(self, name: str, *args: Any) -> None:
         small = self.R * self.C < PARALLEL_WEIGHTS  # a thread's start costs more than the work
-        self.P[_P["NTHREADS"]] = 1 if small else torch.get_num_threads()
-        rc = getattr(_state["lib"], name)(ctypes.c_void_p(self.P.data_ptr()), *args)
+        ctypes.c_int64.from_address(self.P.data_ptr() + 8 * _P["NTHREADS"]).value = (
+            1 if small else torch.get_num_threads()
+        )
+        rc = getattr(_state["lib"], name)(self.P.data_ptr(), *args)
         if rc:
             raise RuntimeError(f"{name} failed with code {rc}")
 
@@ -295,13 +300,7 @@ class KernelPlan:
         """Rows [r0, r1) of Ŵ into `out` ((r1 - r0, C) float32, rows contiguous), bit-exactly decode_linear."""
         if r0 % CHUNK or out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (r1 - r0, self.C):
             raise ValueError("decode_rows needs a chunk-aligned start and a (rows, C) float32 buffer")
-        self._call(
-            "pbs2p_decode_rows",
-            ctypes.c_int64(r0),
-            ctypes.c_int64(r1),
-            ctypes.c_void_p(out.data_ptr()),
-            ctypes.c_int64(out.stride(0)),
-        )
+        self._call("pbs2p_decode_rows", r0, r1, out.data_ptr(), out.stride(0))
 
     def dense(self) -> torch.Tensor:
         out = torch.empty(self.R, self.C)
@@ -312,13 +311,7 @@ class KernelPlan:
         """x (rows, C) float32 -> x Ŵᵀ (rows, R) straight from the packed bits."""
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.R)
-        self._call(
-            "pbs2p_gemv",
-            ctypes.c_void_p(x.data_ptr()),
-            ctypes.c_int64(x.shape[0]),
-            ctypes.c_int64(x.stride(0)),
-            ctypes.c_void_p(y.data_ptr()),
-        )
+        self._call("pbs2p_gemv", x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr())
         return y
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
