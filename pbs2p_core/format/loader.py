@@ -17,6 +17,7 @@ from transformers import AutoConfig
 
 from ..errors import ArtifactError, Pbs2pError
 from ..skeleton import empty_causal_lm
+from .kernel import KernelPlan, library, plan_for
 from .linear import decode_linear, expected_tensors
 from .manifest import MANIFEST_FILE, SEP, file_sha256, nbytes, read_manifest, read_safetensors_header
 
@@ -154,9 +155,14 @@ def dense_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+_KERNEL_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class PackedLinear(nn.Module):
-    """A linear layer that keeps its packed code (uint8 bit streams, fp16 scales) as buffers and decodes
-    Ŵ at every forward call (vectorised), so its resident memory is the artifact's bytes, not R × C floats."""
+    """A linear layer that keeps its packed code (uint8 bit streams, fp16 scales) as buffers, so its resident
+    memory is the artifact's bytes, not R × C floats. On the CPU it computes with the packed kernel
+    (`kernel.py`: a fused GEMV for a few rows, a tile-wise decode + BLAS matmul for more); elsewhere, or
+    without the kernel, it decodes Ŵ in torch at every call. Both give F.linear(x, Ŵ) up to float rounding."""
 
     def __init__(self, meta: Mapping[str, Any], fields: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None):
         super().__init__()
@@ -166,6 +172,7 @@ class PackedLinear(nn.Module):
         for f in self.fields:
             self.register_buffer(self._buf(f), fields[f])
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._plan: tuple[tuple[int, ...], KernelPlan | None] | None = None  # built at the first CPU call
 
     @staticmethod
     def _buf(field_: str) -> str:
@@ -181,9 +188,36 @@ class PackedLinear(nn.Module):
         """Bytes held by the packed code (the bias, if any, is not part of the compressed weight)."""
         return sum(nbytes(t) for t in self.packed().values())
 
+    def kernel_plan(self) -> KernelPlan | None:
+        """The CPU kernel's plan for the current buffers (rebuilt when they move, are replaced or written in
+        place), or None."""
+        if library() is None:  # not built, or switched off (`kernel.use_kernel(False)`)
+            return None
+        bufs = self._buffers  # moved, replaced or written in place: another key
+        key = tuple(x for t in bufs.values() if t is not None for x in (t.data_ptr(), t._version))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, plan_for(self.meta, self.packed()))
+        return self._plan[1]
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy, pickle: the plan points into these buffers
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        return state
+
+    def kernel_bytes(self) -> int:
+        """Bytes the kernel's plan adds to the packed code (index arrays; 0 without the kernel)."""
+        plan = self.kernel_plan()
+        return plan.extra_bytes if plan is not None else 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.decode()
-        return F.linear(x, w.to(x.dtype), self.bias)
+        plan = None
+        if x.device.type == "cpu" and x.dtype in _KERNEL_INPUTS and not (x.requires_grad and torch.is_grad_enabled()):
+            plan = self.kernel_plan()
+        if plan is None:
+            return F.linear(x, self.decode().to(x.dtype), self.bias)
+        bias = self.bias.to(torch.float32) if self.bias is not None else None
+        y = plan.linear(x.reshape(-1, self.in_features).to(torch.float32), bias)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         nm = f"{self.meta['n_keep']}:{self.meta['m']}"
