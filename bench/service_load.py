@@ -1,6 +1,7 @@
 """Service load benchmark (issue 5): while one job runs, many concurrent clients poll and submit over loopback.
 
-Starts `pbs2p serve` (service/cli/demo.py: start_service) on a temporary data directory with one worker CPU for Ray
+Starts `pbs2p serve` (service/cli/demo.py: start_service; the API and its worker process) on a temporary data
+directory with one worker CPU for Ray
 (PBS2P_RAY_NUM_CPUS=1, one torch thread) and one running job at a time, submits one long job (a seeded tiny
 Llama with many blocks) and waits until it compresses. Then, for each `--think` value, `--clients` asyncio
 clients (aiohttp by default, one keep-alive connection each, spread over `--procs` processes) loop for
@@ -17,9 +18,14 @@ histogram (/metrics, from its middleware), CPU used by the service process, the 
 machine, and the clients' event-loop lag (a saturated client inflates the latencies it measures). The clients
 use aiohttp because httpx.AsyncClient needs several times more CPU per request (`--client httpx` to compare).
 
-Writes bench/results/service_load.md and .json (or --out DIR/NAME.md and .json). Usage:
+With `--baseline REF` the same is measured first for the service of commit REF (its `pbs2p serve`, from
+`git archive`, run with its package first on PYTHONPATH) and for this tree's `serve --one-process` (the job driven
+in the API's process), each on a fresh store with its own long job, then for this tree's `serve`: before and after
+side by side in one run, on one machine.
+
+Writes bench/results/service_load.md, .json and .png (p99 per route and throughput; or --out DIR/NAME.*). Usage:
   python bench/service_load.py [--seconds 30] [--clients 200] [--think 0 1 5] [--procs 1] [--long-layers 160]
-                               [--out DIR]
+                               [--baseline GIT_REF] [--out DIR]
 
 Only light modules are imported at the top: with --procs > 1 the client processes (spawned) import this module
 again and must be up within the second before a phase starts; torch, the tiny models' builders and the
