@@ -442,7 +442,9 @@ def main() -> None:
         if a.baseline:
             tree = root / "baseline"
             export_tree(a.baseline, tree)
-            variants.append((f"{a.baseline} ({git('rev-parse', '--short', a.baseline)}): serve", tree, ["serve"]))
+            short = git("rev-parse", "--short", a.baseline) or a.baseline
+            name = f"commit {short}" if a.baseline.startswith(short) else f"{a.baseline} ({short})"
+            variants.append((f"before: {name}, serve", tree, ["serve"]))
             variants.append(("this tree: serve --one-process", None, ["serve", "--one-process"]))
         variants.append(("this tree: serve (job in a worker process)", None, ["serve"]))
         runs = []
