@@ -61,9 +61,8 @@ def submit(
     body: JobCreate,
     who: Tenant,
     state: State,
-    response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> JobPublic:
+) -> Response:
     """Queue a compression job. The same Idempotency-Key with the same body returns the same job. A Hugging Face
     id is checked against the hub's metadata (exists, readable, safetensors, no remote code, size) before it is
     queued; a hub that cannot be reached is no refusal (the job tries when it runs)."""
@@ -98,11 +97,11 @@ def submit(
             f"Idempotency-Key {idempotency_key!r} was used for job {exc} with another body; "
             f"use a new key for a new job",
         ) from None
+    response = json_response(JobPublic.of(job), 201 if created else 200)
     if not created:
-        response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobPublic.of(job)
+    return response
 
 
 @router.get("", operation_id="list_jobs", response_model=JobList, responses=error_responses(401, 422))
@@ -132,10 +131,10 @@ async def get_job(job_id: JobId, who: Tenant, state: State) -> Response:
     return json_response(JobPublic.of(await run_in_threadpool(find_job, state.store, job_id, who)))
 
 
-def json_response(model: BaseModel) -> Response:
+def json_response(model: BaseModel, status_code: int = 200) -> Response:
     """The model's JSON as the response, as `response_model` documents it: the hot routes skip FastAPI's second
     validation and serialisation of a model built from the store (one thread hop per request instead of three)."""
-    return Response(model.model_dump_json(), media_type="application/json")
+    return Response(model.model_dump_json(), status_code, media_type="application/json")
 
 
 @router.post(
