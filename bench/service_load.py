@@ -1,6 +1,7 @@
 """Service load benchmark (issue 5): while one job runs, many concurrent clients poll and submit over loopback.
 
-Starts `pbs2p serve` (service/cli/demo.py: start_service) on a temporary data directory with one worker CPU for Ray
+Starts `pbs2p serve` (service/cli/demo.py: start_service; the API and its worker process) on a temporary data
+directory with one worker CPU for Ray
 (PBS2P_RAY_NUM_CPUS=1, one torch thread) and one running job at a time, submits one long job (a seeded tiny
 Llama with many blocks) and waits until it compresses. Then, for each `--think` value, `--clients` asyncio
 clients (aiohttp by default, one keep-alive connection each, spread over `--procs` processes) loop for
@@ -17,9 +18,14 @@ histogram (/metrics, from its middleware), CPU used by the service process, the 
 machine, and the clients' event-loop lag (a saturated client inflates the latencies it measures). The clients
 use aiohttp because httpx.AsyncClient needs several times more CPU per request (`--client httpx` to compare).
 
-Writes bench/results/service_load.md and .json (or --out DIR/NAME.md and .json). Usage:
+With `--baseline REF` the same is measured first for the service of commit REF (its `pbs2p serve`, from
+`git archive`, run with its package first on PYTHONPATH) and for this tree's `serve --one-process` (the job driven
+in the API's process), each on a fresh store with its own long job, then for this tree's `serve`: before and after
+side by side in one run, on one machine.
+
+Writes bench/results/service_load.md, .json and .png (p99 per route and throughput; or --out DIR/NAME.*). Usage:
   python bench/service_load.py [--seconds 30] [--clients 200] [--think 0 1 5] [--procs 1] [--long-layers 160]
-                               [--out DIR]
+                               [--baseline GIT_REF] [--out DIR]
 
 Only light modules are imported at the top: with --procs > 1 the client processes (spawned) import this module
 again and must be up within the second before a phase starts; torch, the tiny models' builders and the
@@ -417,91 +423,135 @@ def main() -> None:
     )
     ap.add_argument("--long-layers", type=int, default=160, help="blocks of the long job's model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        metavar="GIT_REF",
+        help="also measure the service of this commit (its `pbs2p serve`, from `git archive`) and this tree's "
+        "`serve --one-process` (the job driven in the API process), before this tree's `serve`, side by side",
+    )
     ap.add_argument("--name", default="service_load", help="results file name (bench/results/NAME.md)")
     add_out_option(ap)
     a = ap.parse_args()
-
-    # not at the top: see the module's docstring
-    from pbs2p.service.cli.demo import start_service, stop_service
-    from pbs2p.service.jobstore import JobStore
-    from pbs2p.service.settings import Settings
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pbs2p-load-") as tmp:
         root = Path(tmp)
         long_dir, small_dir, calib = build_inputs(root, a.long_layers)
-        data = root / "service"
-        store = JobStore(Settings(data_dir=data).db_url)
-        key = store.create_key("load")
-        store.close()
-        env = {
-            "PBS2P_MODEL_ROOTS": str(root),
-            "PBS2P_MAX_RUNNING_JOBS": "1",
-            "PBS2P_RAY_NUM_CPUS": "1",
-            "PBS2P_CACHE_DIR": str(root / "cache"),
-            "OMP_NUM_THREADS": "1",
-        }
-        proc, url = start_service(data, env)
-        print(f"service up at {url} (log {data / 'service.log'})", file=sys.stderr)
-        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60.0)
-        try:
-            resp = http.post("/v1/jobs", json=job_body(long_dir, calib, "long", long=True))
-            if resp.status_code != 201:
-                raise SystemExit(f"the long job was refused: HTTP {resp.status_code} {resp.text}")
-            long_id = resp.json()["id"]
-            job = wait_compressing(http, long_id, timeout=300.0)
-            print(f"long job {long_id} RUNNING, {job['progress']}", file=sys.stderr)
-            idle = cpu_rates(proc.pid, functools.partial(time.sleep, 5.0))[0]  # the service, its job, no client
-            phases = []
-            for i, think in enumerate(a.think):
-                ctx = {
-                    "url": url,
-                    "key": key,
-                    "long_id": long_id,
-                    "small": str(small_dir),
-                    "calib": str(calib),
-                    "seed": a.seed,
-                    "phase": i,
-                    "think": think,
-                    "seconds": a.seconds,
-                    "start": time.time() + 1.0,
-                    "client": a.client,
-                }
-                hist0 = server_histogram(http)
-                cpu, wall, res = cpu_rates(proc.pid, functools.partial(run_phase, ctx, a.clients, a.procs))
-                hist1 = server_histogram(http)
-                res["cpu"], res["cpu_wall"], res["idle_cpu"] = cpu, wall, idle
-                res["loadavg"] = os.getloadavg()[0]
-                res["server"] = {r: server_quantiles(hist0, hist1, s) for r, s in SERVER_ROUTE.items()}
-                res["think"] = think
-                res["long_job"] = http.get(f"/v1/jobs/{long_id}").json()
-                phases.append(res)
-                p = res["long_job"]["progress"]
-                print(
-                    f"phase think={think:g}: {sum(len(v) for v in res['lat'].values())} requests in "
-                    f"{res['elapsed']:.1f} s, long job {res['long_job']['state']} block {p.get('block')}/"
-                    f"{p.get('blocks')}",
-                    file=sys.stderr,
-                )
-            created = [c for ph in phases for c in ph["created"]]
-            checks = verify(http, long_id, created)
-            long_after = phases[-1]["long_job"]
-            cancelled, long_final = cancel_all(http, long_id)
-        finally:
-            http.close()
-            stop_service(proc)
-    report(a, phases, checks, long_after, cancelled, long_final, time.perf_counter() - t0)
+        variants: list[tuple[str, Path | None, list[str]]] = []
+        if a.baseline:
+            tree = root / "baseline"
+            export_tree(a.baseline, tree)
+            short = git("rev-parse", "--short", a.baseline) or a.baseline
+            name = f"commit {short}" if a.baseline.startswith(short) else f"{a.baseline} ({short})"
+            variants.append((f"before: {name}, serve", tree, ["serve"]))
+            variants.append(("this tree: serve --one-process", None, ["serve", "--one-process"]))
+        variants.append(("this tree: serve (job in a worker process)", None, ["serve"]))
+        runs = []
+        for label, tree, command in variants:
+            print(f"--- {label}", file=sys.stderr)
+            runs.append((label, *measure(a, root, label, tree, command, long_dir, small_dir, calib)))
+    report(a, runs, time.perf_counter() - t0)
+
+
+def export_tree(ref: str, dest: Path) -> None:
+    """The files of commit `ref` in `dest` (`git archive`: no checkout, nothing registered in the repository)."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
+def measure(
+    a: argparse.Namespace,
+    root: Path,
+    label: str,
+    tree: Path | None,
+    command: list[str],
+    long_dir: Path,
+    small_dir: Path,
+    calib: Path,
+) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any], int, str]:
+    """One service (`command` of the code in `tree`, or this tree's) under every phase: (phases, checks, the long
+    job after the load, queued jobs cancelled, the long job's final state)."""
+    # not at the top: see the module's docstring
+    from pbs2p.service.cli.demo import start_service, stop_service
+    from pbs2p.service.jobstore import JobStore
+    from pbs2p.service.settings import Settings
+
+    data = root / f"service-{len(list(root.glob('service-*')))}"
+    store = JobStore(Settings(data_dir=data).db_url)
+    key = store.create_key("load")
+    store.close()
+    env = {
+        "PBS2P_MODEL_ROOTS": str(root),
+        "PBS2P_MAX_RUNNING_JOBS": "1",
+        "PBS2P_RAY_NUM_CPUS": "1",
+        "PBS2P_CACHE_DIR": str(root / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    if tree is not None:  # the other commit's package first on the path (this tree's stays installed)
+        env["PYTHONPATH"] = str(tree)
+    proc, url = start_service(data, env, 120.0, *command)
+    print(f"service up at {url} (log {data / 'service.log'})", file=sys.stderr)
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60.0)
+    try:
+        resp = http.post("/v1/jobs", json=job_body(long_dir, calib, "long", long=True))
+        if resp.status_code != 201:
+            raise SystemExit(f"the long job was refused: HTTP {resp.status_code} {resp.text}")
+        long_id = resp.json()["id"]
+        job = wait_compressing(http, long_id, timeout=300.0)
+        print(f"long job {long_id} RUNNING, {job['progress']}", file=sys.stderr)
+        idle = cpu_rates(proc.pid, functools.partial(time.sleep, 5.0))[0]  # the service, its job, no client
+        phases = []
+        for i, think in enumerate(a.think):
+            ctx = {
+                "url": url,
+                "key": key,
+                "long_id": long_id,
+                "small": str(small_dir),
+                "calib": str(calib),
+                "seed": a.seed,
+                "phase": i,
+                "think": think,
+                "seconds": a.seconds,
+                "start": time.time() + 1.0,
+                "client": a.client,
+            }
+            hist0 = server_histogram(http)
+            cpu, wall, res = cpu_rates(proc.pid, functools.partial(run_phase, ctx, a.clients, a.procs))
+            hist1 = server_histogram(http)
+            res["cpu"], res["cpu_wall"], res["idle_cpu"] = cpu, wall, idle
+            res["loadavg"] = os.getloadavg()[0]
+            res["server"] = {r: server_quantiles(hist0, hist1, s) for r, s in SERVER_ROUTE.items()}
+            res["think"] = think
+            res["long_job"] = http.get(f"/v1/jobs/{long_id}").json()
+            phases.append(res)
+            p = res["long_job"]["progress"]
+            print(
+                f"{label}, phase think={think:g}: {sum(len(v) for v in res['lat'].values())} requests in "
+                f"{res['elapsed']:.1f} s, long job {res['long_job']['state']} block {p.get('block')}/"
+                f"{p.get('blocks')}",
+                file=sys.stderr,
+            )
+        created = [c for ph in phases for c in ph["created"]]
+        checks = verify(http, long_id, created)
+        long_after = phases[-1]["long_job"]
+        cancelled, long_final = cancel_all(http, long_id)
+    finally:
+        http.close()
+        stop_service(proc)
+    return phases, checks, long_after, cancelled, long_final
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
 def code_version() -> str:
     """The commit measured, and the service's files changed since it (the working tree is what ran)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     changed = [line[3:] for line in git("status", "--porcelain", "--", "service", "workers", "pbs2p_core").splitlines()]
     return f"commit {head}" + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
@@ -515,142 +565,201 @@ def label_of(think: float) -> str:
     return "closed loop" if not think else f"think {think:g} s"
 
 
-def report(
-    a: argparse.Namespace,
-    phases: list[dict[str, Any]],
-    checks: dict[str, int],
-    long_after: dict[str, Any],
-    cancelled: int,
-    long_final: str,
-    took: float,
-) -> None:
+def report(a: argparse.Namespace, runs: list[tuple[Any, ...]], took: float) -> None:
     rows: list[list[str]] = []
     records: list[dict[str, Any]] = []
-    for ph in phases:
-        label = label_of(ph["think"])
-        for route in ROUTES:
-            lat = sorted(ph["lat"][route])
-            errs = ph["errors"].get(route, 0)
-            q = {k: pct(lat, v) for k, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
-            mx = lat[-1] if lat else float("nan")
-            rate = len(lat) / ph["elapsed"]
-            rows.append(
-                [label, route, str(len(lat)), str(errs)]
-                + [ms(q[k]) for k in ("p50", "p95", "p99")]
-                + [ms(mx), f"{rate:.1f}"]
-            )
-            records.append(
-                dict(
-                    phase=label,
-                    think_s=ph["think"],
-                    route=route,
-                    requests=len(lat),
-                    errors=errs,
-                    max_ms=mx,
-                    req_per_s=rate,
-                    **{f"{k}_ms": v for k, v in q.items()},
+    notes: list[str] = []
+    cpu_rows: list[str] = []
+    summary: list[dict[str, Any]] = []
+    all_ok = True
+    for label, phases, checks, long_after, cancelled, long_final in runs:
+        for ph in phases:
+            phase = label_of(ph["think"])
+            for route in ROUTES:
+                lat = sorted(ph["lat"][route])
+                errs = ph["errors"].get(route, 0)
+                q = {k: pct(lat, v) for k, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+                mx = lat[-1] if lat else float("nan")
+                rate = len(lat) / ph["elapsed"]
+                rows.append(
+                    [label, phase, route, str(len(lat)), str(errs)]
+                    + [ms(q[k]) for k in ("p50", "p95", "p99")]
+                    + [ms(mx), f"{rate:.1f}"]
                 )
+                records.append(
+                    dict(
+                        service=label,
+                        phase=phase,
+                        think_s=ph["think"],
+                        route=route,
+                        requests=len(lat),
+                        errors=errs,
+                        max_ms=mx,
+                        req_per_s=rate,
+                        **{f"{k}_ms": v for k, v in q.items()},
+                    )
+                )
+            total = sum(len(v) for v in ph["lat"].values())
+            rows.append([label, phase, "all", str(total), str(sum(ph["errors"].values())), "", "", "", "",
+                         f"{total / ph['elapsed']:.1f}"])  # fmt: skip
+            svc, tree, mach = ph["cpu"]
+            per_request = (svc - ph["idle_cpu"][0]) * ph["cpu_wall"] / total * 1000  # above the idle service's own
+            lag = ph["lag"]
+            cpu_rows.append(
+                f"| {label} | {phase} | {ph['server'][GET_JOB]} | {ph['server'][LIST]} | "
+                f"{svc:.2f}; {per_request:.2f} ms | {tree:.2f} cores | "
+                f"{ph['client_cpu_s'] / ph['elapsed']:.2f}; {ph['client_cpu_s'] / total * 1000:.1f} ms | "
+                f"{mach:.2f} of {os.cpu_count()} cores ({ph['loadavg']:.1f}) | "
+                f"{pct(lag, 0.99):.0f} / {lag[-1] if lag else float('nan'):.0f} ms |"
             )
-        total = sum(len(v) for v in ph["lat"].values())
-        rows.append(
-            [label, "all", str(total), str(sum(ph["errors"].values())), "", "", "", "", f"{total / ph['elapsed']:.1f}"]
+            summary.append(dict(service=label, think=ph["think"], req_per_s=total / ph["elapsed"],
+                                cpu_ms=per_request, p99_get=pct(sorted(ph["lat"][GET_JOB]), 0.99),
+                                p99_list=pct(sorted(ph["lat"][LIST]), 0.99)))  # fmt: skip
+        errors = sum(sum(ph["errors"].values()) for ph in phases)
+        mismatched = sum(ph["replay_mismatch"] for ph in phases)
+        replays = sum(ph["replays"] for ph in phases)
+        ok = (
+            errors == 0
+            and mismatched == 0
+            and all(checks[k] == 0 for k in checks if k not in ("created (201)", "listed"))
+            and long_after["state"] == "RUNNING"
         )
-    errors = sum(sum(ph["errors"].values()) for ph in phases)
-    mismatched = sum(ph["replay_mismatch"] for ph in phases)
-    replays = sum(ph["replays"] for ph in phases)
-    p99_get = {ph["think"]: pct(sorted(ph["lat"][GET_JOB]), 0.99) for ph in phases}
-    ok = (
-        errors == 0
-        and mismatched == 0
-        and all(checks[k] == 0 for k in checks if k not in ("created (201)", "listed"))
-        and long_after["state"] == "RUNNING"
-    )
-    prog = long_after["progress"]
-    notes = [
-        f"**Checks: {'PASS' if ok else 'FAIL'}** — errors {errors}, lost {checks['lost (created, not listed)']}, "
-        f"duplicated {checks['duplicated (listed twice)']}, replays {replays} of which returned another job "
-        f"{mismatched}; " + ", ".join(f"{k} {v}" for k, v in checks.items()) + ".",
-        f"Long job ({a.long_layers} blocks, one Ray worker CPU) after the load: {long_after['state']}, "
-        f"block {prog.get('block')}/{prog.get('blocks')}; then {cancelled} queued jobs and it were cancelled "
-        f"(its final state: {long_final}).",
-        "p99 of GET /v1/jobs/{id} against the 50 ms aim: "
-        + ", ".join(f"{label_of(t)} {v:.1f} ms ({'met' if v < AIM_MS else 'missed'})" for t, v in p99_get.items())
-        + ".",
+        all_ok = all_ok and ok
+        prog = long_after["progress"]
+        notes.append(
+            f"**{label}: checks {'PASS' if ok else 'FAIL'}** — errors {errors}, lost "
+            f"{checks['lost (created, not listed)']}, duplicated {checks['duplicated (listed twice)']}, replays "
+            f"{replays} of which returned another job {mismatched}; created {checks['created (201)']}, listed "
+            f"{checks['listed']}. Long job ({a.long_layers} blocks, one Ray worker CPU) after the load: "
+            f"{long_after['state']}, block {prog.get('block')}/{prog.get('blocks')}; then {cancelled} queued jobs "
+            f"and it were cancelled (its final state: {long_final})."
+        )
+        samples = [x for ph in phases for x in ph["samples"]][:5]
+        if samples:
+            notes.append(f"First errors ({label}): " + "; ".join(samples))
+    notes += [
+        "",
+        "Aims (issue 20) at 200 clients: p99 of GET one job < 50 ms and of the list < 100 ms at 1 s think time, "
+        "closed-loop throughput >= 3x 183 req/s, service CPU <= 1.5 ms per request:",
+        "",
+        "| service | phase | req/s | p99 GET one job | p99 list | service CPU per request |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {x['service']} | {label_of(x['think'])} | {x['req_per_s']:.0f} | {ms(x['p99_get'])} ms | "
+            f"{ms(x['p99_list'])} ms | {x['cpu_ms']:.2f} ms |"
+            for x in summary
+        ],
         "",
         f"{a.clients} clients for {a.seconds:g} s per phase in {a.procs} client process(es), one keep-alive "
         f"connection each over loopback ({a.client}); mix per request: {P_GET:.1%} GET one job (half the running "
         f"one, half one of the client's), {P_LIST:.0%} list 20, {P_POST:.0%} submit a new job, {P_REPLAY:.0%} "
         f"replay an earlier Idempotency-Key, {P_RACE:.1%} submit a new job twice at once under one key (a race "
         "pair: one 201 and one replay of the same job expected). Latency: client side, send to body read, ms (a "
-        "race pair: both answers). Service: `pbs2p serve` (uvicorn, "
-        "one process, SQLite WAL), PBS2P_MAX_RUNNING_JOBS=1, PBS2P_RAY_NUM_CPUS=1, OMP_NUM_THREADS=1.",
+        "race pair: both answers). Each service in turn on a fresh SQLite (WAL) store, uvicorn, one API process, "
+        "PBS2P_MAX_RUNNING_JOBS=1, PBS2P_RAY_NUM_CPUS=1, OMP_NUM_THREADS=1, with its own long job running.",
         "",
-        "| phase | service's own latency, GET one job | service's own latency, list | CPU: service process "
-        "(cores; ms per request above idle) | CPU: service + Ray | CPU: clients (cores; ms per request) "
+        "| service | phase | service's own latency, GET one job | service's own latency, list | CPU: API process "
+        "(cores; ms per request above idle) | CPU: API + worker + Ray | CPU: clients (cores; ms per request) "
         "| CPU: machine (load average) | client loop lag p99 / max |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    idle = phases[0]["idle_cpu"]
-    notes.append(
-        f"| idle (the job, no client) | | | {idle[0]:.2f} | {idle[1]:.2f} cores | | {idle[2]:.2f} of "
-        f"{os.cpu_count()} cores | |"
-    )
-    for ph in phases:
-        svc, tree, mach = ph["cpu"]
-        lag = ph["lag"]
-        n = sum(len(v) for v in ph["lat"].values())
-        per_request = (svc - ph["idle_cpu"][0]) * ph["cpu_wall"] / n * 1000  # above the idle service's own use
-        notes.append(
-            f"| {label_of(ph['think'])} | {ph['server'][GET_JOB]} | {ph['server'][LIST]} | "
-            f"{svc:.2f}; {per_request:.1f} ms | {tree:.2f} cores | "
-            f"{ph['client_cpu_s'] / ph['elapsed']:.2f}; {ph['client_cpu_s'] / n * 1000:.1f} ms | "
-            f"{mach:.2f} of {os.cpu_count()} cores ({ph['loadavg']:.1f}) | "
-            f"{pct(lag, 0.99):.0f} / {lag[-1] if lag else float('nan'):.0f} ms |"
-        )
-    samples = [s for ph in phases for s in ph["samples"]][:5]
-    if samples:
-        notes += ["", "First errors: " + "; ".join(samples)]
+    for label, phases, *_ in runs:
+        idle = phases[0]["idle_cpu"]
+        notes.append(f"| {label} | idle (the job, no client) | | | {idle[0]:.2f} | {idle[1]:.2f} cores | | "
+                     f"{idle[2]:.2f} of {os.cpu_count()} cores | |")  # fmt: skip
+    notes += cpu_rows
     notes += [
         "",
         "The service's own latency comes from its Prometheus histogram (middleware, request in to response "
         "out; upper bucket bounds), so it leaves out the HTTP parsing and the wait for the event loop. CPU is "
-        "cores used on average during the phase; the machine is shared with other work.",
+        "cores used on average during the phase; the machine is shared with other work. Plot: "
+        f"{a.name}.png (p99 per route and throughput, per service and phase).",
         "",
         f"Measured {datetime.date.today()} on {machine()}, {code_version()}; {took:.0f} s in all; written by "
         "bench/service_load.py, not edited by hand.",
     ]
-    header = ["phase", "route", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "max ms", "req/s"]
+    header = ["service", "phase", "route", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "max ms", "req/s"]
     title = f"Service under load: {a.clients} clients polling and submitting while a job runs"
     write_table(a.name, title, header, rows, notes, a.out)
+    plot(a.out / f"{a.name}.png", records, summary)
     out = {
         "date": str(datetime.date.today()),
         "machine": machine(),
         "code": code_version(),
         "args": {k: v for k, v in vars(a).items() if k != "out"},  # what was measured, not where it was written
         "routes": records,
-        "checks": {**checks, "errors": errors, "replays": replays, "replay_mismatch": mismatched, "pass": ok},
-        "long_job": {"after_load": long_after["state"], "progress": prog, "final": long_final},
-        "phases": [
+        "summary": summary,
+        "pass": all_ok,
+        "services": [
             {
-                "think_s": ph["think"],
-                "elapsed_s": ph["elapsed"],
-                "server": ph["server"],
-                "errors": ph["errors"],
-                "cpu_cores": dict(zip(("service", "service_and_ray", "machine"), ph["cpu"], strict=True)),
-                "idle_cpu_cores": dict(zip(("service", "service_and_ray", "machine"), ph["idle_cpu"], strict=True)),
-                "loadavg_1min": ph["loadavg"],
-                "client_cpu_cores": ph["client_cpu_s"] / ph["elapsed"],
-                "client_lag_ms": {
-                    "p50": pct(ph["lag"], 0.5),
-                    "p99": pct(ph["lag"], 0.99),
-                    "max": ph["lag"][-1] if ph["lag"] else None,
-                },
-                "error_samples": ph["samples"],
+                "service": label,
+                "checks": checks,
+                "long_job": {
+                    "after_load": long_after["state"],
+                    "progress": long_after["progress"],
+                    "final": long_final,
+                },  # fmt: skip
+                "phases": [
+                    {
+                        "think_s": ph["think"],
+                        "elapsed_s": ph["elapsed"],
+                        "server": ph["server"],
+                        "errors": ph["errors"],
+                        "cpu_cores": dict(zip(("service", "service_and_ray", "machine"), ph["cpu"], strict=True)),
+                        "idle_cpu_cores": dict(
+                            zip(("service", "service_and_ray", "machine"), ph["idle_cpu"], strict=True)
+                        ),
+                        "loadavg_1min": ph["loadavg"],
+                        "client_cpu_cores": ph["client_cpu_s"] / ph["elapsed"],
+                        "client_lag_ms": {
+                            "p50": pct(ph["lag"], 0.5),
+                            "p99": pct(ph["lag"], 0.99),
+                            "max": ph["lag"][-1] if ph["lag"] else None,
+                        },
+                        "error_samples": ph["samples"],
+                    }
+                    for ph in phases
+                ],
             }
-            for ph in phases
+            for label, phases, checks, long_after, _, long_final in runs
         ],
     }
     (a.out / f"{a.name}.json").write_text(json.dumps(out, indent=1))
+
+
+def plot(path: Path, records: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
+    """p99 of GET one job and of the list (log scale, the aims dashed), and throughput, per service and phase."""
+    import matplotlib  # the dev extra; only for the picture
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    services = list(dict.fromkeys(x["service"] for x in summary))
+    phases = list(dict.fromkeys(x["think"] for x in summary))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    width = 0.8 / max(1, len(services))
+    for k, (ax, route, aim) in enumerate(((axes[0], GET_JOB, AIM_MS), (axes[1], LIST, 100.0), (axes[2], "", 0.0))):
+        for i, svc in enumerate(services):
+            if route:
+                ys = [next((r["p99_ms"] for r in records if r["service"] == svc and r["think_s"] == t
+                            and r["route"] == route), float("nan")) for t in phases]  # fmt: skip
+            else:
+                ys = [next(x["req_per_s"] for x in summary if x["service"] == svc and x["think"] == t) for t in phases]
+            ax.bar([j + i * width for j in range(len(phases))], ys, width, label=svc)
+        ax.set_xticks([j + width * (len(services) - 1) / 2 for j in range(len(phases))], [label_of(t) for t in phases])
+        if route:
+            ax.set_yscale("log")
+            ax.axhline(aim, color="k", linestyle="--", linewidth=1)
+            ax.set_ylabel("p99 latency, ms (client side)")
+            ax.set_title(f"p99 of {route} (aim {aim:g} ms dashed)")
+        else:
+            ax.set_ylabel("requests per second (all routes)")
+            ax.set_title("throughput")
+        if k == 2:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

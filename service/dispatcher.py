@@ -1,9 +1,11 @@
 """The dispatcher: takes queued jobs from the store and runs them on Ray with bounded concurrency.
 
-Each job runs in a thread of this process as the Ray driver of `compress_model_ray` (the job coordinator),
-checkpointing every block under PBS2P_CHECKPOINT_URL/<job id>. The dispatcher heartbeats the jobs it owns;
-a job whose owner stopped heartbeating (a killed service) is re-queued by whichever dispatcher notices, and
-resumes from its last checkpointed block. Cancellation is cooperative: the job stops at its next block.
+It runs in `pbs2p worker` (service/worker.py), apart from the API, or inside the API with
+`pbs2p serve --one-process`. Each job runs in a thread of this process as the Ray driver of `compress_model_ray`
+(the job coordinator), checkpointing every block under PBS2P_CHECKPOINT_URL/<job id>. The dispatcher heartbeats
+the jobs it owns; a job whose owner stopped heartbeating (a killed worker) is re-queued by whichever dispatcher
+notices, and resumes from its last checkpointed block. Cancellation is cooperative: the job stops at its next block
+(a cancel or a DELETE is a state change in the store, which its progress report reads).
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class Dispatcher:
         self.settings, self.store, self.storage = settings, store, storage
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.stopping = threading.Event()
+        self.draining = threading.Event()  # set: take no new job (the running ones finish)
         self.pool = ThreadPoolExecutor(settings.max_running_jobs, thread_name_prefix="pbs2p-job")
         self.running: dict[str, Future[None]] = {}
         self.thread: threading.Thread | None = None
@@ -157,6 +160,10 @@ class Dispatcher:
 
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
+
+    def busy(self) -> bool:
+        """Whether a job of this dispatcher is still running."""
+        return any(not f.done() for f in list(self.running.values()))
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop taking jobs; running ones stop at their next progress report and go back to the queue."""
@@ -186,7 +193,7 @@ class Dispatcher:
                 if now - last_maintain >= MAINTAIN_S:
                     last_maintain = now
                     lifecycle.maintain(self.store, self.storage, lifecycle.checkpoints_of(self.settings), self.settings)
-                while len(self.running) < self.settings.max_running_jobs and not self.stopping.is_set():
+                while len(self.running) < self.settings.max_running_jobs and not self._halted():
                     job = self.store.claim(self.owner, self.settings.tenant_max_running_jobs)
                     if job is None:
                         break
@@ -195,6 +202,9 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatcher loop")
             self.stopping.wait(self.settings.poll_seconds)
+
+    def _halted(self) -> bool:
+        return self.stopping.is_set() or self.draining.is_set()
 
     def _start_ray(self) -> None:
         address = None if self.settings.ray_address == "local" else self.settings.ray_address

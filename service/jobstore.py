@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from . import migrations
+from .jobreads import JobReads
 from .jobrecords import (
     ACTIVE,
     ApiKeyRow,
@@ -72,6 +73,7 @@ class JobStore:
         self.listeners: list[Callable[[Job], None]] = []  # called with the job after each state change it wins
         self.engine: Engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.reads = JobReads(self.engine)  # the hot reads (GET one job, a page of the list) without the ORM
         try:
             migrations.upgrade(self.engine)
         except BaseException:
@@ -190,28 +192,17 @@ class JobStore:
 
     def get(self, job_id: str, tenant: str | None = None) -> Job | None:
         """The job; None when it does not exist, or (with `tenant`) belongs to another tenant or was deleted."""
-        with self.session() as s:
-            q = select(JobRow).where(JobRow.id == job_id)
-            if tenant is not None:  # a tenant's view: a deleted job is gone at once
-                q = q.where(JobRow.tenant == tenant, JobRow.deleted_at.is_(None))
-            row = s.scalar(q)
-            return Job.of(row) if row is not None else None
+        return self.reads.get(job_id, tenant)  # with `tenant`, a deleted job is gone at once
 
     def list_jobs(
         self, tenant: str, states: Iterable[JobState] = (), limit: int = 50, before: int | None = None
     ) -> tuple[list[Job], int | None]:
         """The tenant's jobs, newest first; (page, seq to pass as `before` for the next page or None)."""
-        with self.session() as s:
-            q = select(JobRow).where(JobRow.tenant == tenant, JobRow.deleted_at.is_(None))
-            wanted = [st.value for st in states]
-            if wanted:
-                q = q.where(JobRow.state.in_(wanted))
-            if before is not None:
-                q = q.where(JobRow.seq < before)
-            rows = list(s.scalars(q.order_by(JobRow.seq.desc()).limit(limit + 1)))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return [Job.of(r) for r in rows], (rows[-1].seq if more else None)
+        wanted = sorted({st.value for st in states})
+        jobs = self.reads.page(tenant, wanted, limit + 1, before)
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return jobs, (jobs[-1].seq if more else None)
 
     def changed_since(self, tenant: str, since: float, limit: int = 200) -> list[Job]:
         """The tenant's jobs updated after `since` (not deleted), oldest change first: a tenant's event stream."""

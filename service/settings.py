@@ -35,7 +35,12 @@ class Settings(WorkerSettings):
     checkpoint_url: str = Field("", description="per-block checkpoints of running jobs; default DATA_DIR/checkpoints")
     ray_address: str = Field("local", description="'local' starts a Ray on 127.0.0.1; else auto, HOST:PORT, ray://")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
-    dispatcher: bool = Field(True, description="run queued jobs in this process (false: API only)")
+    dispatcher: bool = Field(
+        True, description="`pbs2p serve` runs queued jobs (a worker process it supervises); false: API only"
+    )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="`pbs2p worker` serves its job metrics (Prometheus) on this port (0: none)"
+    )
     max_running_jobs: int = Field(1, ge=1, description="jobs this dispatcher runs at once")
     tenant_max_queued_jobs: int = Field(
         0, ge=0, description="queued jobs a tenant may have; a submit above it gets 429 with Retry-After (0: no limit)"

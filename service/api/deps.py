@@ -33,7 +33,8 @@ class AppState:
     known_keys: dict[str, tuple[str, float]] = field(default_factory=dict)  # sha256 of a key -> (tenant, checked)
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
+    """The app's collaborators (async: FastAPI runs a plain function dependency in a thread, a hop per request)."""
     state: AppState = request.app.state.pbs2p
     return state
 

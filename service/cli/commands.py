@@ -1,5 +1,5 @@
-"""`pbs2p` command line: compress, eval, inspect, export-dense, generate; serve, keys, jobs (a client of the
-service); demo.
+"""`pbs2p` command line: compress, eval, inspect, export-dense, generate; serve, api, worker, keys, jobs (a client
+of the service); demo.
 
 Progress and summaries on stderr, results on stdout. Bad input is one line `pbs2p: error: ...`, exit 2.
 Settings (`PBS2P_*`) are read once here and passed down. The service's commands import the service's
@@ -151,10 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="service data and the downloaded artifact")
     d.add_argument("--windows", type=int, default=40, help="held-out windows for perplexity before/after")
     add_config_options(d)
-    s = sub.add_parser("serve", help="run the API and the dispatcher (settings: PBS2P_* environment variables)")
-    s.add_argument("--host", default=None, help="default PBS2P_HOST or 127.0.0.1")
-    s.add_argument("--port", type=int, default=None, help="default PBS2P_PORT or 8000")
-    s.add_argument("--data-dir", type=Path, default=None, help="default PBS2P_DATA_DIR or ./pbs2p-data")
+    s = sub.add_parser(
+        "serve", help="run the API and a worker process it supervises (settings: PBS2P_* environment variables)"
+    )
+    a = sub.add_parser("api", help="run the API only (HTTP; jobs are driven by `pbs2p worker` processes)")
+    for p in (s, a):
+        p.add_argument("--host", default=None, help="default PBS2P_HOST or 127.0.0.1")
+        p.add_argument("--port", type=int, default=None, help="default PBS2P_PORT or 8000")
+        p.add_argument("--data-dir", type=Path, default=None, help="default PBS2P_DATA_DIR or ./pbs2p-data")
+    s.add_argument(
+        "--one-process", action="store_true", help="drive the jobs in the API's process instead of a worker process"
+    )
+    w = sub.add_parser("worker", help="drive jobs: claim them from the job store, run, evaluate, upload (no HTTP)")
+    w.add_argument("--data-dir", type=Path, default=None, help="default PBS2P_DATA_DIR or ./pbs2p-data")
+    w.add_argument("--supervisor", type=int, default=None, help=argparse.SUPPRESS)  # the pid of `serve`
     k = sub.add_parser("keys", help="API keys (in the service's database: PBS2P_DATABASE_URL / PBS2P_DATA_DIR)")
     ksub = k.add_subparsers(dest="keys_cmd", required=True)
     kc = ksub.add_parser("create", help="create a key for a tenant; the key is printed once")
@@ -232,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                 from .demo import run_demo  # extra: service
 
             return run_demo(config_from_args(args), args.out, args.windows)
-        elif args.cmd == "serve":
+        elif args.cmd in ("serve", "api"):
             _serve(args)
+        elif args.cmd == "worker":
+            return _worker(args)
         elif args.cmd == "keys":
             _keys(args)
         elif args.cmd == "jobs":
@@ -324,7 +336,19 @@ def _serve(args: argparse.Namespace) -> None:
     overrides = {
         k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None
     }
-    serve(Settings(**overrides))
+    mode = "api" if args.cmd == "api" else "one-process" if args.one_process else "serve"
+    serve(Settings(**overrides), mode)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    with requires_extra("service", "pbs2p worker"):
+        from pbs2p.service.server import configure_logging  # extra: service
+        from pbs2p.service.settings import Settings  # extra: service
+        from pbs2p.service.worker import run_worker  # extra: service
+
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir is not None else {}))
+    configure_logging(settings)
+    return run_worker(settings, args.supervisor)
 
 
 def _keys(args: argparse.Namespace) -> None:

@@ -32,16 +32,17 @@ def _free_port() -> int:
 
 
 def start_service(
-    data_dir: Path, env: dict[str, str] | None = None, timeout: float = 120.0
+    data_dir: Path, env: dict[str, str] | None = None, timeout: float = 120.0, command: str = "serve", *args: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`pbs2p serve` in a child process on a free loopback port; returns it and its URL once /healthz answers."""
+    """`pbs2p serve` (or `pbs2p api`: `command`, with `args`) in a child process on a free loopback port; returns it
+    and its URL once /healthz answers."""
     port = _free_port()
     full_env = {**os.environ, "PBS2P_DATA_DIR": str(data_dir), "PBS2P_HOST": "127.0.0.1", "PBS2P_PORT": str(port)}
     full_env.update(env or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "service.log", "ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(  # its own process group: the service and its local Ray stop together
-            [sys.executable, "-m", "pbs2p.service.cli", "serve"],
+            [sys.executable, "-m", "pbs2p.service.cli", command, *args],
             env=full_env,
             stdout=log,
             stderr=log,

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from pbs2p.core.config import CompressionConfig
@@ -29,8 +28,6 @@ from pbs2p.testing.tiny import make_model, save_tokenizer, write_text
 from pbs2p.workers.evaluation import EvalSpec, evaluate_model
 from pbs2p.workers.job import JobSpec, run_job
 from pbs2p.workers.settings import WorkerSettings
-
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +83,9 @@ def test_real_model_over_http(real_model: Path, tmp_path: Path) -> None:
 
 
 def test_killed_service_finishes_the_job_once(roots: Path, tmp_path: Path) -> None:
-    """SIGKILL the service mid-job (its whole process group, Ray included), start it again: the job resumes from
-    its last checkpointed block, finishes exactly once, and its artifact is the uninterrupted run's, byte for byte."""
+    """SIGKILL the whole service mid-job (the API's process group and its worker's, Ray included), start it again:
+    the job resumes from its last checkpointed block, finishes exactly once, and its artifact is the uninterrupted
+    run's, byte for byte. (tests/e2e/test_worker.py kills the API and the worker apart.)"""
     data = tmp_path / "svc"
     proc, url, key = service(data, roots)
     client = Client(url, key)
@@ -98,7 +96,10 @@ def test_killed_service_finishes_the_job_once(roots: Path, tmp_path: Path) -> No
             assert time.monotonic() < deadline, "the job never reached block 2"
             time.sleep(0.1)
     finally:
+        workers = psutil.Process(proc.pid).children()  # the worker child: a process group of its own
         os.killpg(proc.pid, signal.SIGKILL)
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGKILL)
         proc.wait()
     with pytest.raises(Pbs2pError, match="cannot reach"):  # the service is gone
         client.get(job["id"])
@@ -120,25 +121,6 @@ def test_killed_service_finishes_the_job_once(roots: Path, tmp_path: Path) -> No
     run_job(spec, tmp_path / "local", WorkerSettings(cache_dir=tmp_path / "cache"))
     local = file_hashes(tmp_path / "local")
     assert MANIFEST_FILE in local and file_hashes(tmp_path / "dl") == local
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh schema in the PostgreSQL server on 127.0.0.1:5432 (skipped loudly elsewhere, a failure under CI)."""
-    import psycopg
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True, connect_timeout=5) as c:
-            c.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError as exc:
-        msg = f"PostgreSQL on 127.0.0.1:5432 (database test) is not reachable: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    yield f"{PG}?options=-csearch_path%3D{schema}"
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as c:
-        c.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def test_s3_artifacts_and_postgres_store(

@@ -20,6 +20,7 @@ from sqlalchemy import update
 
 from pbs2p.core.config import CompressionConfig
 from pbs2p.service import lifecycle
+from pbs2p.service.api.schemas import JobPublic, JobSummary
 from pbs2p.service.cli import main as cli_main
 from pbs2p.service.client import ApiError, Client
 from pbs2p.service.jobrecords import JobRow, JobState, encode_cursor
@@ -817,3 +818,23 @@ def test_the_command_line_lists_every_page_submits_with_priority_and_deletes(
     assert cli_main([*base, "delete", made[0]]) == 0
     assert capsys.readouterr().out.strip() == f"{made[0]}: deleted"
     assert svc.store.get(made[0]) is None
+
+
+def test_lists_hold_summaries_and_get_the_whole_job(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
+    """GET /v1/jobs gives each job without its per-block report and timings; GET /v1/jobs/{id} has them; the two
+    agree on every field the list has, and both are what the OpenAPI schema says."""
+    job = submit(client, auth, svc, name="with a report")
+    report = {"blocks": [{"n_keep": 6, "linears": [{"name": "q", "rel_error": 0.1}]}], "metrics": {"ppl_after": 9.5},
+              "timings": {"compress_s": 1.5}}  # fmt: skip
+    svc.store.transition(job["id"], [JobState.QUEUED], JobState.SUCCEEDED, report=report)
+    whole = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert whole["report"] == {"blocks": report["blocks"]} and whole["timings"] == report["timings"]
+    assert whole["metrics"] == report["metrics"] and whole["state"] == "SUCCEEDED"
+    (listed,) = [j for j in client.get("/v1/jobs", headers=auth).json()["jobs"] if j["id"] == job["id"]]
+    assert "report" not in listed and "timings" not in listed
+    assert listed == {k: v for k, v in whole.items() if k not in ("report", "timings")}
+    JobPublic.model_validate(whole)
+    JobSummary.model_validate(listed)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert set(schema["JobSummary"]["properties"]) == set(listed)
+    assert set(schema["JobPublic"]["properties"]) == set(whole)

@@ -38,7 +38,13 @@ HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 K8S_VERSION = "1.37"
 
 # The `pbs2p` subcommands the deployment runs (image CMD, compose, k8s, docs); checked against the CLI's parser.
-DEPLOY_SUBCOMMANDS = {"serve": (), "keys": ("create",), "db": ("upgrade", "current", "downgrade")}
+DEPLOY_SUBCOMMANDS = {
+    "serve": (),
+    "api": (),
+    "worker": (),
+    "keys": ("create",),
+    "db": ("upgrade", "current", "downgrade"),
+}
 RAY_SERVICES = ("ray-head", "ray-worker")
 PBS2P_SERVICES = ("api", *RAY_SERVICES)
 # settings the Ray workers read themselves (models from the shared cache, checkpoints to S3)
