@@ -26,7 +26,7 @@ from .errors import Pbs2pError
 
 CONFIG_VERSION = 2
 
-Method = Literal["fp", "arb", "prune-binarize", "pbs2p"]
+Method = Literal["fp", "arb", "prune-binarize", "pbs2p", "gptq"]
 METHODS: tuple[str, ...] = get_args(Method)
 Allocation = Literal["uniform", "cfs"]
 CfsScore = Literal["cosine", "error"]
@@ -244,7 +244,18 @@ class CompressionConfig(BaseModel):
 
     model_config = _FROZEN
 
-    method: Method = Field("pbs2p", description="pbs2p (CFS + SPBO), prune-binarize, arb (dense 1-bit) or fp")
+    method: Method = Field(
+        "pbs2p", description="pbs2p (CFS + SPBO), prune-binarize, arb (dense 1-bit), fp, or gptq (the baseline)"
+    )
+    # method gptq: integer codes per weight, scales (and zero points) per row per group of input columns
+    gptq_bits: int = Field(4, ge=2, le=4, description="gptq: bits per weight code (2, 3 or 4)")
+    gptq_group_size: int = Field(
+        128, ge=8, le=8192, description="gptq: input columns per scale and zero point (must divide in_features)"
+    )
+    gptq_act_order: bool = Field(
+        True, description="gptq: quantize columns by descending Hessian diagonal (groups in that order, g_idx stored)"
+    )
+    gptq_sym: bool = Field(False, description="gptq: symmetric min-max grid (no zero points stored)")
     pattern: NMPattern = Field("6:8", validate_default=True, description="N:M, N weights kept in every group of M")
     spbo_steps: int | None = Field(None, ge=1, le=15, description="SPBO steps tau (default M - N)")
     allocation: Allocation = Field(

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError
-from .linear import linear_bits
+from .linear import linear_bits, linear_label
 from .loader import verify_artifact
 from .manifest import MANIFEST_FILE, SEP, read_safetensors_header, totals
 
@@ -48,7 +48,7 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
             {
                 "name": name.removesuffix(".weight"),
                 "shape": meta["shape"],
-                "pattern": f"{meta['n_keep']}:{meta['m']}",
+                "pattern": linear_label(meta),
                 **bits,
                 "ratio_fp16": 16 / bits["true_bits"],
                 "formula_true_bits": f.get("true_bits"),
