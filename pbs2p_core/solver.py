@@ -223,9 +223,9 @@ def solve_rows(W: torch.Tensor, prep: LinearPrep, n_keep: int, cfg: CompressionC
     W[:, prep.dead.to(W.device)] = 0.0
     if cfg.method == "gptq":
         perm = prep.perm.to(W.device) if prep.perm is not None else None
-        code = quantize_rows(W, U, perm, cfg)
-        Q = code.dense()
-        return RowsResult(Q, [], layer_error(W0, Q, H), 0.0, 0.0, code)
+        intcode = quantize_rows(W, U, perm, cfg)
+        Q = intcode.dense()
+        return RowsResult(Q, [], layer_error(W0, Q, H), 0.0, 0.0, intcode)
     hdiag = torch.diag(H)
     Q = torch.zeros_like(W)
     blocks: list[BlockCode] = []

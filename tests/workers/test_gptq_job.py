@@ -1,0 +1,83 @@
+"""A job of method gptq end to end through the one job path (`run_job`) on a seeded tiny model: calibration
+text, the block pipeline, the artifact with integer codes, the loader, the evaluation, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pbs2p.core.errors import Pbs2pError
+from pbs2p.core.format import inspect_artifact, load_artifact
+from pbs2p.core.format.manifest import read_manifest
+from pbs2p.testing.artifacts import file_hashes, linear_names, logits, source_tensors, tensors
+from pbs2p.testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config, write_text
+from pbs2p.workers.evaluation import EvalSpec
+from pbs2p.workers.job import JobSpec, run_job
+from pbs2p.workers.settings import WorkerSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    root = tmp_path_factory.mktemp("gptq")
+    model = make_model(root / "src")
+    save_tokenizer(root / "src")
+    return root / "src", write_text(root / "calib.txt", docs=8), source_tensors(model)
+
+
+def _job(tiny: tuple[Path, Path, dict[str, torch.Tensor]], out: Path, **options: object):
+    src, text, _ = tiny
+    cfg = tiny_job_config(**{"method": "gptq", "gptq_group_size": 32, "calib": str(text), **options})
+    spec = JobSpec(str(src), cfg, evaluate=EvalSpec(data=str(text), seqlen=16, windows=4))
+    return run_job(spec, out, WorkerSettings(cache_dir=out.parent / "cache"))
+
+
+@pytest.mark.parametrize(("bits", "act_order"), [(4, False), (3, True), (2, True)])
+def test_gptq_job_end_to_end(tiny, tmp_path: Path, bits: int, act_order: bool) -> None:
+    src, _, source = tiny
+    result = _job(tiny, tmp_path / "out", gptq_bits=bits, gptq_act_order=act_order)
+    man = read_manifest(tmp_path / "out")
+    assert man["format_version"] == 2 and man["config"]["method"] == "gptq"
+    names = linear_names("llama", 2)
+    assert sorted(man["linears"]) == sorted(names)
+    for meta in man["linears"].values():
+        assert meta["codec"] == "int" and meta["bits"] == bits and meta["act_order"] == act_order
+    # the report's formula and the artifact's bytes agree on the bits (up to each stream's last byte)
+    info = inspect_artifact(tmp_path / "out")
+    assert info["total"]["paper_bits"] == bits == result.summary()["metrics"]["paper_bits"]
+    true_bits = result.report.bits["true_bits"]
+    assert bits < true_bits <= info["total"]["true_bits"] < true_bits + 0.01
+    # a row of a group (natural order: its first 32 columns) decodes to at most 2^bits values
+    got = tensors(tmp_path / "out")
+    for name in names:
+        w = got[name]
+        assert not torch.equal(w, source[name])
+        if not act_order:
+            assert max(len(torch.unique(row)) for row in w[:, :32]) <= 2**bits
+    # dense and packed loading compute with the same weights
+    ids = calib_ids()
+    dense, packed = load_artifact(tmp_path / "out"), load_artifact(tmp_path / "out", mode="packed")
+    assert torch.equal(logits(dense, ids), logits(packed, ids))
+    m = result.metrics
+    assert m["ppl_after"] > 0 and m["eval_windows"] == 4
+
+
+def test_more_bits_less_error(tiny, tmp_path: Path) -> None:
+    errors = [_job(tiny, tmp_path / f"b{b}", gptq_bits=b).report.mean_rel_error for b in (2, 3, 4)]
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_deterministic(tiny, tmp_path: Path) -> None:
+    _job(tiny, tmp_path / "a", gptq_bits=3)
+    _job(tiny, tmp_path / "b", gptq_bits=3)
+    a, b = file_hashes(tmp_path / "a"), file_hashes(tmp_path / "b")
+    assert len([n for n in a if n.startswith("pbs2p-block-")]) == 2 and a == b
+
+
+def test_group_size_that_does_not_divide_is_a_clear_error(tiny, tmp_path: Path) -> None:
+    with pytest.raises(Pbs2pError, match=r"gptq_group_size=48 does not divide in_features=64"):
+        _job(tiny, tmp_path / "out", gptq_group_size=48)
+    assert not (tmp_path / "out").exists()
