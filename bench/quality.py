@@ -157,6 +157,12 @@ def main() -> None:
         f"Measured {', '.join(sorted({r.get('measured', '?') for r in records}))} on {machine()}; written by "
         "bench/quality.py, not edited by hand.",
     ]
+    if any(r["config"]["method"] == "gptq" for r in records):
+        notes.insert(
+            3,
+            "GPTQ rows (`--method gptq`): b-bit codes, an fp16 scale and a b-bit zero point per row per group of "
+            "input columns, with act-order each column's group index; paper bits = b.",
+        )
     if len(seeds) > 1:
         notes.insert(0, seed_summary(records))
     write_table(a.name, "Quality on the real model", header, rows, notes, a.out)

@@ -406,6 +406,14 @@ class CompressionConfig(BaseModel):
             raise ConfigError(field_errors(exc)) from None
 
 
+def method_label(cfg: Mapping[str, Any]) -> str:
+    """A config dict's method and main setting: 'pbs2p pattern 6:8', 'gptq 3-bit g128 act-order'."""
+    if cfg.get("method") == "gptq":
+        order = " act-order" if cfg.get("gptq_act_order") else ""
+        return f"gptq {cfg.get('gptq_bits')}-bit g{cfg.get('gptq_group_size')}{order}"
+    return f"{cfg.get('method')} pattern {cfg.get('pattern')}"
+
+
 def _calib_problems(calib: str, windows: int) -> list[tuple[tuple[str, ...], str, Any]]:
     try:
         sources = parse_calib(calib)

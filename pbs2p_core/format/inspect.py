@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import method_label
 from ..errors import ArtifactError
 from .linear import linear_bits, linear_label
 from .loader import verify_artifact
@@ -113,8 +114,11 @@ def format_inspect(info: dict[str, Any]) -> str:
     cfg = info.get("config", {})
     lines.append(
         f"artifact {info['path']}: format v{info['format_version']}, {info['model_type']}, method "
-        f"{cfg.get('method')} {cfg.get('pattern')}; uncompressed tensors {t['uncompressed_tensors']} "
+        f"{method_label(cfg)}; uncompressed tensors {t['uncompressed_tensors']} "
         f"({t['uncompressed_bytes'] / 2**20:.1f} MiB); tensor files {f['tensor_file_bytes'] / 2**20:.1f} MiB"
     )
-    lines.append("true bits = bytes stored for the linear x 8 / its weights; paper bits = sign planes only")
+    lines.append(
+        "true bits = bytes stored for the linear x 8 / its weights; paper bits = sign planes only (integer codes: "
+        "code bits)"
+    )
     return "\n".join(lines)
