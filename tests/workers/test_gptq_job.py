@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from pbs2p.core.errors import Pbs2pError
-from pbs2p.core.format import inspect_artifact, load_artifact
+from pbs2p.core.format import ArtifactWriter, dense_state_dict, inspect_artifact, load_artifact
 from pbs2p.core.format.manifest import read_manifest
+from pbs2p.core.solver import compress_linear
 from pbs2p.testing.artifacts import file_hashes, linear_names, logits, source_tensors, tensors
 from pbs2p.testing.tiny import calib_ids, make_model, save_tokenizer, tiny_job_config, write_text
+from pbs2p.workers.checkpoints import JobCheckpoint
 from pbs2p.workers.evaluation import EvalSpec
 from pbs2p.workers.job import JobSpec, run_job
+from pbs2p.workers.report import BlockReport
 from pbs2p.workers.settings import WorkerSettings
+from pbs2p.workers.storage.local import LocalStorage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -81,3 +85,27 @@ def test_group_size_that_does_not_divide_is_a_clear_error(tiny, tmp_path: Path) 
     with pytest.raises(Pbs2pError, match=r"gptq_group_size=48 does not divide in_features=64"):
         _job(tiny, tmp_path / "out", gptq_group_size=48)
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_round_trip_of_integer_codes(tmp_path: Path) -> None:
+    """A Ray job checkpoints each block's linears packed as the artifact packs them and writes the artifact from
+    the checkpoint (`load_packed` -> `write_packed_block`): the integer codes survive it bit-exactly."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 64, generator=g)
+    cfg = tiny_job_config(method="gptq", gptq_bits=3, gptq_group_size=32)
+    results = {
+        f"model.layers.0.l{j}.weight": compress_linear(torch.randn(16, 64, generator=g), X.T @ X / 128, 8, cfg)
+        for j in range(2)
+    }
+    tensors_ = {**{n: r.weight for n, r in results.items()}, "model.layers.0.norm.weight": torch.ones(64)}
+    ckpt = JobCheckpoint(LocalStorage(tmp_path / "ckpt"), "job-1")
+    ckpt.save_block(0, tensors_, results, BlockReport(0, 8, None, 0.0), cfg)
+    plain, packed, _ = ckpt.load_packed(0)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    writer = ArtifactWriter(tmp_path / "out", tmp_path / "src", cfg)
+    writer.write_packed_block(0, plain, packed)
+    writer.finish({"config": cfg.to_dict()})
+    dense = dense_state_dict(tmp_path / "out")
+    assert all(torch.equal(dense[n], r.weight) for n, r in results.items())
+    assert torch.equal(dense["model.layers.0.norm.weight"], torch.ones(64))
