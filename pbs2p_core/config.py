@@ -250,7 +250,10 @@ class CompressionConfig(BaseModel):
     # method gptq: integer codes per weight, scales (and zero points) per row per group of input columns
     gptq_bits: int = Field(4, ge=2, le=4, description="gptq: bits per weight code (2, 3 or 4)")
     gptq_group_size: int = Field(
-        128, ge=8, le=8192, description="gptq: input columns per scale and zero point (must divide in_features)"
+        128,
+        ge=8,
+        le=8192,
+        description="gptq: input columns per scale and zero point (the last group of a row may be shorter)",
     )
     gptq_act_order: bool = Field(
         True, description="gptq: quantize columns by descending Hessian diagonal (groups in that order, g_idx stored)"

@@ -1,15 +1,16 @@
 """The GPTQ baseline (`method` "gptq"): integer codes on a per-group min-max grid, column by column with the
 inverse-Hessian error compensation (Frantar et al., 2022), for comparison with pbs2p on equal terms.
 
-Per linear (rows independent given H): with act-order the columns are visited by descending diag(H), and a group
-is `group_size` consecutive columns in that order (the artifact stores each column's group, `g_idx`); without it,
-in their natural order. When a group starts, its grid is fitted to the current, already compensated weights of
-its columns: asymmetric min-max over [min(w, 0), max(w, 0)] with 2^bits levels and an integer zero point (or a
-symmetric grid around the middle level). Each column is rounded to the grid, its error divided by U[j, j] and
-pushed onto the later columns through the upper Cholesky factor U of H⁻¹ (H damped as for every method,
-`hessian.inverse_cholesky`); the pushes within a batch of `block_size` columns are applied column by column and
-onto the later columns once per batch (lazy batch updates), the group fits seeing every push made so far.
-Scales are rounded to their storage dtype before use, so `IntCode.dense()` is exactly what the artifact decodes.
+Per linear (rows independent given H): with act-order the columns are visited by descending diag(H), and a group is
+`group_size` consecutive columns in that order (the artifact stores each column's group, `g_idx`); without it, in
+their natural order. The last group is shorter when `group_size` does not divide the columns (576 = 4 × 128 + 64 in
+SmolLM2-135M), as in the reference implementation. When a group starts, its grid is fitted to the current, already
+compensated weights of its columns: asymmetric min-max over [min(w, 0), max(w, 0)] with 2^bits levels and an integer
+zero point (or a symmetric grid around the middle level). Each column is rounded to the grid, its error divided by
+U[j, j] and pushed onto the later columns through the upper Cholesky factor U of H⁻¹ (H damped as for every method,
+`hessian.inverse_cholesky`); the pushes within a batch of `block_size` columns are applied column by column and onto
+the later columns once per batch (lazy batch updates), the group fits seeing every push made so far. Scales are
+rounded to their storage dtype before use, so `IntCode.dense()` is exactly what the artifact decodes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 
 from .binarize import round_scale
 from .config import CompressionConfig
-from .errors import Pbs2pError
 
 
 @dataclass
@@ -59,12 +59,9 @@ def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor | None:
     return torch.argsort(torch.diag(H), descending=True, stable=True)
 
 
-def check_groups(C: int, cfg: CompressionConfig) -> None:
-    if C % cfg.gptq_group_size:
-        raise Pbs2pError(
-            f"gptq_group_size={cfg.gptq_group_size} does not divide in_features={C}; use a group size that does, "
-            f"e.g. {next(g for g in (128, 64, 32, 16, 8, 1) if C % g == 0)}"
-        )
+def group_count(C: int, group_size: int) -> int:
+    """Groups of `group_size` columns over C columns, the last one possibly shorter."""
+    return -(-C // group_size)
 
 
 def fit_grid(w: torch.Tensor, bits: int, sym: bool, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +88,7 @@ def quantize_rows(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor | None, c
     W = W.to(torch.float32).clone()
     if perm is not None:
         W = W[:, perm]
-    G = C // gs
+    G = group_count(C, gs)
     codes = torch.zeros(R, C, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(R, G, dtype=torch.float32, device=W.device)
     zeros = torch.zeros(R, G, dtype=torch.float32, device=W.device)
@@ -103,8 +100,8 @@ def quantize_rows(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor | None, c
         for i in range(i2 - i1):  # a loop over columns, as in GPTQ; rows stay vectorised
             j = i1 + i
             if j % gs == 0:  # a group starts: its grid from its columns' current (compensated) values
-                end = j + gs
-                cur = Wb[:, i : i + gs]
+                end = min(j + gs, C)
+                cur = Wb[:, i : end - i1]
                 if end > i2:  # columns past this batch: add the pushes of the batch so far
                     late = W[:, i2:end] - Err[:, :i] @ U[i1:j, i2:end]
                     cur = torch.cat([cur, late], 1)

@@ -2,7 +2,8 @@
 
 Per linear: every weight's code at `bits` bits (rows, then columns, natural column order), one scale per row per
 group in the storage dtype, the zero points at `bits` bits (absent when symmetric) and, with act-order, each
-column's group at ⌈log₂ G⌉ bits. Decoding is bit-exact: the same Ŵ as `IntCode.dense()` of the in-memory code.
+column's group at ⌈log₂ G⌉ bits. G = ⌈C / group_size⌉: the last group is shorter when the size does not divide C.
+Decoding is bit-exact: the same Ŵ as `IntCode.dense()` of the in-memory code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, Pbs2pError
-from ..gptq import IntCode
+from ..gptq import IntCode, group_count
 from .bitpack import pack_codes, unpack_codes
 from .manifest import ST_DTYPES, ST_TORCH
 
@@ -30,7 +31,7 @@ def pack_int(code: IntCode, scale_dtype: str = "fp16") -> tuple[dict[str, torch.
     """Pack one integer code. Returns (tensors by field name, layout meta for the manifest)."""
     R, C = code.codes.shape
     G = code.groups
-    if code.group_size * G != C or code.scales.shape != (R, G) or code.zeros.shape != (R, G):
+    if group_count(C, code.group_size) != G or code.scales.shape != (R, G) or code.zeros.shape != (R, G):
         raise Pbs2pError(f"integer code of shape {[R, C]} has scales {list(code.scales.shape)} for groups of {G}")
     sdt = _SCALE_DTYPES.get(scale_dtype)
     if sdt is None:
@@ -63,7 +64,7 @@ def expected_int_tensors(meta: Mapping[str, Any]) -> dict[str, tuple[str, list[i
     """Field -> (safetensors dtype, shape) that the layout `meta` of an integer-coded linear implies."""
     R, C = (int(x) for x in meta["shape"])
     bits, gs, G = int(meta["bits"]), int(meta["group_size"]), int(meta["groups"])
-    if not 1 <= bits <= 8 or gs < 1 or G * gs != C or R < 0 or meta["kept"] != R * C:
+    if not 1 <= bits <= 8 or gs < 1 or G != group_count(C, gs) or R < 0 or meta["kept"] != R * C:
         raise ArtifactError(f"integer layout of shape {[R, C]}, {bits} bits, {G} groups of {gs} is inconsistent")
     sdt = meta["scale_dtype"]
     if sdt not in ST_TORCH or not ST_TORCH[sdt].is_floating_point:

@@ -6,7 +6,6 @@ import torch
 
 from pbs2p.core.bits import SCALE_BITS, count_int_bits
 from pbs2p.core.config import CompressionConfig, ConfigError
-from pbs2p.core.errors import Pbs2pError
 from pbs2p.core.gptq import IntCode, column_order, fit_grid
 from pbs2p.core.refit import layer_error
 from pbs2p.core.solver import compress_linear
@@ -167,7 +166,16 @@ def test_bad_settings_name_their_field(options: dict, field: str) -> None:
     assert [e["field"] for e in exc.value.errors] == [field]
 
 
-def test_group_size_that_does_not_divide_the_inputs() -> None:
-    W, H = _problem(cols=96)
-    with pytest.raises(Pbs2pError, match=r"gptq_group_size=64 does not divide in_features=96.*e\.g\. 32"):
-        compress_linear(W, H, 8, _cfg())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_group_size_that_does_not_divide_the_inputs_leaves_a_shorter_last_group(act_order: bool) -> None:
+    """576 = 4 x 128 + 64 (SmolLM2-135M): as in the reference, the last group of a row is shorter."""
+    W, H = _problem(cols=200)
+    res = compress_linear(W, H, 8, _cfg(gptq_bits=3, gptq_act_order=act_order, block_size=48))
+    code = res.intcode
+    assert code is not None and code.groups == 4 and torch.equal(code.dense(), res.weight)
+    assert torch.bincount(code.group_of()).tolist() == [64, 64, 64, 8]
+    if not act_order:
+        want = _plain_gptq(W, H, 3, 64, 0.01)
+        assert (res.weight == want).float().mean() > 0.995
+    c = count_int_bits(code)
+    assert c.scale_bits == 48 * 4 * (SCALE_BITS + 3)

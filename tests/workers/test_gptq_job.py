@@ -81,10 +81,20 @@ def test_deterministic(tiny, tmp_path: Path) -> None:
     assert len([n for n in a if n.startswith("pbs2p-block-")]) == 2 and a == b
 
 
-def test_group_size_that_does_not_divide_is_a_clear_error(tiny, tmp_path: Path) -> None:
-    with pytest.raises(Pbs2pError, match=r"gptq_group_size=48 does not divide in_features=64"):
-        _job(tiny, tmp_path / "out", gptq_group_size=48)
+def test_bad_settings_are_clear_errors_before_any_work(tiny, tmp_path: Path) -> None:
+    for options, needle in ((dict(gptq_bits=5), "gptq_bits"), (dict(gptq_group_size=4), "gptq_group_size")):
+        with pytest.raises(Pbs2pError, match=needle):
+            _job(tiny, tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_group_size_that_does_not_divide_the_inputs(tiny, tmp_path: Path) -> None:
+    """Groups of 48 over 64 and 128 inputs: the last group of each row is shorter (16 and 32 columns)."""
+    _job(tiny, tmp_path / "out", gptq_group_size=48, gptq_bits=3)
+    man = read_manifest(tmp_path / "out")
+    groups = {name.rsplit(".", 2)[-2]: meta["groups"] for name, meta in man["linears"].items()}
+    assert groups["down_proj"] == 3 and groups["q_proj"] == 2
+    assert inspect_artifact(tmp_path / "out")["total"]["paper_bits"] == 3
 
 
 def test_checkpoint_round_trip_of_integer_codes(tmp_path: Path) -> None:
