@@ -24,6 +24,7 @@ from bench.common import add_out_option, dry_run, machine, run_cli, write_table 
 MODEL = "smollm2-135m"
 
 LEAN = ["--scale-layout", "lean", "--block-size", "512", "--salient-columns", "16"]
+GPTQ = ["--method", "gptq", "--gptq-bits"]
 CFS_ERROR = ["--method", "pbs2p", "--allocation", "cfs", "--cfs-score", "error"]
 # optional variants of ALGORITHM.md, measured with `--variants` (not the default table)
 VARIANTS: dict[str, list[str]] = {
@@ -58,6 +59,12 @@ CONFIGS: dict[str, list[str]] = {
     "pbs2p 6:8, 8 salient columns per 128 (previous default)": ["--method", "pbs2p", "--salient-columns", "8"],
     # cheaper scales: alpha, mu per row per 512 columns, salient residual alpha only
     "pbs2p 6:8, lean scales / 512 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],
+    # the GPTQ baseline (integer codes, per-group min-max scales and zero points), the settings
+    "gptq 4-bit g128": [*GPTQ, "4", "--gptq-group-size", "128", "--no-gptq-act-order"],
+    "gptq 3-bit g128 act-order": [*GPTQ, "3", "--gptq-group-size", "128", "--gptq-act-order"],
+    "gptq 3-bit g128": [*GPTQ, "3", "--gptq-group-size", "128", "--no-gptq-act-order"],
+    "gptq 2-bit g128 act-order": [*GPTQ, "2", "--gptq-group-size", "128", "--gptq-act-order"],
+    "gptq 2-bit g64 act-order": [*GPTQ, "2", "--gptq-group-size", "64", "--gptq-act-order"],
 }
 
 
@@ -150,6 +157,12 @@ def main() -> None:
         f"Measured {', '.join(sorted({r.get('measured', '?') for r in records}))} on {machine()}; written by "
         "bench/quality.py, not edited by hand.",
     ]
+    if any(r["config"]["method"] == "gptq" for r in records):
+        notes.insert(
+            3,
+            "GPTQ rows (`--method gptq`): b-bit codes, an fp16 scale and a b-bit zero point per row per group of "
+            "input columns, with act-order each column's group index; paper bits = b.",
+        )
     if len(seeds) > 1:
         notes.insert(0, seed_summary(records))
     write_table(a.name, "Quality on the real model", header, rows, notes, a.out)

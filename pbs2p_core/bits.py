@@ -3,6 +3,8 @@
 True bits count everything the artifact must store: sign bits of kept weights, the residual sign plane of
 the salient columns, the N:M mask (rank code or bitmap, whichever is smaller), every scale at 16 bits, and
 the salient column indices (one byte each). The paper's count is signs only (kept + residual plane).
+An integer code (method gptq) counts its codes as `sign_bits` (bits per weight), its scales and zero points as
+`scale_bits` (zero points at the code width) and its columns' group indices (act-order) as `index_bits`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .binarize import BlockCode
+from .gptq import IntCode
 
 SCALE_BITS = 16
 INDEX_BITS = 8
@@ -52,3 +55,11 @@ def count_bits(blocks: list[BlockCode], n_keep: int, m: int, mask_bits_per_group
         c.scale_bits += sum(s.numel() for s in b.scales.values()) * SCALE_BITS
         c.index_bits += b.salient.numel() * INDEX_BITS
     return c
+
+
+def count_int_bits(code: IntCode) -> BitCount:
+    R, C = code.codes.shape
+    G = code.groups
+    zero_bits = 0 if code.sym else R * G * code.bits
+    index_bits = C * max(1, (G - 1).bit_length()) if code.g_idx is not None else 0
+    return BitCount(R * C, R * C * code.bits, 0, 0, R * G * SCALE_BITS + zero_bits, index_bits)

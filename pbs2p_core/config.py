@@ -26,7 +26,7 @@ from .errors import Pbs2pError
 
 CONFIG_VERSION = 2
 
-Method = Literal["fp", "arb", "prune-binarize", "pbs2p"]
+Method = Literal["fp", "arb", "prune-binarize", "pbs2p", "gptq"]
 METHODS: tuple[str, ...] = get_args(Method)
 Allocation = Literal["uniform", "cfs"]
 CfsScore = Literal["cosine", "error"]
@@ -244,7 +244,21 @@ class CompressionConfig(BaseModel):
 
     model_config = _FROZEN
 
-    method: Method = Field("pbs2p", description="pbs2p (CFS + SPBO), prune-binarize, arb (dense 1-bit) or fp")
+    method: Method = Field(
+        "pbs2p", description="pbs2p (CFS + SPBO), prune-binarize, arb (dense 1-bit), fp, or gptq (the baseline)"
+    )
+    # method gptq: integer codes per weight, scales (and zero points) per row per group of input columns
+    gptq_bits: int = Field(4, ge=2, le=4, description="gptq: bits per weight code (2, 3 or 4)")
+    gptq_group_size: int = Field(
+        128,
+        ge=8,
+        le=8192,
+        description="gptq: input columns per scale and zero point (the last group of a row may be shorter)",
+    )
+    gptq_act_order: bool = Field(
+        True, description="gptq: quantize columns by descending Hessian diagonal (groups in that order, g_idx stored)"
+    )
+    gptq_sym: bool = Field(False, description="gptq: symmetric min-max grid (no zero points stored)")
     pattern: NMPattern = Field("6:8", validate_default=True, description="N:M, N weights kept in every group of M")
     spbo_steps: int | None = Field(None, ge=1, le=15, description="SPBO steps tau (default M - N)")
     allocation: Allocation = Field(
@@ -393,6 +407,14 @@ class CompressionConfig(BaseModel):
             return cls.model_validate(dict(data), strict=None if strict else False)
         except PydanticValidationError as exc:
             raise ConfigError(field_errors(exc)) from None
+
+
+def method_label(cfg: Mapping[str, Any]) -> str:
+    """A config dict's method and main setting: 'pbs2p pattern 6:8', 'gptq 3-bit g128 act-order'."""
+    if cfg.get("method") == "gptq":
+        order = " act-order" if cfg.get("gptq_act_order") else ""
+        return f"gptq {cfg.get('gptq_bits')}-bit g{cfg.get('gptq_group_size')}{order}"
+    return f"{cfg.get('method')} pattern {cfg.get('pattern')}"
 
 
 def _calib_problems(calib: str, windows: int) -> list[tuple[tuple[str, ...], str, Any]]:

@@ -39,7 +39,7 @@ from .format.linear import decode_linear, expected_tensors
 from .format.loader import Artifact, PackedLinear, verify_artifact
 from .format.manifest import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    HF_FORMAT_VERSION,
     HF_INDEX_FILE,
     MANIFEST_FILE,
     QUANT_METHOD,
@@ -56,7 +56,7 @@ class Pbs2pConfig(QuantizationConfigMixin):
     def __init__(
         self,
         format: str = FORMAT_NAME,  # the field's name in config.json
-        format_version: int = FORMAT_VERSION,
+        format_version: int = HF_FORMAT_VERSION,
         weights: str = HF_INDEX_FILE,
         **unknown: Any,  # fields of a later pbs2p: ignored, as readers of the manifest ignore them
     ) -> None:
@@ -71,10 +71,10 @@ class Pbs2pConfig(QuantizationConfigMixin):
                 f"config.json's quantization_config has format_version {format_version!r}; a positive integer is "
                 f"expected"
             )
-        if format_version > FORMAT_VERSION:
+        if format_version > HF_FORMAT_VERSION:
             raise ArtifactError(
                 f"config.json's quantization_config is pbs2p format version {format_version}, written by a newer "
-                f"pbs2p; this pbs2p reads format versions up to {FORMAT_VERSION}: upgrade pbs2p"
+                f"pbs2p; this pbs2p reads format versions up to {HF_FORMAT_VERSION}: upgrade pbs2p"
             )
         if (
             not isinstance(weights, str)

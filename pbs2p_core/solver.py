@@ -1,4 +1,5 @@
-"""One linear layer: GPTQ-style column blocks with error compensation, N:M masks, SPBO, ARB.
+"""One linear layer: GPTQ-style column blocks with error compensation, N:M masks, SPBO, ARB (or, for method
+"gptq", the integer baseline of `gptq.py` on the same Hessian, damping and row chunks).
 
 `compress_linear(W, H, n_keep, cfg)` is the per-linear task: pure function, new tensors out.
 """
@@ -12,6 +13,7 @@ import torch
 from .binarize import ArbFit, BlockCode, binarize_block
 from .config import CompressionConfig
 from .errors import Pbs2pError
+from .gptq import IntCode, cat_codes, column_order, quantize_rows
 from .hessian import InverseFactor, inverse_cholesky
 from .refit import layer_error, refit_scales
 
@@ -25,6 +27,7 @@ class LinearResult:
     damping: float
     retries: int
     stats: dict[str, float] = field(default_factory=dict)
+    intcode: IntCode | None = None  # method gptq: the integer code (then `blocks` is empty)
 
 
 def split_steps(prune: int, tau: int) -> list[int]:
@@ -155,6 +158,7 @@ class LinearPrep:
     retries: int
     salient: list[torch.Tensor] | None  # per column block (allocation "linear"), else None: chosen per block
     total: float  # tr(W H Wᵀ): the denominator of rel_error
+    perm: torch.Tensor | None = None  # gptq act-order: the columns' visiting order (U is then of H permuted)
 
 
 @dataclass
@@ -166,10 +170,13 @@ class RowsResult:
     error: float  # tr(ΔW H ΔWᵀ) over these rows
     loss_spbo: float
     loss_oneshot: float
+    intcode: IntCode | None = None  # method gptq
 
 
 def check_shape(W: torch.Tensor, cfg: CompressionConfig) -> None:
     C = W.shape[1]
+    if cfg.method == "gptq":
+        return  # any width: the last group may be shorter
     if C % cfg.pattern.m:
         raise Pbs2pError(f"in_features={C} is not divisible by M={cfg.pattern.m}; use a pattern whose M divides {C}")
 
@@ -180,16 +187,20 @@ def prepare_linear(
     """The state of linear W (out, in) that needs all its rows, from its calibration Hessian H (in, in)."""
     check_shape(W, cfg)
     H = H.to(W.device, torch.float32)
+    perm = column_order(H, cfg.gptq_act_order) if cfg.method == "gptq" else None
+    if perm is not None:  # the group's factor is of H in natural order; act-order needs that of H permuted
+        inv = inverse_cholesky(H[perm][:, perm], cfg.damping)
+        inv.dead = inv.dead[torch.argsort(perm)]
     inv = inv or inverse_cholesky(H, cfg.damping)
     W0 = W.to(torch.float32)
     salient = None
-    if cfg.ablations.salient_allocation == "linear":
+    if cfg.ablations.salient_allocation == "linear" and cfg.method != "gptq":
         Wd = W0.clone()
         Wd[:, inv.dead] = 0.0
         spans = column_blocks(W.shape[1], cfg.block_size)
         salient = salient_per_block(Wd, torch.diag(inv.U), spans, cfg.salient_columns)
     total = float(torch.einsum("rc,cd,rd->", W0, H, W0))
-    return LinearPrep(H, inv.U, inv.dead, inv.damping, inv.retries, salient, total)
+    return LinearPrep(H, inv.U, inv.dead, inv.damping, inv.retries, salient, total, perm)
 
 
 def row_chunks(rows: int, cfg: CompressionConfig) -> list[tuple[int, int]]:
@@ -210,6 +221,11 @@ def solve_rows(W: torch.Tensor, prep: LinearPrep, n_keep: int, cfg: CompressionC
     W0 = W.to(torch.float32)
     W = W0.clone()
     W[:, prep.dead.to(W.device)] = 0.0
+    if cfg.method == "gptq":
+        perm = prep.perm.to(W.device) if prep.perm is not None else None
+        intcode = quantize_rows(W, U, perm, cfg)
+        Q = intcode.dense()
+        return RowsResult(Q, [], layer_error(W0, Q, H), 0.0, 0.0, intcode)
     hdiag = torch.diag(H)
     Q = torch.zeros_like(W)
     blocks: list[BlockCode] = []
@@ -270,6 +286,8 @@ def _cat_codes(parts: list[BlockCode]) -> BlockCode:
 def merge_rows(parts: list[RowsResult], prep: LinearPrep, n_keep: int, cfg: CompressionConfig) -> LinearResult:
     """The linear's result from its row chunks in row order (sums in that order: the same at any worker count)."""
     weight = parts[0].weight if len(parts) == 1 else torch.cat([p.weight for p in parts])
+    codes = [p.intcode for p in parts if p.intcode is not None]
+    intcode = cat_codes(codes) if codes else None
     blocks = [_cat_codes([p.blocks[b] for p in parts]) for b in range(len(parts[0].blocks))]
     error = loss_spbo = loss_oneshot = 0.0
     for p in parts:
@@ -279,7 +297,8 @@ def merge_rows(parts: list[RowsResult], prep: LinearPrep, n_keep: int, cfg: Comp
     if cfg.ablations.spbo_report and cfg.prunes:  # the exact error scaled by the blocks' OBS-loss ratio
         stats["rel_error_oneshot"] = rel * loss_oneshot / max(loss_spbo, 1e-30)
     m = cfg.pattern.m
-    return LinearResult(weight, blocks, n_keep if cfg.prunes else m, rel, prep.damping, prep.retries, stats)
+    n = n_keep if cfg.prunes else m
+    return LinearResult(weight, blocks, n, rel, prep.damping, prep.retries, stats, intcode)
 
 
 def compress_linear(W: torch.Tensor, H: torch.Tensor, n_keep: int, cfg: CompressionConfig) -> LinearResult:

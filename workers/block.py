@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pbs2p.core.bits import count_bits
+from pbs2p.core.bits import count_bits, count_int_bits
 from pbs2p.core.config import CompressionConfig, NMPattern
 from pbs2p.core.hessian import HessianSum, inverse_cholesky, tree_sum
 from pbs2p.core.solver import LinearPrep, LinearResult, merge_rows, prepare_linear, row_chunks, solve_rows
@@ -108,7 +108,7 @@ def prepare_group(
 def linear_report(full_name: str, lin: nn.Linear, res: LinearResult, m: int) -> LinearReport:
     # the mask costs what this linear's own N needs (CFS gives blocks different N), none when dense
     mask_bits = NMPattern(res.n_keep, m).mask_bits_per_group if res.n_keep < m else 0
-    bits = count_bits(res.blocks, res.n_keep, m, mask_bits)
+    bits = count_int_bits(res.intcode) if res.intcode is not None else count_bits(res.blocks, res.n_keep, m, mask_bits)
     if res.retries:
         log.warning("%s: Hessian needed damping %g (%d retries)", full_name, res.damping, res.retries)
     shape = (lin.out_features, lin.in_features)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import method_label
 from ..errors import ArtifactError
-from .linear import linear_bits
+from .linear import linear_bits, linear_label
 from .loader import verify_artifact
 from .manifest import MANIFEST_FILE, SEP, read_safetensors_header, totals
 
@@ -48,7 +49,7 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
             {
                 "name": name.removesuffix(".weight"),
                 "shape": meta["shape"],
-                "pattern": f"{meta['n_keep']}:{meta['m']}",
+                "pattern": linear_label(meta),
                 **bits,
                 "ratio_fp16": 16 / bits["true_bits"],
                 "formula_true_bits": f.get("true_bits"),
@@ -113,8 +114,11 @@ def format_inspect(info: dict[str, Any]) -> str:
     cfg = info.get("config", {})
     lines.append(
         f"artifact {info['path']}: format v{info['format_version']}, {info['model_type']}, method "
-        f"{cfg.get('method')} {cfg.get('pattern')}; uncompressed tensors {t['uncompressed_tensors']} "
+        f"{method_label(cfg)}; uncompressed tensors {t['uncompressed_tensors']} "
         f"({t['uncompressed_bytes'] / 2**20:.1f} MiB); tensor files {f['tensor_file_bytes'] / 2**20:.1f} MiB"
     )
-    lines.append("true bits = bytes stored for the linear x 8 / its weights; paper bits = sign planes only")
+    lines.append(
+        "true bits = bytes stored for the linear x 8 / its weights; paper bits = sign planes only (integer codes: "
+        "code bits)"
+    )
     return "\n".join(lines)

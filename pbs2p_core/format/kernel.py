@@ -345,6 +345,8 @@ def _buffer(numel: int) -> torch.Tensor:
 
 def supported(meta: Mapping[str, Any]) -> bool:
     """Whether the kernel decodes this layout exactly as BlockCode.dense (else PackedLinear decodes in torch)."""
+    if meta.get("codec", "binary") != "binary":  # integer codes (method gptq) decode in torch
+        return False
     if meta.get("compute_dtype", "float32") != "float32" or meta["mask"] not in _MASK_KINDS:
         return False
     scales = meta["scales"]

@@ -4,6 +4,8 @@ Per linear the artifact stores what the method needs and nothing more: the N:M m
 nothing), the sign bits of kept weights only, the residual sign plane of the salient columns (kept weights
 only), the salient column indices within their block, and every scale of the block codes in the configured
 storage dtype. Decoding is bit-exact: the same Ŵ as `BlockCode.dense()` of the in-memory codes.
+A linear of method gptq has the integer codec instead (`intlinear.py`; its layout's `codec` is "int"); the
+functions here dispatch on it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from ..binarize import BlockCode
 from ..errors import ArtifactError, Pbs2pError
 from ..solver import LinearResult
 from .bitpack import decode_mask, encode_mask, pack_bits, rank_bits, rank_tables, unpack_bits, unpack_rank_codes
+from .intlinear import CODEC as INT_CODEC
+from .intlinear import decode_int, expected_int_tensors, pack_int
 from .manifest import ST_DTYPES, ST_TORCH
 
 # storage dtype of the scales, by config name (`CompressionConfig.ablations.scale_dtype`)
@@ -55,7 +59,10 @@ def pack_linear(
     """Pack one linear's block codes. Returns (tensors by field name, layout meta for the manifest).
 
     Fields: `mask` (absent when dense), `sign`, `sign2` and `salient` (absent without salient columns),
-    `scale.<name>` for every scale name of the block codes (whatever the names are)."""
+    `scale.<name>` for every scale name of the block codes (whatever the names are). An integer code (method
+    gptq) is packed by `intlinear.pack_int`."""
+    if isinstance(result, LinearResult) and result.intcode is not None:
+        return pack_int(result.intcode, scale_dtype)
     blocks = result.blocks if isinstance(result, LinearResult) else list(result)
     if not blocks:
         raise Pbs2pError("pack_linear needs at least one column block")
@@ -140,6 +147,11 @@ def _scale_shapes(layout: Any, R: int, widths: list[int]) -> list[list[int] | No
 
 def expected_tensors(meta: Mapping[str, Any]) -> dict[str, tuple[str, list[int]]]:
     """Field -> (safetensors dtype, shape) that the layout `meta` of one linear implies."""
+    codec = meta.get("codec", "binary")
+    if codec == INT_CODEC:
+        return expected_int_tensors(meta)
+    if codec != "binary":
+        raise ArtifactError(f"codec {codec!r} is not known; this pbs2p reads binary and int: upgrade pbs2p")
     R, C = (int(x) for x in meta["shape"])
     widths, ks = [int(w) for w in meta["blocks"]], [int(k) for k in meta["salient"]]
     n, m = int(meta["n_keep"]), int(meta["m"])
@@ -171,6 +183,8 @@ def expected_tensors(meta: Mapping[str, Any]) -> dict[str, tuple[str, list[int]]
 
 def unpack_linear(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], check: bool = True) -> list[BlockCode]:
     """The block codes of one linear from its packed tensors (fields as `pack_linear` names them)."""
+    if meta.get("codec", "binary") != "binary":
+        raise ArtifactError(f"linear has codec {meta['codec']!r}, not block codes (intlinear.unpack_int reads it)")
     R, C = meta["shape"]
     widths, ks = list(meta["blocks"]), list(meta["salient"])
     n, m = meta["n_keep"], meta["m"]
@@ -258,7 +272,12 @@ def decode_linear(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], 
     """Ŵ (R, C) in the compute dtype, bit-exactly `torch.cat([b.dense() for b in blocks], 1)`.
 
     With `check`, a stored scale that this pbs2p's decoder (`BlockCode.dense`) does not read, or one it
-    needs but the artifact lacks, is an error: a scale layout from a newer pbs2p is refused, never ignored."""
+    needs but the artifact lacks, is an error: a scale layout from a newer pbs2p is refused, never ignored.
+    An integer-coded linear decodes bit-exactly to `IntCode.dense()`."""
+    if meta.get("codec") == INT_CODEC:
+        if check:
+            expected_tensors(meta)
+        return decode_int(tensors, meta, check)
     blocks = unpack_linear(tensors, meta, check)
     if not check:
         return torch.cat([b.dense() for b in blocks], 1)
@@ -277,6 +296,13 @@ def decode_linear(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], 
     return torch.cat(parts, 1)
 
 
+def linear_label(meta: Mapping[str, Any]) -> str:
+    """How a linear is coded, in a few characters: its N:M pattern, or e.g. "int3 g128" (integer codec)."""
+    if meta.get("codec") == INT_CODEC:
+        return f"int{meta['bits']} g{meta['group_size']}" + (" act" if meta["act_order"] else "")
+    return f"{meta['n_keep']}:{meta['m']}"
+
+
 def linear_bits(meta: Mapping[str, Any], nbytes: int) -> dict[str, Any]:
     """The layout's bit counts of a linear whose packed tensors take `nbytes` bytes."""
     R, C = meta["shape"]
@@ -284,6 +310,6 @@ def linear_bits(meta: Mapping[str, Any], nbytes: int) -> dict[str, Any]:
     return {
         "weights": weights,
         "bytes": nbytes,
-        "paper_bits": (meta["kept"] + meta["kept_salient"]) / weights,
+        "paper_bits": (meta["kept"] * meta.get("bits", 1) + meta["kept_salient"]) / weights,
         "true_bits": nbytes * 8 / weights,
     }

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from ..errors import ArtifactError, Pbs2pError
 from ..skeleton import empty_causal_lm
 from .kernel import KernelPlan, library, plan_for
-from .linear import decode_linear, expected_tensors
+from .linear import decode_linear, expected_tensors, linear_label
 from .manifest import MANIFEST_FILE, SEP, file_sha256, nbytes, read_manifest, read_safetensors_header
 
 
@@ -220,8 +220,7 @@ class PackedLinear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        nm = f"{self.meta['n_keep']}:{self.meta['m']}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, pattern={nm}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, pattern={linear_label(self.meta)}"
 
 
 def load_artifact(

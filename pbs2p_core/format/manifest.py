@@ -19,7 +19,11 @@ import torch
 from ..errors import ArtifactError
 
 FORMAT_NAME = "pbs2p-artifact"
-FORMAT_VERSION = 1
+# config.json's quantization_config: the layout transformers is pointed at (index file, tensor names), the same for
+# every codec; the codecs' version is the manifest's, which the quantizer checks as well
+HF_FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the highest this pbs2p reads and writes; an artifact without integer codecs is still 1
+INT_CODEC_VERSION = 2  # the first version with integer-coded linears (layout field `codec`, method gptq)
 MANIFEST_FILE = "manifest.json"
 TIMINGS_FILE = "timings.json"  # wall-clock timings of the run: not hashed, not part of the verified content
 # in a source model directory fetched from a hub: {"model": id, "commit": sha, "files": {name: {size, sha256}}},
@@ -100,7 +104,7 @@ def totals(linears: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, Mappi
     """The manifest's `totals`: bits over the compressed linears, count and bytes of the other tensors."""
     weights = sum(v["weights"] for v in linears.values())
     packed_bytes = sum(v["bytes"] for v in linears.values())
-    paper = sum(v["kept"] + v["kept_salient"] for v in linears.values())
+    paper = sum(v["kept"] * v.get("bits", 1) + v["kept_salient"] for v in linears.values())
     packed = {f"{n}{SEP}" for n in linears}
     other = [
         math.prod(t["shape"]) * ST_SIZES[t["dtype"]]
@@ -125,7 +129,7 @@ def hf_quantization_config() -> dict[str, Any]:
     return {
         "quant_method": QUANT_METHOD,
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": HF_FORMAT_VERSION,
         "weights": HF_INDEX_FILE,
     }
 
@@ -170,9 +174,11 @@ def build_manifest(
     linears: Mapping[str, Mapping[str, Any]],
     source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    # version 1 readers cannot decode an integer codec: such an artifact says version 2, which they refuse
+    coded = any(v.get("codec", "binary") != "binary" for v in linears.values())
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": INT_CODEC_VERSION if coded else 1,
         "model_type": report.get("model_type"),
         "source": dict(source or {}),
         "config": report.get("config", {}),

@@ -20,6 +20,7 @@ import huggingface_hub.utils
 import transformers.utils.logging
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from pbs2p.core.config import method_label
 from pbs2p.core.errors import Pbs2pError, requires_extra
 from pbs2p.core.format import export_dense, format_inspect, inspect_artifact
 from pbs2p.core.format.export import DTYPES
@@ -38,7 +39,7 @@ def _summary(report: dict[str, Any]) -> str:
     ns = [b["n_keep"] for b in report["blocks"]]
     cfg = report["config"]
     return (
-        f"method {cfg['method']} pattern {cfg['pattern']}  blocks {len(ns)}  N per block {ns}\n"
+        f"method {method_label(cfg)}  blocks {len(ns)}  N per block {ns}\n"
         f"mean layer error {report['mean_rel_error']:.4f}  paper bits {bits.get('paper_bits', 16):.3f}  "
         f"true bits {bits.get('true_bits', 16):.3f}  time {report.get('seconds', 0):.1f} s"
     )

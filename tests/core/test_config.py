@@ -18,7 +18,7 @@ from pbs2p.core.config import ABLATION_FIELDS, Ablations, CompressionConfig, Con
         ({"pattern": 6}, "pattern", "string N:M"),
         ({"spbo_steps": 3}, "spbo_steps", "between 1 and M - N = 2"),
         ({"spbo_steps": 0}, "spbo_steps", "greater than or equal to 1"),
-        ({"method": "nope"}, "method", "'fp', 'arb', 'prune-binarize' or 'pbs2p'"),
+        ({"method": "nope"}, "method", "'fp', 'arb', 'prune-binarize', 'pbs2p' or 'gptq'"),
         ({"block_size": 100}, "block_size", "multiple of M"),
         ({"salient_columns": 80}, "salient_columns", "at most block_size/2 = 64"),
         ({"device": "tpu"}, "device", "should match pattern"),

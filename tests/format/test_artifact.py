@@ -35,7 +35,7 @@ from pbs2p.core.format.bitpack import (
 from pbs2p.core.format.inspect import inspect_artifact
 from pbs2p.core.format.linear import decode_linear, expected_tensors, pack_linear, unpack_linear
 from pbs2p.core.format.loader import PackedLinear, dense_state_dict, load_artifact, verify_artifact
-from pbs2p.core.format.manifest import HF_INDEX_FILE, SEP, ST_DTYPES, hf_quantization_config
+from pbs2p.core.format.manifest import FORMAT_VERSION, HF_INDEX_FILE, SEP, ST_DTYPES, hf_quantization_config
 from pbs2p.core.format.writer import ArtifactWriter
 from pbs2p.core.solver import LinearResult, compress_linear, nm_mask
 from pbs2p.testing.artifacts import logits
@@ -510,9 +510,9 @@ def missing_config(out: Path) -> str:
 
 def newer_version(out: Path) -> str:
     man = json.loads((out / "manifest.json").read_text())
-    man["format_version"] = 2
+    man["format_version"] = FORMAT_VERSION + 1
     (out / "manifest.json").write_text(json.dumps(man))
-    return "manifest.json is format version 2, written by a newer pbs2p"
+    return f"manifest.json is format version {FORMAT_VERSION + 1}, written by a newer pbs2p"
 
 
 def missing_manifest(out: Path) -> str:

@@ -78,7 +78,7 @@ for what in ("config", "manifest"):
     shutil.copytree(art, newer)
     f = newer / ("config.json" if what == "config" else "manifest.json")
     data = json.loads(f.read_text())
-    (data["quantization_config"] if what == "config" else data)["format_version"] = 2
+    (data["quantization_config"] if what == "config" else data)["format_version"] = 2 if what == "config" else 3
     f.write_text(json.dumps(data))
     try:
         AutoModelForCausalLM.from_pretrained(newer)

@@ -27,6 +27,7 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "salient_search": ([4, 8], [4, 99]),
     "spbo_steps": (2, 7),
     "salient_columns": (8, 80),
+    "gptq_bits": (3, 5),
 }
 
 
