@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+import pbs2p.hf  # noqa: F401  # registers the quantizer for from_pretrained
 from pbs2p.core.errors import Pbs2pError
-from pbs2p.core.format import ArtifactWriter, dense_state_dict, inspect_artifact, load_artifact
+from pbs2p.core.format import ArtifactWriter, PackedLinear, dense_state_dict, inspect_artifact, load_artifact
 from pbs2p.core.format.manifest import read_manifest
 from pbs2p.core.solver import compress_linear
 from pbs2p.testing.artifacts import file_hashes, linear_names, logits, source_tensors, tensors
@@ -65,6 +67,10 @@ def test_gptq_job_end_to_end(tiny, tmp_path: Path, bits: int, act_order: bool) -
     ids = calib_ids()
     dense, packed = load_artifact(tmp_path / "out"), load_artifact(tmp_path / "out", mode="packed")
     assert torch.equal(logits(dense, ids), logits(packed, ids))
+    # transformers' from_pretrained (pbs2p.hf registered) keeps the integer codes packed, same logits
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert sum(isinstance(mod, PackedLinear) for mod in hf.modules()) == len(names)
+    assert torch.equal(logits(hf, ids), logits(packed, ids))
     m = result.metrics
     assert m["ppl_after"] > 0 and m["eval_windows"] == 4
 
