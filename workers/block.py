@@ -27,6 +27,7 @@ from pbs2p.core.config import CompressionConfig, NMPattern
 from pbs2p.core.hessian import HessianSum, inverse_cholesky, tree_sum
 from pbs2p.core.solver import LinearPrep, LinearResult, merge_rows, prepare_linear, row_chunks, solve_rows
 
+from .blocktune import tune_block
 from .model_stream import BlockModel, Capture, release_memory
 from .report import BlockReport, LinearReport
 
@@ -169,7 +170,12 @@ def compress_block(
                 parts = [solve_rows(W[r0:r1], preps[name], n_keep, cfg) for r0, r1 in row_chunks(W.shape[0], cfg)]
                 results[name] = merge_rows(parts, preps.pop(name), n_keep, cfg)
                 set_result(linears[name], results[name])
-    if outputs is None or (linears and cfg.propagation == "sequential"):
+    if results and cfg.block_tune_steps and outputs is not None:  # the FP block's outputs are the targets
+        tuned = tune_block(bm, index, block, linears, results, shards, outputs, capture, cfg)
+        results, report.tune_loss = tuned.results, [tuned.loss_before, tuned.loss_after]
+        if cfg.propagation == "sequential":
+            outputs = tuned.outputs
+    elif outputs is None or (linears and cfg.propagation == "sequential"):
         outputs = bm.run_block(index, block, shards, capture)  # those of the compressed block
     tensors, named = finish_block(bm, index, block, linears, results, cfg, report)
     bm.unload_block(index)
