@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from pbs2p.core.blocktune import CodeScales, dense_weight
 from pbs2p.core.config import CompressionConfig
+from pbs2p.core.refit import layer_error
 from pbs2p.core.solver import LinearResult, column_blocks
 
 from .model_stream import BlockModel, Capture
@@ -70,10 +71,12 @@ def _sliced(value: Any, batch: int, lo: int, hi: int) -> Any:
 def tune_block(
     bm: BlockModel, index: int, block: nn.Module, linears: dict[str, nn.Linear], results: dict[str, LinearResult],
     inputs: list[torch.Tensor], targets: list[torch.Tensor], capture: Capture, cfg: CompressionConfig,
+    layer: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
 ) -> TuneOutcome:  # fmt: skip
     """The block's scales tuned for `cfg.block_tune_steps` Adam steps against `targets` (the FP block's outputs
     on `inputs`, per shard). The block's linears hold the compressed weights on entry, and on return those of
-    the outcome's results."""
+    the outcome's results. `layer` gives each linear's (FP weight, H, tr(W H Wᵀ)): a tuned result's rel_error
+    is that of its tuned Ŵ."""
     before = bm.run_block(index, block, inputs, capture)
     loss_before = _loss(before, targets)
     tunable = {n: r for n, r in results.items() if not any("alpha_col" in c.scales for c in r.blocks)}
@@ -106,7 +109,9 @@ def tune_block(
     for n, sc in scales.items():
         codes = sc.rounded(theta[n], dtype)
         W = dense_weight(codes)
-        tuned[n] = dataclasses.replace(results[n], weight=W, blocks=codes)
+        W0, H, total_n = layer[n]
+        rel = layer_error(W0.to(W.dtype), W, H.to(W.device)) / max(total_n, 1e-30)
+        tuned[n] = dataclasses.replace(results[n], weight=W, blocks=codes, rel_error=rel)
         linears[n].weight.data = W.to(linears[n].weight.device, linears[n].weight.dtype)
     after = bm.run_block(index, block, inputs, capture)
     loss_after = _loss(after, targets)

@@ -107,6 +107,7 @@ class BlockWorker:
         self.fp_out: dict[int, torch.Tensor] = {}  # pass 0's outputs (the FP block's), per shard
         self.results: dict[str, LinearResult] = {}
         self.tune_loss: list[float] | None = None  # block tuning's loss before and after (on worker 0)
+        self.layer: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # block tuning: FP weight, H, total
         self.preps: dict[str, dict[str, LinearPrep]] = {}  # by object id: read once per block
         self.done: dict[int, tuple[dict[str, torch.Tensor], dict[str, LinearResult]]] = {}  # for save_block
         self.outbox: dict[int, dict[int, torch.Tensor]] = {}  # block -> its inputs per shard, for save_inputs
@@ -158,7 +159,7 @@ class BlockWorker:
         self.block = self.bm.load_block(index, sd)
         self.index = index
         self.linears = block_linears(self.bm, index, self.block, self.cfg)
-        self.fp_out, self.results, self.preps, self.tune_loss = {}, {}, {}, None
+        self.fp_out, self.results, self.preps, self.tune_loss, self.layer = {}, {}, {}, None, {}
         if index + 1 < self.bm.num_blocks:  # the next block's weights are read while this one computes
             self._prefetch = (index + 1, self._io.submit(self.bm.read_block, index + 1))
 
@@ -247,6 +248,8 @@ class BlockWorker:
         for name, refs in chunks.items():
             prep = self._prep(preps[name][0])[name]
             res = merge_rows(ray.get(refs), prep, n_keep, self.cfg)
+            if self.cfg.block_tune_steps:
+                self.layer[name] = (self.linears[name].weight.data.clone(), prep.H, prep.total)
             set_result(self.linears[name], res)
             self.results[name] = res
         self._timed(t0)
@@ -274,7 +277,9 @@ class BlockWorker:
         capture = self.capture()
         if any((self.index, x.shape[0]) not in capture.kwargs for x in xs):  # a batch size only others hold
             capture = self._all_kwargs()
-        out = tune_block(self.bm, self.index, self.block, self.linears, self.results, xs, ys, capture, self.cfg)
+        out = tune_block(
+            self.bm, self.index, self.block, self.linears, self.results, xs, ys, capture, self.cfg, self.layer
+        )
         self.results, self.tune_loss = out.results, [out.loss_before, out.loss_after]
         self._timed(t0)
         return [ray.put(_cpu(dict(out.results)))]
@@ -308,7 +313,7 @@ class BlockWorker:
             report.tune_loss = self.tune_loss
             self.done[index] = finish_block(self.bm, index, self.block, self.linears, self.results, self.cfg, report)
         self.bm.unload_block(index)
-        self.block, self.index, self.fp_out, self.preps, self.attempt = None, -1, {}, {}, ""
+        self.block, self.index, self.fp_out, self.preps, self.attempt, self.layer = None, -1, {}, {}, "", {}
         release_memory()
         self._timed(t0)
         return report
