@@ -65,6 +65,8 @@ def _sliced(value: Any, batch: int, lo: int, hi: int) -> Any:
         return value[lo:hi]
     if isinstance(value, tuple):
         return tuple(_sliced(v, batch, lo, hi) for v in value)
+    if isinstance(value, dict):  # masks by layer type
+        return {k: _sliced(v, batch, lo, hi) for k, v in value.items()}
     return value
 
 

@@ -12,6 +12,7 @@ import torch
 from pbs2p.core.binarize import BlockCode
 from pbs2p.core.blocktune import CodeScales, dense_weight
 from pbs2p.core.config import CompressionConfig
+from pbs2p.core.families import FAMILIES
 from pbs2p.core.format import load_artifact, verify_artifact
 from pbs2p.core.format.linear import unpack_linear
 from pbs2p.core.format.loader import iter_files
@@ -113,3 +114,11 @@ def test_independent_propagation_passes_fp_outputs_on(tmp_path: Path) -> None:
     out = compress_block(bm, 0, capture.inputs, capture, cfg, cfg.pattern.n, None)
     assert out.report.tune_loss is not None
     assert all(torch.equal(a, b) for a, b in zip(out.outputs, fp, strict=True))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tuning_runs_on_every_family(tmp_path: Path, family: str) -> None:
+    """Each family's block keyword arguments (masks, rotary tables) are cut to the windows of a step."""
+    make_model(tmp_path / "src", family)
+    _, loss = run_block0(tmp_path / "src", tiny_job_config(**TUNED))
+    assert loss is not None and loss[1] < loss[0]
