@@ -56,6 +56,17 @@ CONFIGS: dict[str, list[str]] = {
     "pbs2p 6:8, salient columns per block (ablation)": ["--method", "pbs2p", "--salient-allocation", "block"],
     "pbs2p 6:8, CFS by block error, salient columns per block": [*CFS_ERROR, "--salient-allocation", "block"],
     "pbs2p 6:8, 16 salient columns per 128": ["--method", "pbs2p", "--salient-columns", "16"],
+    # block-wise reconstruction: each block's scales tuned to the FP block's outputs (workers/blocktune.py)
+    "pbs2p 6:8, block tuning 24 steps": ["--method", "pbs2p", "--block-tune-steps", "24", "--block-tune-lr", "1e-2"],
+    "pbs2p 6:8, lean scales / 512 cols, block tuning 24 steps": [
+        "--method",
+        "pbs2p",
+        *LEAN,
+        "--block-tune-steps",
+        "24",
+        "--block-tune-lr",
+        "1e-2",
+    ],  # fmt: skip
     "pbs2p 6:8, 8 salient columns per 128 (previous default)": ["--method", "pbs2p", "--salient-columns", "8"],
     # cheaper scales: alpha, mu per row per 512 columns, salient residual alpha only
     "pbs2p 6:8, lean scales / 512 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],

@@ -21,6 +21,7 @@ from bench.common import add_out_option, dry_run, machine, run_cli, write_table 
 RUNS = {
     "arb": ["--method", "arb"],
     "pbs2p 6:8": ["--method", "pbs2p", "--pattern", "6:8"],
+    "pbs2p 6:8, block tuning 24 steps": ["--method", "pbs2p", "--block-tune-steps", "24", "--block-tune-lr", "1e-2"],
 }
 
 

@@ -308,6 +308,10 @@ class CompressionConfig(BaseModel):
         "not on the number of workers)",
     )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$", description="cpu, cuda or cuda:N")
+    block_tune_steps: int = Field(
+        0, ge=0, le=100000, description="Adam steps per block tuning its scales to the FP block's outputs (0: off)"
+    )
+    block_tune_lr: float = Field(1e-3, gt=0, lt=1, description="learning rate of block_tune_steps (scales / mean)")
     ablations: Ablations = Field(default_factory=Ablations, description="variants kept for measurement")
     version: Literal[2] = Field(2, description="config schema version")
 

@@ -26,8 +26,8 @@ def _names(code: BlockCode) -> list[str]:
     return [k for k in _KINDS if k in code.scales and not (k == "mu_r" and "alpha_s" in code.scales)]
 
 
-def _basis(code: BlockCode, rows: slice) -> torch.Tensor:
-    """V (r, k, c) with Ŵ_b[rows] = Σ_k scale_k[rows, None] · V[:, k, :], k over `_names(code)`."""
+def _basis(code: BlockCode, rows: slice, names: list[str] | None = None) -> torch.Tensor:
+    """V (r, k, c) with Ŵ_b[rows] = Σ_k scale_k[rows, None] · V[:, k, :], k over `names` (default `_names(code)`)."""
     s, mask = code.scales, code.mask[rows].to(code.scales["alpha"].dtype)
     c = mask.shape[1]
     B = code.sign[rows].to(mask.dtype) * 2 - 1
@@ -45,7 +45,7 @@ def _basis(code: BlockCode, rows: slice) -> torch.Tensor:
         "alpha_r": B2 * mask * sal,
         "mu_r": mask * sal,
     }
-    return torch.stack([patterns[k] for k in _names(code)], 1)
+    return torch.stack([patterns[k] for k in (names or _names(code))], 1)
 
 
 def layer_error(W0: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:

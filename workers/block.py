@@ -27,6 +27,7 @@ from pbs2p.core.config import CompressionConfig, NMPattern
 from pbs2p.core.hessian import HessianSum, inverse_cholesky, tree_sum
 from pbs2p.core.solver import LinearPrep, LinearResult, merge_rows, prepare_linear, row_chunks, solve_rows
 
+from .blocktune import tune_block
 from .model_stream import BlockModel, Capture, release_memory
 from .report import BlockReport, LinearReport
 
@@ -159,6 +160,7 @@ def compress_block(
     report = BlockReport(index, n_keep if cfg.prunes else cfg.pattern.m, cosine, 0.0)
     results: dict[str, LinearResult] = {}
     outputs: list[torch.Tensor] | None = None  # the next block's inputs: the FP block's, from the first pass
+    layer: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # block tuning: FP weight, H, tr(W H Wᵀ)
     for groups in block_passes(bm, linears, cfg.ablations.true_sequential):
         ys, total = forward_shards(bm, index, block, dict(enumerate(shards)), capture, groups, 0, len(shards))
         outputs = outputs if outputs is not None else [ys[s] for s in range(len(shards))]
@@ -167,9 +169,17 @@ def compress_block(
             for name in g:
                 W = linears[name].weight.data
                 parts = [solve_rows(W[r0:r1], preps[name], n_keep, cfg) for r0, r1 in row_chunks(W.shape[0], cfg)]
-                results[name] = merge_rows(parts, preps.pop(name), n_keep, cfg)
+                prep = preps.pop(name)
+                results[name] = merge_rows(parts, prep, n_keep, cfg)
+                if cfg.block_tune_steps:
+                    layer[name] = (W.clone(), prep.H, prep.total)
                 set_result(linears[name], results[name])
-    if outputs is None or (linears and cfg.propagation == "sequential"):
+    if results and cfg.block_tune_steps and outputs is not None:  # the FP block's outputs are the targets
+        tuned = tune_block(bm, index, block, linears, results, shards, outputs, capture, cfg, layer)
+        results, report.tune_loss = tuned.results, [tuned.loss_before, tuned.loss_after]
+        if cfg.propagation == "sequential":
+            outputs = tuned.outputs
+    elif outputs is None or (linears and cfg.propagation == "sequential"):
         outputs = bm.run_block(index, block, shards, capture)  # those of the compressed block
     tensors, named = finish_block(bm, index, block, linears, results, cfg, report)
     bm.unload_block(index)

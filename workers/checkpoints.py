@@ -101,7 +101,8 @@ def fingerprint(model_dir: Path, cfg: CompressionConfig, calib: torch.Tensor) ->
 
 def _block_report(d: dict[str, Any]) -> BlockReport:
     linears = [LinearReport(**{**lr, "shape": tuple(lr["shape"])}) for lr in d["linears"]]
-    return BlockReport(d["index"], d["n_keep"], d["cosine"], d["seconds"], linears, dict(d.get("phases") or {}))
+    phases = dict(d.get("phases") or {})
+    return BlockReport(d["index"], d["n_keep"], d["cosine"], d["seconds"], linears, phases, d.get("tune_loss"))
 
 
 class JobCheckpoint:

@@ -34,6 +34,7 @@ class BlockReport:
     # a Ray job's wall seconds per step of the block's schedule (forward, reduce, solve, transfer, advance,
     # checkpoint) and the workers' busy and idle seconds in it: timings, kept out of the manifest
     phases: dict[str, float] = field(default_factory=dict)
+    tune_loss: list[float] | None = None  # block tuning (block_tune_steps): the block's loss before, after it
 
 
 @dataclass

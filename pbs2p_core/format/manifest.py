@@ -162,6 +162,9 @@ def split_timings(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     phases = [b.pop("phases", None) for b in blocks]
     if any(phases):
         timings["block_phases"] = phases
+    for b in blocks:  # block tuning's losses only where it ran (an untuned job's manifest is as before)
+        if b.get("tune_loss", 0) is None:
+            del b["tune_loss"]
     if "blocks" in rep:
         rep["blocks"] = blocks
     return rep, timings

@@ -78,8 +78,9 @@ def run_ray(src: Path, out: Path, cfg: CompressionConfig, ckpt: Path, **kw: Any)
         tiny_job_config(),
         tiny_job_config(propagation="independent"),
         tiny_job_config(true_sequential=True, skip_modules=("*.1.mlp.down_proj",), method="prune-binarize"),
+        tiny_job_config(block_tune_steps=6, block_tune_lr=1e-2),
     ],
-    ids=["sequential", "independent", "true-sequential"],
+    ids=["sequential", "independent", "true-sequential", "block-tune"],
 )
 def test_ray_run_equals_local_run(cluster: str, model: Path, tmp_path: Path, cfg: CompressionConfig) -> None:
     local = compress_model(model, tmp_path / "local", cfg, calib_ids())
@@ -89,18 +90,19 @@ def test_ray_run_equals_local_run(cluster: str, model: Path, tmp_path: Path, cfg
     assert not any((tmp_path / "ckpt").rglob("*.safetensors"))  # checkpoints removed once the artifact is done
 
 
-@pytest.mark.parametrize("workers", [1, 3, 4])
-def test_any_worker_count_gives_the_same_bytes(cluster: str, tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "tune"), [(1, 0), (3, 0), (4, 0), (3, 6)], ids=["1", "3", "4", "3-block-tune"])
+def test_any_worker_count_gives_the_same_bytes(cluster: str, tmp_path: Path, workers: int, tune: int) -> None:
     """A model of 2 blocks with 5 calibration shards (the last one short): 1, 3 and 4 workers (half a CPU each on
-    the 2-CPU cluster) hold different shards and solve different row chunks, and write the local run's bytes."""
+    the 2-CPU cluster) hold different shards and solve different row chunks, and write the local run's bytes;
+    with block tuning, worker 0 gathers every shard (the short one, held by another worker, included)."""
     make_model(tmp_path / "src", layers=2)
-    cfg = tiny_job_config(batch_size=2, row_chunk=32, calib_samples=9)
+    cfg = tiny_job_config(batch_size=2, row_chunk=32, calib_samples=9, block_tune_steps=tune, block_tune_lr=1e-2)
     calib = calib_ids(n=9)
     compress_model(tmp_path / "src", tmp_path / "local", cfg, calib)
     settings = WorkerSettings(cache_dir=tmp_path / "cache")
     compress_model_ray(
         tmp_path / "src", tmp_path / "ray", cfg, calib, settings=settings, checkpoint_url=str(tmp_path / "ckpt"),
-        workers=workers, cpus_per_worker=0.5, job_id=f"w{workers}",
+        workers=workers, cpus_per_worker=0.5, job_id=f"w{workers}t{tune}",
     )  # fmt: skip
     assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local")
 

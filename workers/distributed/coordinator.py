@@ -13,6 +13,8 @@ What runs where:
       prepare   per input group, on the least loaded worker: the rest of the tree summed, H factorised once
       solve     every row chunk of every linear of the pass, largest first, over all workers
       apply     every worker: chunks joined in row order, compressed weights set in its copy of the block
+      tune      (block_tune_steps) worker 0: the block's scales tuned on every shard's inputs and FP outputs,
+                gathered there (activation memory of the whole calibration set on worker 0), set on every worker
       advance   every worker: its shards through the compressed block (the next block's inputs)
       save      io lanes, while the next block computes: shard inputs, then the block on worker 0
 
@@ -191,6 +193,12 @@ class _Job:
                 ("forward", "reduce", "solve", "transfer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True
             ):
                 phases[k] += dt
+        if cfg.block_tune_steps and linears:  # on worker 0, on every shard gathered there (module doc)
+            t0 = time.perf_counter()
+            data = ray.get([w.tune_data.remote(attempt) for w in pool])
+            tuned = ray.get(pool[0].tune.remote(attempt, data))
+            ray.get([w.set_tuned.remote(attempt, tuned) for w in pool[1:]])
+            phases["tune"] = time.perf_counter() - t0
         phases["checkpoint"] = self._drain_save()  # the previous block's, written during this block's compute
         t5 = time.perf_counter()
         last = i + 1 == self.L

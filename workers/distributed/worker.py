@@ -34,6 +34,7 @@ from pbs2p.core.hessian import HessianSum, Span, tree_cover, tree_sum
 from pbs2p.core.solver import LinearPrep, LinearResult, RowsResult, merge_rows, solve_rows
 
 from ..block import Group, block_linears, finish_block, forward_shards, prepare_group, set_result
+from ..blocktune import tune_block
 from ..checkpoints import JobCheckpoint
 from ..model_stream import BlockModel, Capture, release_memory
 from ..plan import plan_blocks
@@ -97,6 +98,7 @@ class BlockWorker:
         self.mine = range(rank * self.shards // size, (rank + 1) * self.shards // size)  # a contiguous range
         self.bm = BlockModel(self.model_dir, self.cfg.device)
         self._capture: Capture | None = None
+        self._kwargs: Capture | None = None  # every batch size's kwargs (block tuning on worker 0)
         self.held: dict[int, tuple[int, torch.Tensor]] = {}  # shard -> (block, its inputs of that block)
         self.index = -1  # the block in `self.block`
         self.attempt = ""  # the coordinator's token of the block attempt this state belongs to
@@ -104,6 +106,8 @@ class BlockWorker:
         self.linears: dict[str, nn.Linear] = {}
         self.fp_out: dict[int, torch.Tensor] = {}  # pass 0's outputs (the FP block's), per shard
         self.results: dict[str, LinearResult] = {}
+        self.tune_loss: list[float] | None = None  # block tuning's loss before and after (on worker 0)
+        self.layer: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # block tuning: FP weight, H, total
         self.preps: dict[str, dict[str, LinearPrep]] = {}  # by object id: read once per block
         self.done: dict[int, tuple[dict[str, torch.Tensor], dict[str, LinearResult]]] = {}  # for save_block
         self.outbox: dict[int, dict[int, torch.Tensor]] = {}  # block -> its inputs per shard, for save_inputs
@@ -122,6 +126,14 @@ class BlockWorker:
             self.held.update({s: (0, x) for s, x in zip(self.mine, cap.inputs, strict=True)})
             cap.inputs = []
         return self._capture
+
+    def _all_kwargs(self) -> Capture:
+        """The blocks' keyword arguments for every shard's batch size (an embedding pass over all windows, once)."""
+        if self._kwargs is None:
+            bm = BlockModel(self.model_dir, self.cfg.device)
+            self._kwargs = bm.capture(self.calib, self.cfg.batch_size)
+            self._kwargs.inputs = []
+        return self._kwargs
 
     def _inputs(self, index: int, shard: int) -> torch.Tensor:
         held = self.held.get(shard)
@@ -147,7 +159,7 @@ class BlockWorker:
         self.block = self.bm.load_block(index, sd)
         self.index = index
         self.linears = block_linears(self.bm, index, self.block, self.cfg)
-        self.fp_out, self.results, self.preps = {}, {}, {}
+        self.fp_out, self.results, self.preps, self.tune_loss, self.layer = {}, {}, {}, None, {}
         if index + 1 < self.bm.num_blocks:  # the next block's weights are read while this one computes
             self._prefetch = (index + 1, self._io.submit(self.bm.read_block, index + 1))
 
@@ -236,9 +248,49 @@ class BlockWorker:
         for name, refs in chunks.items():
             prep = self._prep(preps[name][0])[name]
             res = merge_rows(ray.get(refs), prep, n_keep, self.cfg)
+            if self.cfg.block_tune_steps:
+                self.layer[name] = (self.linears[name].weight.data.clone(), prep.H, prep.total)
             set_result(self.linears[name], res)
             self.results[name] = res
         self._timed(t0)
+
+    @ray.method(concurrency_group="compute")
+    def tune_data(self, attempt: str) -> list[Any]:
+        """This worker's shards' inputs of the block and the FP block's outputs on them (block tuning's data)."""
+        self._check(attempt)
+        data = {s: (self._inputs(self.index, s).cpu(), self.fp_out[s].cpu()) for s in self.mine}
+        return [ray.put(data)]
+
+    @ray.method(concurrency_group="compute")
+    def tune(self, attempt: str, data: list[list[Any]]) -> list[Any]:
+        """Block tuning (`workers.blocktune`) on every shard, gathered here in shard order: the local path's
+        computation on the same data. Returns the ref of the results of the tuned linears."""
+        t0 = time.perf_counter()
+        self._check(attempt)
+        assert self.block is not None
+        shards: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for refs in data:
+            shards.update(ray.get(refs[0]))
+        dev = self.cfg.device
+        xs = [shards[s][0].to(dev) for s in range(self.shards)]
+        ys = [shards[s][1].to(dev) for s in range(self.shards)]
+        capture = self.capture()
+        if any((self.index, x.shape[0]) not in capture.kwargs for x in xs):  # a batch size only others hold
+            capture = self._all_kwargs()
+        out = tune_block(
+            self.bm, self.index, self.block, self.linears, self.results, xs, ys, capture, self.cfg, self.layer
+        )
+        self.results, self.tune_loss = out.results, [out.loss_before, out.loss_after]
+        self._timed(t0)
+        return [ray.put(_cpu(dict(out.results)))]
+
+    @ray.method(concurrency_group="compute")
+    def set_tuned(self, attempt: str, results: list[Any]) -> None:
+        """The tuned results (a ref in a list) set in this worker's copy of the block."""
+        self._check(attempt)
+        for name, res in ray.get(results[0]).items():
+            set_result(self.linears[name], res)
+            self.results[name] = res
 
     @ray.method(concurrency_group="compute")
     def advance(self, index: int, attempt: str, report: BlockReport | None) -> BlockReport | None:
@@ -258,9 +310,10 @@ class BlockWorker:
         if index + 1 < self.bm.num_blocks:
             self.outbox[index + 1] = {s: self.held[s][1] for s in self.mine}
         if report is not None:
+            report.tune_loss = self.tune_loss
             self.done[index] = finish_block(self.bm, index, self.block, self.linears, self.results, self.cfg, report)
         self.bm.unload_block(index)
-        self.block, self.index, self.fp_out, self.preps, self.attempt = None, -1, {}, {}, ""
+        self.block, self.index, self.fp_out, self.preps, self.attempt, self.layer = None, -1, {}, {}, "", {}
         release_memory()
         self._timed(t0)
         return report
