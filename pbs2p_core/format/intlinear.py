@@ -16,7 +16,7 @@ import torch
 from ..errors import ArtifactError, Pbs2pError
 from ..gptq import IntCode, group_count
 from .bitpack import pack_codes, unpack_codes
-from .manifest import ST_DTYPES, ST_TORCH
+from .manifest import ST_DTYPES, ST_TORCH, check_fields
 
 CODEC = "int"
 _SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,13 +82,7 @@ def unpack_int(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], che
     R, C = (int(x) for x in meta["shape"])
     bits, gs, G = int(meta["bits"]), int(meta["group_size"]), int(meta["groups"])
     if check:
-        want = expected_int_tensors(meta)
-        if set(want) != set(tensors):
-            raise ArtifactError(f"packed fields {sorted(tensors)} differ from the layout's {sorted(want)}")
-        for f, (dt, shape) in want.items():
-            t = tensors[f]
-            if ST_DTYPES.get(t.dtype) != dt or list(t.shape) != shape:
-                raise ArtifactError(f"packed field {f!r} is {t.dtype} {list(t.shape)}; the layout says {dt} {shape}")
+        check_fields(tensors, expected_int_tensors(meta))
     compute = {"float32": torch.float32, "float64": torch.float64}.get(meta.get("compute_dtype", "float32"))
     if compute is None:
         raise ArtifactError(f"compute dtype {meta.get('compute_dtype')!r} is not float32 or float64")

@@ -22,7 +22,7 @@ from ..solver import LinearResult
 from .bitpack import decode_mask, encode_mask, pack_bits, rank_bits, rank_tables, unpack_bits, unpack_rank_codes
 from .intlinear import CODEC as INT_CODEC
 from .intlinear import decode_int, expected_int_tensors, pack_int
-from .manifest import ST_DTYPES, ST_TORCH
+from .manifest import ST_DTYPES, ST_TORCH, check_fields
 
 # storage dtype of the scales, by config name (`CompressionConfig.ablations.scale_dtype`)
 SCALE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -191,13 +191,7 @@ def unpack_linear(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], 
     if check:
         if sum(widths) != C or len(ks) != len(widths):
             raise ArtifactError(f"block widths {widths} do not add up to {C} columns (or salient counts differ)")
-        want = expected_tensors(meta)
-        if set(want) != set(tensors):
-            raise ArtifactError(f"packed fields {sorted(tensors)} differ from the layout's {sorted(want)}")
-        for f, (dt, shape) in want.items():
-            t = tensors[f]
-            if ST_DTYPES.get(t.dtype) != dt or list(t.shape) != shape:
-                raise ArtifactError(f"packed field {f!r} is {t.dtype} {list(t.shape)}; the layout says {dt} {shape}")
+        check_fields(tensors, expected_tensors(meta))
     kept = int(meta["kept"])
     if meta["mask"] == "rank" and tensors.get("mask") is not None and C % m == 0 and 0 < n < m:
         G = R * C // m

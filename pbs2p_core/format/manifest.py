@@ -256,3 +256,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
         if not isinstance(manifest.get(key), dict):
             raise ArtifactError(f"{mf} lacks the field {key!r}; the artifact is damaged, download it again")
     return manifest
+
+
+def check_fields(tensors: Mapping[str, torch.Tensor], want: Mapping[str, tuple[str, list[int]]]) -> None:
+    """The packed fields of a linear are exactly the layout's, each with its dtype and shape (else ArtifactError)."""
+    if set(want) != set(tensors):
+        raise ArtifactError(f"packed fields {sorted(tensors)} differ from the layout's {sorted(want)}")
+    for f, (dt, shape) in want.items():
+        t = tensors[f]
+        if ST_DTYPES.get(t.dtype) != dt or list(t.shape) != shape:
+            raise ArtifactError(f"packed field {f!r} is {t.dtype} {list(t.shape)}; the layout says {dt} {shape}")
