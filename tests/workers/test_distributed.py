@@ -79,8 +79,9 @@ def run_ray(src: Path, out: Path, cfg: CompressionConfig, ckpt: Path, **kw: Any)
         tiny_job_config(propagation="independent"),
         tiny_job_config(true_sequential=True, skip_modules=("*.1.mlp.down_proj",), method="prune-binarize"),
         tiny_job_config(block_tune_steps=6, block_tune_lr=1e-2),
+        tiny_job_config(method="gptq", gptq_bits=3, gptq_group_size=32),
     ],
-    ids=["sequential", "independent", "true-sequential", "block-tune"],
+    ids=["sequential", "independent", "true-sequential", "block-tune", "gptq"],
 )
 def test_ray_run_equals_local_run(cluster: str, model: Path, tmp_path: Path, cfg: CompressionConfig) -> None:
     local = compress_model(model, tmp_path / "local", cfg, calib_ids())
