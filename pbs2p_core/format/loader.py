@@ -4,7 +4,7 @@ its tensors, decode its compressed linears, or load it as a transformers model (
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,17 @@ class PackedLinear(nn.Module):
     @staticmethod
     def _buf(field_: str) -> str:
         return "packed_" + field_.replace(".", "__")
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PackedLinear:
+        """`model.to(dtype)`, `.half()`: the packed code keeps its storage dtypes (casting the stored scales would
+        round them and change Ŵ); moves to another device apply, and the bias follows the cast."""
+        before = {n: b for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for n, old in before.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        return self
 
     def packed(self) -> dict[str, torch.Tensor]:
         return {f: getattr(self, self._buf(f)) for f in self.fields}

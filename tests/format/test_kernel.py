@@ -179,6 +179,19 @@ def test_plan_follows_the_buffers() -> None:
     assert bool(((mod(x) - x @ W2.T).abs().double() <= bound(x, W2)).all())
 
 
+def test_a_dtype_cast_keeps_the_packed_code() -> None:
+    """`model.to(torch.bfloat16)`: the stored scales are not rounded again (Ŵ unchanged); the bias is cast."""
+    packed, meta = packed_layout(LAYOUTS[0])
+    bias = torch.randn(int(meta["shape"][0]), generator=torch.Generator().manual_seed(1))
+    mod = PackedLinear(meta, packed, bias)
+    W = mod.decode()
+    mod.to(torch.bfloat16)
+    assert {f: t.dtype for f, t in mod.packed().items()} == {f: t.dtype for f, t in packed.items()}
+    assert torch.equal(mod.decode(), W) and mod.bias is not None and mod.bias.dtype == torch.bfloat16
+    x = torch.randn(3, int(meta["shape"][1]), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert mod(x).dtype == torch.bfloat16
+
+
 def test_copies_and_pickles_build_their_own_plan() -> None:
     packed, meta = packed_layout(LAYOUTS[0])
     mod = PackedLinear(meta, packed)
