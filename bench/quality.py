@@ -4,6 +4,7 @@ Writes bench/results/quality.md (and .json; or --out DIR/NAME.md). Each compress
 so its wall time and peak memory (max RSS) are its own. `--dry-run` prints the `pbs2p` command lines, each
 checked against the command line's parser and config, and runs nothing. Usage:
   python bench/quality.py [--calib-samples 32] [--only NAME ...] [--seeds 0 1 2] [--append] [--out DIR] [--dry-run]
+  python bench/quality.py --name quality_curve --merge TABLE ... --seeds 0 1 2 --plot   (the curve, from tables)
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ MODEL = "smollm2-135m"
 
 LEAN = ["--scale-layout", "lean", "--block-size", "512", "--salient-columns", "16"]
 GPTQ = ["--method", "gptq", "--gptq-bits"]
-CFS_ERROR = ["--method", "pbs2p", "--allocation", "cfs", "--cfs-score", "error"]
+# pbs2p rows as measured before block tuning became the default (2026-12-06): tuning off
+PBS2P = ["--method", "pbs2p", "--block-tune-steps", "0"]
+# block tuning with the defaults' values (24 steps, lr 1e-2), spelled out so the rows keep their meaning
+TUNED = ["--method", "pbs2p", "--block-tune-steps", "24", "--block-tune-lr", "1e-2"]
+CFS_ERROR = [*PBS2P, "--allocation", "cfs", "--cfs-score", "error"]
 # optional variants of ALGORITHM.md, measured with `--variants` (not the default table)
 VARIANTS: dict[str, list[str]] = {
-    "pbs2p 6:8 (default)": ["--method", "pbs2p", "--pattern", "6:8"],
-    "+ ARB-X (alpha, mu against r H_bb r^T)": ["--method", "pbs2p", "--arb-variant", "arb-x"],
-    "+ true sequential (a pass per group of linears)": ["--method", "pbs2p", "--true-sequential"],
-    "+ fixed split (an OBS prune set pruned in tau steps)": ["--method", "pbs2p", "--spbo-mode", "fixed"],
-    "+ shared scales (salient columns share alpha, mu)": ["--method", "pbs2p", "--scale-layout", "shared"],
-    "+ per-column feedback inside a block": ["--method", "pbs2p", "--column-feedback"],
+    "pbs2p 6:8 (default)": [*PBS2P, "--pattern", "6:8"],
+    "+ ARB-X (alpha, mu against r H_bb r^T)": [*PBS2P, "--arb-variant", "arb-x"],
+    "+ true sequential (a pass per group of linears)": [*PBS2P, "--true-sequential"],
+    "+ fixed split (an OBS prune set pruned in tau steps)": [*PBS2P, "--spbo-mode", "fixed"],
+    "+ shared scales (salient columns share alpha, mu)": [*PBS2P, "--scale-layout", "shared"],
+    "+ per-column feedback inside a block": [*PBS2P, "--column-feedback"],
 }
 
 # name -> extra CLI options; all share the calibration windows (same seed, samples, seqlen)
@@ -45,31 +50,29 @@ CONFIGS: dict[str, list[str]] = {
     # same budget over the linear)
     "arb, salient columns per block": ["--method", "arb", "--salient-allocation", "block"],
     "prune-binarize 6:8, salient columns per block": ["--method", "prune-binarize", "--salient-allocation", "block"],
-    "pbs2p 6:8": ["--method", "pbs2p", "--pattern", "6:8"],
-    "pbs2p 5:8": ["--method", "pbs2p", "--pattern", "5:8"],
-    "pbs2p 4:8": ["--method", "pbs2p", "--pattern", "4:8"],
-    "pbs2p 6:8, tau = 1 (ablation)": ["--method", "pbs2p", "--pattern", "6:8", "--spbo-steps", "1"],
-    "pbs2p 6:8, no scale refit (ablation)": ["--method", "pbs2p", "--no-scale-refit"],
-    "pbs2p 6:8, fixed split (ablation)": ["--method", "pbs2p", "--spbo-mode", "fixed"],
-    "pbs2p 6:8, CFS 1/cos (the paper's coarse stage)": ["--method", "pbs2p", "--allocation", "cfs"],
+    "pbs2p 6:8": [*PBS2P, "--pattern", "6:8"],
+    "pbs2p 5:8": [*PBS2P, "--pattern", "5:8"],
+    "pbs2p 4:8": [*PBS2P, "--pattern", "4:8"],
+    "pbs2p 6:8, tau = 1 (ablation)": [*PBS2P, "--pattern", "6:8", "--spbo-steps", "1"],
+    "pbs2p 6:8, no scale refit (ablation)": [*PBS2P, "--no-scale-refit"],
+    "pbs2p 6:8, fixed split (ablation)": [*PBS2P, "--spbo-mode", "fixed"],
+    "pbs2p 6:8, CFS 1/cos (the paper's coarse stage)": [*PBS2P, "--allocation", "cfs"],
     "pbs2p 6:8, CFS by block error": CFS_ERROR,
-    "pbs2p 6:8, salient columns per block (ablation)": ["--method", "pbs2p", "--salient-allocation", "block"],
+    "pbs2p 6:8, salient columns per block (ablation)": [*PBS2P, "--salient-allocation", "block"],
     "pbs2p 6:8, CFS by block error, salient columns per block": [*CFS_ERROR, "--salient-allocation", "block"],
-    "pbs2p 6:8, 16 salient columns per 128": ["--method", "pbs2p", "--salient-columns", "16"],
+    "pbs2p 6:8, 16 salient columns per 128": [*PBS2P, "--salient-columns", "16"],
     # block-wise reconstruction: each block's scales tuned to the FP block's outputs (workers/blocktune.py)
-    "pbs2p 6:8, block tuning 24 steps": ["--method", "pbs2p", "--block-tune-steps", "24", "--block-tune-lr", "1e-2"],
-    "pbs2p 6:8, lean scales / 512 cols, block tuning 24 steps": [
-        "--method",
-        "pbs2p",
-        *LEAN,
-        "--block-tune-steps",
-        "24",
-        "--block-tune-lr",
-        "1e-2",
-    ],  # fmt: skip
-    "pbs2p 6:8, 8 salient columns per 128 (previous default)": ["--method", "pbs2p", "--salient-columns", "8"],
+    "pbs2p 6:8, block tuning 24 steps": TUNED,
+    "pbs2p 6:8, lean scales / 512 cols, block tuning 24 steps": [*TUNED, *LEAN],
+    # the quality-against-bits curve at the default (tuned): other patterns and salient budgets
+    "pbs2p 4:8, block tuning 24 steps": [*TUNED, "--pattern", "4:8"],
+    "pbs2p 5:8, block tuning 24 steps": [*TUNED, "--pattern", "5:8"],
+    "pbs2p 7:8, block tuning 24 steps": [*TUNED, "--pattern", "7:8"],
+    "pbs2p 6:8, 8 salient columns per 128, block tuning 24 steps": [*TUNED, "--salient-columns", "8"],
+    "pbs2p 4:8, lean scales / 512 cols, block tuning 24 steps": [*TUNED, "--pattern", "4:8", *LEAN],
+    "pbs2p 6:8, 8 salient columns per 128 (previous default)": [*PBS2P, "--salient-columns", "8"],
     # cheaper scales: alpha, mu per row per 512 columns, salient residual alpha only
-    "pbs2p 6:8, lean scales / 512 cols": ["--method", "pbs2p", "--pattern", "6:8", *LEAN],
+    "pbs2p 6:8, lean scales / 512 cols": [*PBS2P, "--pattern", "6:8", *LEAN],
     # the GPTQ baseline (integer codes, per-group min-max scales and zero points), the issue's settings
     "gptq 4-bit g128": [*GPTQ, "4", "--gptq-group-size", "128", "--no-gptq-act-order"],
     "gptq 3-bit g128 act-order": [*GPTQ, "3", "--gptq-group-size", "128", "--gptq-act-order"],
@@ -100,6 +103,7 @@ def main() -> None:
         help="run nothing: add these tables' rows (of --seeds and --only) to this one",
     )
     ap.add_argument("--variants", action="store_true", help="run the optional variants instead of the methods")
+    ap.add_argument("--plot", action="store_true", help="also draw perplexity against true bits as NAME.png")
     ap.add_argument("--sweep-calib", nargs="*", type=int, help="instead: pbs2p 6:8 with these calibration sizes")
     add_out_option(ap)
     ap.add_argument("--dry-run", action="store_true", help="print and check the pbs2p command lines; run nothing")
@@ -178,6 +182,8 @@ def main() -> None:
         notes.insert(0, seed_summary(records))
     write_table(a.name, "Quality on the real model", header, rows, notes, a.out)
     (a.out / f"{a.name}.json").write_text(json.dumps(records, indent=1))
+    if a.plot:
+        plot_curve(records, fp["ppl"], a.out / f"{a.name}.png")
 
 
 def earlier(results: Path, name: str, setting: dict, redo: set[tuple[str, int]]) -> list[dict]:
@@ -205,6 +211,53 @@ def seed_summary(records: list[dict]) -> str:
             f"{name} ({len(rs)} seeds): geometric mean ppl {geo:.0f} ({lo:.0f}-{hi:.0f}), layer error {err:.4f}"
         )
     return "Over calibration seeds: " + "; ".join(parts) + "."
+
+
+def curve_points(records: list[dict]) -> list[dict]:
+    """One point per config: mean true bits, geometric mean perplexity with its range over seeds, and whether it
+    is on the frontier (no other point has both fewer bits and lower perplexity)."""
+    points = []
+    for name in dict.fromkeys(r["name"] for r in records):
+        rs = [r for r in records if r["name"] == name]
+        ppl = [r["ppl"] for r in rs]
+        geo = math.exp(sum(map(math.log, ppl)) / len(ppl))
+        bits = sum(r["true_bits"] for r in rs) / len(rs)
+        method = rs[0]["config"]["method"]
+        points.append(dict(name=name, method=method, bits=bits, ppl=geo, lo=min(ppl), hi=max(ppl), seeds=len(rs)))
+    for p in points:
+        p["frontier"] = not any(q["bits"] <= p["bits"] and q["ppl"] < p["ppl"] for q in points if q is not p)
+    return points
+
+
+def plot_curve(records: list[dict], fp_ppl: float, path: Path) -> None:
+    """Perplexity (log) against true bits, a point per config (bars: the range over seeds), the frontier joined."""
+    import matplotlib  # the dev extra; only for the picture
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = curve_points(records)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for method, marker in (("pbs2p", "o"), ("prune-binarize", "s"), ("arb", "^"), ("gptq", "D")):
+        ps = [p for p in points if p["method"] == method]
+        if not ps:
+            continue
+        err = [[p["ppl"] - p["lo"] for p in ps], [p["hi"] - p["ppl"] for p in ps]]
+        ax.errorbar([p["bits"] for p in ps], [p["ppl"] for p in ps], yerr=err, fmt=marker, capsize=3, label=method)
+    front = sorted((p for p in points if p["frontier"]), key=lambda p: p["bits"])
+    ax.plot([p["bits"] for p in front], [p["ppl"] for p in front], "k--", lw=0.8, label="frontier")
+    for p in front:
+        ax.annotate(f"{p['name']} ({p['seeds']} seed{'s' if p['seeds'] > 1 else ''})", (p["bits"], p["ppl"]),
+                    fontsize=6, xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.axhline(fp_ppl, color="grey", lw=0.8, label=f"full precision ({fp_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("true bits per weight (counted from the artifact's bytes)")
+    ax.set_ylabel("wiki perplexity (geometric mean over seeds)")
+    ax.set_title(f"{MODEL}: quality against true bits")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def sweep_calib(a: argparse.Namespace) -> None:

@@ -25,6 +25,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 from .errors import Pbs2pError
 
 CONFIG_VERSION = 2
+# block tuning (workers/blocktune.py): the default Adam steps per block of method pbs2p (README, quality tables)
+TUNE_STEPS = 24
 
 Method = Literal["fp", "arb", "prune-binarize", "pbs2p", "gptq"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -308,10 +310,14 @@ class CompressionConfig(BaseModel):
         "not on the number of workers)",
     )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$", description="cpu, cuda or cuda:N")
-    block_tune_steps: int = Field(
-        0, ge=0, le=100000, description="Adam steps per block tuning its scales to the FP block's outputs (0: off)"
+    block_tune_steps: int | None = Field(
+        None,
+        ge=0,
+        le=100000,
+        description=f"Adam steps per block tuning its scales to the FP block's outputs (0: off; default "
+        f"{TUNE_STEPS} for pbs2p, 0 for the other methods)",
     )
-    block_tune_lr: float = Field(1e-3, gt=0, lt=1, description="learning rate of block_tune_steps (scales / mean)")
+    block_tune_lr: float = Field(1e-2, gt=0, lt=1, description="learning rate of block_tune_steps (scales / mean)")
     ablations: Ablations = Field(default_factory=Ablations, description="variants kept for measurement")
     version: Literal[2] = Field(2, description="config schema version")
 
@@ -370,6 +376,13 @@ class CompressionConfig(BaseModel):
         if self.method == "prune-binarize":
             return 1
         return self.spbo_steps or (self.pattern.m - self.pattern.n)
+
+    @property
+    def tune_steps(self) -> int:
+        """Block tuning steps actually used (block_tune_steps, or the method's default)."""
+        if self.block_tune_steps is not None:
+            return self.block_tune_steps
+        return TUNE_STEPS if self.method == "pbs2p" else 0
 
     @property
     def calib_sources(self) -> tuple[CalibSource, ...]:

@@ -171,10 +171,10 @@ def compress_block(
                 parts = [solve_rows(W[r0:r1], preps[name], n_keep, cfg) for r0, r1 in row_chunks(W.shape[0], cfg)]
                 prep = preps.pop(name)
                 results[name] = merge_rows(parts, prep, n_keep, cfg)
-                if cfg.block_tune_steps:
+                if cfg.tune_steps:
                     layer[name] = (W.clone(), prep.H, prep.total)
                 set_result(linears[name], results[name])
-    if results and cfg.block_tune_steps and outputs is not None:  # the FP block's outputs are the targets
+    if results and cfg.tune_steps and outputs is not None:  # the FP block's outputs are the targets
         tuned = tune_block(bm, index, block, linears, results, shards, outputs, capture, cfg, layer)
         results, report.tune_loss = tuned.results, [tuned.loss_before, tuned.loss_after]
         if cfg.propagation == "sequential":

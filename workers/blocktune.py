@@ -75,14 +75,14 @@ def tune_block(
     inputs: list[torch.Tensor], targets: list[torch.Tensor], capture: Capture, cfg: CompressionConfig,
     layer: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
 ) -> TuneOutcome:  # fmt: skip
-    """The block's scales tuned for `cfg.block_tune_steps` Adam steps against `targets` (the FP block's outputs
+    """The block's scales tuned for `cfg.tune_steps` Adam steps against `targets` (the FP block's outputs
     on `inputs`, per shard). The block's linears hold the compressed weights on entry, and on return those of
     the outcome's results. `layer` gives each linear's (FP weight, H, tr(W H Wᵀ)): a tuned result's rel_error
     is that of its tuned Ŵ."""
     before = bm.run_block(index, block, inputs, capture)
     loss_before = _loss(before, targets)
     tunable = {n: r for n, r in results.items() if not any("alpha_col" in c.scales for c in r.blocks)}
-    if not tunable or cfg.block_tune_steps == 0:
+    if not tunable or cfg.tune_steps == 0:
         return TuneOutcome(results, before, loss_before, loss_before)
     scales = {n: CodeScales(r.blocks, column_blocks(r.weight.shape[1], cfg.block_size)) for n, r in tunable.items()}
     theta = {n: s.params() for n, s in scales.items()}
@@ -93,7 +93,7 @@ def tune_block(
         p.requires_grad_(False)
     try:
         chunks = _chunks(inputs)
-        for step in range(cfg.block_tune_steps):
+        for step in range(cfg.tune_steps):
             s, lo, hi = chunks[step % len(chunks)]
             batch = inputs[s].shape[0]
             kwargs = {k: _sliced(v, batch, lo, hi) for k, v in capture.kwargs[(index, batch)].items()}

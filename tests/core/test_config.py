@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pbs2p.core.config import ABLATION_FIELDS, Ablations, CompressionConfig, ConfigError, NMPattern
+from pbs2p.core.config import ABLATION_FIELDS, TUNE_STEPS, Ablations, CompressionConfig, ConfigError, NMPattern
 
 
 @pytest.mark.parametrize(
@@ -76,6 +76,18 @@ def test_replace_and_from_options_take_flat_names() -> None:
     assert CompressionConfig.from_options(spbo_mode="fixed").ablations.spbo_mode == "fixed"
     with pytest.raises(ConfigError, match="spbo_steps"):
         CompressionConfig().replace(spbo_steps=9)
+
+
+def test_block_tuning_is_on_for_pbs2p_and_off_for_the_baselines() -> None:
+    """block_tune_steps None means the method's default: TUNE_STEPS for pbs2p, 0 (the published baselines as
+    they are) for arb, prune-binarize and gptq; an explicit value wins, also across replace."""
+    assert CompressionConfig().tune_steps == TUNE_STEPS > 0
+    assert all(CompressionConfig(method=m).tune_steps == 0 for m in ("arb", "prune-binarize", "gptq"))
+    assert CompressionConfig(block_tune_steps=0).tune_steps == 0
+    assert CompressionConfig(method="arb", block_tune_steps=5).tune_steps == 5
+    assert CompressionConfig().replace(method="arb").tune_steps == 0  # None stays None: arb's default
+    with pytest.raises(ConfigError, match="block_tune_steps"):
+        CompressionConfig.from_options(block_tune_steps=-1)
 
 
 def test_configs_are_frozen_and_hashable() -> None:

@@ -29,6 +29,7 @@ def test_real_model_end_to_end(real_model: Path, tmp_path: Path) -> None:
     # every compressed linear reproduces its outputs better than dropping it would
     assert all(0 < lr.rel_error < 1 for b in pbs2p.blocks for lr in b.linears)
     assert sum(b.n_keep for b in pbs2p.blocks) == 6 * len(pbs2p.blocks)  # the average N is the target's
+    assert all(b.tune_loss is not None for b in pbs2p.blocks)  # block tuning is on by default for pbs2p
     # N:M in the written weights of a CFS-chosen block
     block = max(pbs2p.blocks, key=lambda b: b.n_keep)
     art = verify_artifact(tmp_path / "pbs2p")

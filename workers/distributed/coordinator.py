@@ -193,7 +193,7 @@ class _Job:
                 ("forward", "reduce", "solve", "transfer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True
             ):
                 phases[k] += dt
-        if cfg.block_tune_steps and linears:  # on worker 0, on every shard gathered there (module doc)
+        if cfg.tune_steps and linears:  # on worker 0, on every shard gathered there (module doc)
             t0 = time.perf_counter()
             data = ray.get([w.tune_data.remote(attempt) for w in pool])
             tuned = ray.get(pool[0].tune.remote(attempt, data))

@@ -248,7 +248,7 @@ class BlockWorker:
         for name, refs in chunks.items():
             prep = self._prep(preps[name][0])[name]
             res = merge_rows(ray.get(refs), prep, n_keep, self.cfg)
-            if self.cfg.block_tune_steps:
+            if self.cfg.tune_steps:
                 self.layer[name] = (self.linears[name].weight.data.clone(), prep.H, prep.total)
             set_result(self.linears[name], res)
             self.results[name] = res
