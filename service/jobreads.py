@@ -1,5 +1,6 @@
 """The job store's hot reads (GET one job, a page of the list): SQL compiled once per statement shape, run on the
-pooled DBAPI connection, rows made into `Job`s directly.
+pooled DBAPI connection, rows made into `Job`s directly (or given to the API as they are: it renders a row's JSON
+once and answers the same row again with the same bytes, service/api/bodies.py).
 
 The same queries through an ORM session cost ~10x more CPU (statement construction, cache key, unit of work,
 identity map: ~1-2 ms against ~0.1-0.2 ms per read here); under 200 polling clients that was most of a request.
@@ -59,6 +60,12 @@ class JobReads:
         return [tuple(r) for r in rows]
 
     def get(self, job_id: str, tenant: str | None) -> Job | None:
+        row = self.get_row(job_id, tenant)
+        return job_of(row) if row is not None else None
+
+    def get_row(self, job_id: str, tenant: str | None) -> tuple[Any, ...] | None:
+        """The job's row (all the table's columns, in table order; `job_of` makes it a `Job`), or None."""
+
         def build() -> Select[Any]:
             q = select(*_T).where(_T.id == bindparam("id"))
             if tenant is not None:
@@ -67,10 +74,11 @@ class JobReads:
 
         values: dict[str, Any] = {"id": job_id} if tenant is None else {"id": job_id, "tenant": tenant}
         rows = self._run(("get", tenant is None), build, values)
-        return job_of(rows[0]) if rows else None
+        return rows[0] if rows else None
 
-    def page(self, tenant: str, states: Sequence[str], limit: int, before: int | None) -> list[Job]:
-        """Up to `limit` jobs of `tenant` (not deleted), newest first, with seq below `before` when given."""
+    def page_rows(self, tenant: str, states: Sequence[str], limit: int, before: int | None) -> list[tuple[Any, ...]]:
+        """The rows of up to `limit` jobs of `tenant` (not deleted), newest first, with seq below `before` when
+        given."""
 
         def build() -> Select[Any]:
             q = select(*_T).where(_T.tenant == bindparam("tenant"), _T.deleted_at.is_(None))
@@ -83,7 +91,10 @@ class JobReads:
         values: dict[str, Any] = {"tenant": tenant, **{f"s{i}": s for i, s in enumerate(states)}}
         if before is not None:
             values["before"] = before
-        return [job_of(r) for r in self._run(("page", len(states), before is None, limit), build, values)]
+        return self._run(("page", len(states), before is None, limit), build, values)
+
+
+SEQ = _COLUMNS.index("seq")  # where a row holds its job's seq (the list's cursor)
 
 
 def job_of(row: tuple[Any, ...]) -> Job:

@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from . import migrations
-from .jobreads import JobReads
+from .jobreads import SEQ, JobReads, job_of
 from .jobrecords import (
     ACTIVE,
     ApiKeyRow,
@@ -194,15 +194,26 @@ class JobStore:
         """The job; None when it does not exist, or (with `tenant`) belongs to another tenant or was deleted."""
         return self.reads.get(job_id, tenant)  # with `tenant`, a deleted job is gone at once
 
+    def get_row(self, job_id: str, tenant: str | None = None) -> tuple[Any, ...] | None:
+        """`get` as the job's row (jobreads.job_of makes it a `Job`): the API renders it, memoized by row."""
+        return self.reads.get_row(job_id, tenant)
+
     def list_jobs(
         self, tenant: str, states: Iterable[JobState] = (), limit: int = 50, before: int | None = None
     ) -> tuple[list[Job], int | None]:
         """The tenant's jobs, newest first; (page, seq to pass as `before` for the next page or None)."""
+        rows, last = self.list_rows(tenant, states, limit, before)
+        return [job_of(r) for r in rows], last
+
+    def list_rows(
+        self, tenant: str, states: Iterable[JobState] = (), limit: int = 50, before: int | None = None
+    ) -> tuple[list[tuple[Any, ...]], int | None]:
+        """`list_jobs` as rows (jobreads.job_of makes each a `Job`): the API renders them, memoized by row."""
         wanted = sorted({st.value for st in states})
-        jobs = self.reads.page(tenant, wanted, limit + 1, before)
-        more = len(jobs) > limit
-        jobs = jobs[:limit]
-        return jobs, (jobs[-1].seq if more else None)
+        rows = self.reads.page_rows(tenant, wanted, limit + 1, before)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1][SEQ] if more else None)
 
     def changed_since(self, tenant: str, since: float, limit: int = 200) -> list[Job]:
         """The tenant's jobs updated after `since` (not deleted), oldest change first: a tenant's event stream."""

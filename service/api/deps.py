@@ -15,6 +15,7 @@ from pbs2p.workers.storage import Storage
 
 from ..jobstore import Job, JobStore, hash_key
 from ..settings import Settings
+from .bodies import JobBodies
 from .metrics import Metrics
 from .problems import Problem
 
@@ -31,6 +32,7 @@ class AppState:
     dispatcher: Any
     metrics: Metrics
     known_keys: dict[str, tuple[str, float]] = field(default_factory=dict)  # sha256 of a key -> (tenant, checked)
+    bodies: JobBodies = field(default_factory=JobBodies)  # the hot routes' JSON, memoized by the job's row
 
 
 async def app_state(request: Request) -> AppState:
@@ -79,9 +81,21 @@ JobId = Annotated[str, Path(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-
 
 def find_job(store: JobStore, job_id: str, who: str) -> Job:
     job = store.get(job_id, tenant=who)
-    if job is None:  # another tenant's job is indistinguishable from no job
-        raise Problem(404, "Not found", f"no job {job_id}")
+    if job is None:
+        raise not_found(job_id)
     return job
+
+
+def find_row(store: JobStore, job_id: str, who: str) -> tuple[Any, ...]:
+    """`find_job`'s row (for AppState.bodies)."""
+    row = store.get_row(job_id, tenant=who)
+    if row is None:
+        raise not_found(job_id)
+    return row
+
+
+def not_found(job_id: str) -> Problem:
+    return Problem(404, "Not found", f"no job {job_id}")  # another tenant's job is indistinguishable from no job
 
 
 def own_job(state: State, job_id: JobId, who: Tenant) -> Job:

@@ -20,6 +20,7 @@ from sqlalchemy import update
 
 from pbs2p.core.config import CompressionConfig
 from pbs2p.service import lifecycle
+from pbs2p.service.api.deps import KEY_CACHE_S
 from pbs2p.service.api.schemas import JobPublic, JobSummary
 from pbs2p.service.cli import main as cli_main
 from pbs2p.service.client import ApiError, Client
@@ -121,6 +122,20 @@ def test_unauthenticated_requests_get_401_problems(svc: Service, client: httpx.C
         resp = client.post("/v1/jobs", json={"model": model_path(svc)}, headers=headers)
         problem(resp, 401)
     assert svc.store.list_jobs("gone") == ([], None)
+
+
+def test_a_revoked_key_is_refused_within_the_key_cache_time(svc: Service, client: httpx.Client) -> None:
+    """A key the API has seen (and remembers) stops working at most KEY_CACHE_S after `pbs2p keys revoke`."""
+    key = svc.store.create_key("revokes")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/jobs", headers=headers).status_code == 200  # now remembered
+    assert svc.store.revoke_key(key[:12]) == 1
+    revoked = time.monotonic()
+    while (resp := client.get("/v1/jobs", headers=headers)).status_code == 200:
+        assert time.monotonic() - revoked < KEY_CACHE_S + 1.0, "the revoked key still works"
+        time.sleep(0.1)
+    assert "not valid" in problem(resp, 401)["detail"]
+    assert problem(client.get("/v1/jobs", headers=headers), 401)  # and stays refused (forgotten, read again)
 
 
 def test_another_tenants_job_looks_missing(svc: Service, client: httpx.Client, auth: dict[str, str]) -> None:
@@ -562,7 +577,7 @@ def test_an_unhandled_exception_is_a_500_problem_with_the_request_id(
     def broken(*_args: Any, **_kw: Any) -> Any:
         raise RuntimeError("the database fell over")
 
-    monkeypatch.setattr(svc.store, "list_jobs", broken)
+    monkeypatch.setattr(svc.store, "list_rows", broken)
     with caplog.at_level("INFO"):
         resp = client.get("/v1/jobs", headers=auth)
     body = problem(resp, 500)
