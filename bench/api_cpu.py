@@ -239,7 +239,7 @@ def profile(data: Path, ids: dict[str, str], n: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "api_cpu.collapsed.txt"
     spy_cmd = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid)]
-    spy = subprocess.Popen([*spy_cmd, "--rate", "500", "--format", "raw", "-o", str(raw)])
+    spy = subprocess.Popen([*spy_cmd, "--gil", "--rate", "500", "--format", "raw", "-o", str(raw)])
     try:
         time.sleep(1.0)
         measure_server(url, proc.pid, ids, n)
