@@ -9,8 +9,9 @@ dozen API keys. Then, for each kind of request, `--requests` sequential requests
 keep-alive connection (after a warm-up), and the server process's CPU time (user + system, /proc via psutil)
 before and after: CPU ms per request. Kinds: GET one job (a queued one, the running one, the one with the full
 report), the same with If-None-Match (its ETag when the service sends one: a 304; else the plain GET again),
-GET /v1/jobs?limit=20, and the mix of bench/service_load.py's reads (its GETs: half the running job, half a
-client's own queued job; its lists), weighted as it sends them.
+GET /v1/jobs?limit=20, POST /v1/jobs (a new small job under a new Idempotency-Key, as bench/service_load.py
+submits; last, as it adds jobs), and bench/service_load.py's mix (its GETs: half the running job, half a client's
+own queued job; its lists; its POSTs), weighted as it sends them, with and without the POSTs.
 
 With `--baseline REF` the service of commit REF (`git archive`, run with its package first on PYTHONPATH) is
 measured too, alternating with this tree's, `--rounds` times each on the same store (a fresh server each round):
@@ -52,15 +53,17 @@ from pbs2p.service.cli.demo import start_service, stop_service  # noqa: E402
 from pbs2p.service.jobrecords import JobState  # noqa: E402
 from pbs2p.service.jobstore import JobStore  # noqa: E402
 from pbs2p.service.settings import Settings  # noqa: E402
+from pbs2p.testing.tiny import write_text  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GET_QUEUED, GET_RUNNING, GET_FULL = "GET one job (queued)", "GET one job (running)", "GET one job (full report)"
 INM_RUNNING, INM_FULL = "GET running, If-None-Match", "GET full report, If-None-Match"
-LIST = "GET /v1/jobs?limit=20"
-KINDS = (GET_QUEUED, GET_RUNNING, GET_FULL, INM_RUNNING, INM_FULL, LIST)
-# bench/service_load.py's reads: 79.5 % GET one job (half the running one, half a client's own queued one), 15 % list
-MIX = {GET_RUNNING: 0.3975, GET_QUEUED: 0.3975, LIST: 0.15}
-MIX_NAME = "reads as service_load.py mixes them"
+LIST, POST = "GET /v1/jobs?limit=20", "POST /v1/jobs (a new job)"
+KINDS = (GET_QUEUED, GET_RUNNING, GET_FULL, INM_RUNNING, INM_FULL, LIST, POST)  # POST last: it adds jobs
+# bench/service_load.py's mix: 79.5 % GET one job (half the running one, half a client's own queued one), 15 % list,
+# 5.5 % POST (new jobs, replays, race pairs: counted here as new jobs)
+READS = {GET_RUNNING: 0.3975, GET_QUEUED: 0.3975, LIST: 0.15}
+MIXES = {"reads as service_load.py mixes them": READS, "all as service_load.py mixes them": {**READS, POST: 0.055}}
 
 
 # -------------------------------------------------------------------------------------------- the store
@@ -105,16 +108,24 @@ def full_report(blocks: int) -> dict[str, Any]:
     }
 
 
-def fill_store(data: Path, jobs: int, blocks: int) -> dict[str, str]:
-    """The store of the measurement in `data`: returns the key and the job ids to read."""
+def fill_store(data: Path, jobs: int, blocks: int) -> dict[str, Any]:
+    """The store of the measurement in `data`, and what a POST submits (a model directory as the submit checks
+    it: config.json and a safetensors file; the calibration text of bench/service_load.py's small jobs): returns
+    the key, the job ids to read and the POST's body."""
+    small = data / "small"
+    small.mkdir(parents=True)
+    (small / "config.json").write_text("{}")
+    (small / "model.safetensors").write_bytes(b"")
+    calib = write_text(data / "calib.txt", docs=40, words=100)
     store = JobStore(Settings(data_dir=data).db_url)
     try:
         for i in range(40):  # other tenants' keys, one revoked
             other = store.create_key(f"tenant{i}")
         store.revoke_key(other[:12])
         key = store.create_key("load")
-        config = CompressionConfig(pattern="6:8", calib=str(data / "calib.txt"), calib_samples=4, seqlen=32)
-        cfg = config.to_dict()
+        post = {"model": str(small), "config": {"pattern": "6:8", "calib": str(calib), "seed": 0, "calib_samples": 4,
+                                                "seqlen": 32, "batch_size": 4}}  # fmt: skip
+        cfg = CompressionConfig.model_validate(post["config"]).to_dict()
         full, _ = store.create_job("load", str(data / "long"), cfg, {"data": "wiki", "windows": 40}, "full")
         claimed = store.claim("bench")
         assert claimed is not None and claimed.id == full.id
@@ -130,9 +141,9 @@ def fill_store(data: Path, jobs: int, blocks: int) -> dict[str, str]:
         queued = ""
         for i in range(jobs):
             for tenant in ("load", "other"):
-                job, _ = store.create_job(tenant, str(data / "small"), cfg, None, f"small-{i}", f"k-{tenant}-{i}")
+                job, _ = store.create_job(tenant, str(small), cfg, None, f"small-{i}", f"k-{tenant}-{i}")
                 queued = job.id if tenant == "load" else queued
-        return {"key": key, GET_QUEUED: queued, GET_RUNNING: running.id, GET_FULL: full.id}
+        return {"key": key, GET_QUEUED: queued, GET_RUNNING: running.id, GET_FULL: full.id, "post": post}
     finally:
         store.close()
 
@@ -156,6 +167,12 @@ class Conn:
         resp = self.conn.getresponse()
         body = resp.read()
         return resp.status, resp.getheader("ETag"), body
+
+    def post(self, path: str, body: str, idempotency_key: str) -> tuple[int, str | None, bytes]:
+        headers = {"Authorization": self.auth, "Content-Type": "application/json", "Idempotency-Key": idempotency_key}
+        self.conn.request("POST", path, body=body.encode(), headers=headers)
+        resp = self.conn.getresponse()
+        return resp.status, resp.getheader("ETag"), resp.read()
 
     def close(self) -> None:
         self.conn.close()
@@ -186,6 +203,14 @@ def requests_of(conn: Conn, ids: dict[str, str]) -> dict[str, Callable[[], None]
 
         return one
 
+    posted = iter(range(10**9))
+
+    def submit() -> None:
+        body = json.dumps(ids["post"] | {"name": f"posted-{next(posted)}"})
+        status, _, raw = conn.post("/v1/jobs", body, f"post-{time.time_ns()}")
+        if status != 201 or not raw.startswith(b'{"id":"job_'):
+            raise SystemExit(f"POST /v1/jobs: HTTP {status} {raw[:300]!r}")
+
     def page() -> None:
         status, _, body = conn.get("/v1/jobs?limit=20")
         if status != 200 or body.count(b'"id":"job_') != 20:
@@ -198,6 +223,7 @@ def requests_of(conn: Conn, ids: dict[str, str]) -> dict[str, Callable[[], None]
         INM_RUNNING: conditional(GET_RUNNING),
         INM_FULL: conditional(GET_FULL),
         LIST: page,
+        POST: submit,
     }
 
 
@@ -222,12 +248,13 @@ def measure_server(url: str, pid: int, ids: dict[str, str], n: int) -> dict[str,
             out[kind] = {"cpu_ms": (c1 - c0) / n * 1000, "wall_ms": (t1 - t0) / n * 1000}
     finally:
         conn.close()
-    out[MIX_NAME] = {k: sum(out[kind][k] * w for kind, w in MIX.items()) / sum(MIX.values()) for k in out[GET_QUEUED]}
+    for name, mix in MIXES.items():
+        out[name] = {k: sum(out[kind][k] * w for kind, w in mix.items()) / sum(mix.values()) for k in out[GET_QUEUED]}
     return out
 
 
 def run_service(data: Path, tree: Path | None) -> tuple[Any, str]:
-    env = {"PBS2P_DISPATCHER": "false", "PBS2P_LOG_LEVEL": "info", "OMP_NUM_THREADS": "1"}
+    env = {"PBS2P_DISPATCHER": "false", "PBS2P_MODEL_ROOTS": str(data), "OMP_NUM_THREADS": "1"}
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     return start_service(data, env, 120.0, "api")
@@ -305,7 +332,7 @@ def main() -> None:
 
 def report(a: argparse.Namespace, results: dict[str, list[dict[str, dict[str, float]]]], took: float) -> None:
     labels = list(results)
-    kinds = [*KINDS, MIX_NAME]
+    kinds = [*KINDS, *MIXES]
 
     def med(label: str, kind: str, what: str) -> float:
         return statistics.median(r[kind][what] for r in results[label])
@@ -318,13 +345,13 @@ def report(a: argparse.Namespace, results: dict[str, list[dict[str, dict[str, fl
             vals = [r[kind]["cpu_ms"] for r in results[lb]]
             cells.append(f"{statistics.median(vals):.3f} ({min(vals):.3f}-{max(vals):.3f})")
         walls = " / ".join(f"{med(lb, kind, 'wall_ms'):.2f}" for lb in labels)
-        rows.append([f"**{kind}**" if kind == MIX_NAME else kind, *cells, walls])
+        rows.append([f"**{kind}**" if kind in MIXES else kind, *cells, walls])
     notes = [
         f"`pbs2p api` (uvicorn, SQLite store: {a.jobs} queued jobs of the tenant and {a.jobs} of another, one "
         f"RUNNING job, one SUCCEEDED with a {a.blocks}-block report), {a.requests} sequential requests per kind "
         f"after a warm-up, one keep-alive http.client connection; CPU: the API process's user + system time, the "
         f"median of {a.rounds} rounds (a fresh server each, the services alternating). Wall ms: the same medians, "
-        "in column order. The mix weighs the kinds as bench/service_load.py sends its reads.",
+        "in column order. The mixes weigh the kinds as bench/service_load.py sends them (its POSTs as new jobs).",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, {code_version()}; {took:.0f} s in all; written "
         "by bench/api_cpu.py, not edited by hand.",
