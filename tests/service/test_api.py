@@ -854,3 +854,34 @@ def test_lists_hold_summaries_and_get_the_whole_job(svc: Service, client: httpx.
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert set(schema["JobSummary"]["properties"]) == set(listed)
     assert set(schema["JobPublic"]["properties"]) == set(whole)
+
+
+def test_a_poll_with_the_etag_is_a_304_until_the_job_changes(
+    svc: Service, client: httpx.Client, auth: dict[str, str]
+) -> None:
+    """GET one job and GET the list send an ETag; If-None-Match with it (weakly compared, in a list, or `*`) is a
+    304 without a body while the answer would be the same, and the new body once the job changed."""
+    job = submit(client, auth, svc, name="polled")
+    path = f"/v1/jobs/{job['id']}"
+    for url in (path, "/v1/jobs?limit=5"):
+        first = client.get(url, headers=auth)
+        etag = first.headers["etag"]
+        assert first.status_code == 200 and etag.startswith('"') and etag.endswith('"')
+        assert client.get(url, headers=auth).headers["etag"] == etag  # the same answer, the same tag
+        for sent in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+            same = client.get(url, headers={**auth, "If-None-Match": sent})
+            assert (same.status_code, same.content, same.headers["etag"]) == (304, b"", etag), sent
+        stale = client.get(url, headers={**auth, "If-None-Match": '"other"'})
+        assert stale.status_code == 200 and stale.json() == first.json()
+    before = client.get(path, headers=auth).headers["etag"]
+    before_list = client.get("/v1/jobs?limit=5", headers=auth).headers["etag"]
+    assert client.post(f"{path}/cancel", headers=auth).json()["state"] == "CANCELLED"
+    changed = client.get(path, headers={**auth, "If-None-Match": before})
+    assert changed.status_code == 200 and changed.json()["state"] == "CANCELLED" and changed.headers["etag"] != before
+    listed = client.get("/v1/jobs?limit=5", headers={**auth, "If-None-Match": before_list})
+    assert listed.status_code == 200 and listed.json()["jobs"][0]["state"] == "CANCELLED"
+    missing = client.get("/v1/jobs/job_missing", headers={**auth, "If-None-Match": "*"})
+    assert missing.status_code == 404  # no job, no 304
+    spec = client.get("/openapi.json").json()["paths"]
+    for route in (spec["/v1/jobs/{job_id}"]["get"], spec["/v1/jobs"]["get"]):
+        assert "304" in route["responses"] and "if-none-match" in {p["name"].lower() for p in route["parameters"]}

@@ -33,25 +33,25 @@ def test_a_job_body_is_the_models_json_and_follows_every_change(store: JobStore)
     job, _ = store.create_job("acme", "/models/tiny", {"pattern": "6:8", "seed": 0}, None, "first")
     row = store.get_row(job.id, "acme")
     assert row is not None
-    first = bodies.job(row)
+    first = bodies.job(row)[0]
     assert first == rendered(store, job.id) and json.loads(first)["state"] == "QUEUED"
-    assert bodies.job(store.get_row(job.id, "acme") or ()) is first  # the same row: rendered once
+    assert bodies.job(store.get_row(job.id, "acme") or ())[0] is first  # the same row: rendered once
 
     assert store.claim("me") is not None
     store.set_progress(job.id, "me", {"stage": "compress", "block": 3, "blocks": 8})
-    running = bodies.job(store.get_row(job.id, "acme") or ())
+    running = bodies.job(store.get_row(job.id, "acme") or ())[0]
     assert running == rendered(store, job.id) and json.loads(running)["progress"]["block"] == 3
     for st in (JobState.UPLOADING, JobState.SUCCEEDED):
         assert store.transition(job.id, [JobState.RUNNING, JobState.UPLOADING], st, owner="me", report={
             "metrics": {"true_bits": 1.1}, "timings": {"compress_s": 2.0}, "blocks": [{"index": 0, "n_keep": 6}],
         })  # fmt: skip
-    done = json.loads(bodies.job(store.get_row(job.id, "acme") or ()))
+    done = json.loads(bodies.job(store.get_row(job.id, "acme") or ())[0])
     assert (done["state"], done["metrics"], done["report"]) == ("SUCCEEDED", {"true_bits": 1.1}, {"blocks": [
         {"index": 0, "n_keep": 6}
     ]})  # fmt: skip
     # retention keeps updated_at: the body still changes, as the row did
     assert store.mark_artifact_expired(job.id)
-    expired = bodies.job(store.get_row(job.id, "acme") or ())
+    expired = bodies.job(store.get_row(job.id, "acme") or ())[0]
     assert expired == rendered(store, job.id) and json.loads(expired)["artifact_expired_at"] is not None
     assert store.get_row(job.id, "intruder") is None  # another tenant's job: no row, as store.get gives no job
 
@@ -76,5 +76,5 @@ def test_the_memo_stays_within_its_bound(store: JobStore) -> None:
     ids = [store.create_job("acme", "/models/tiny", {"pattern": "6:8", "seed": i})[0].id for i in range(40)]
     for job_id in ids:
         row = store.get_row(job_id, "acme")
-        assert row is not None and bodies.job(row) == rendered(store, job_id)
+        assert row is not None and bodies.job(row)[0] == rendered(store, job_id)
     assert 0 < len(bodies._full) < len(ids)  # it started again once past 20 kB

@@ -18,6 +18,7 @@ from pbs2p.workers.model_refs import check_model_ref, check_text, with_revision
 from ... import lifecycle
 from ...jobrecords import ACTIVE, IdempotencyConflict, JobState, QueueFull, decode_cursor, encode_cursor
 from ...webhooks import check_webhook_url
+from ..bodies import NOT_MODIFIED, conditional, etag_of
 from ..deps import AppState, JobId, OwnJob, State, Tenant, find_job, find_row
 from ..problems import Problem, error_responses, invalid_field
 from ..schemas import JobCreate, JobList, JobPublic, JobReport
@@ -112,16 +113,24 @@ def submit(
     return response
 
 
-@router.get("", operation_id="list_jobs", response_model=JobList, responses=error_responses(401, 422))
+IfNoneMatch = Annotated[
+    str | None, Header(description="the ETag of a body read before: 304 (no body) while it is still the same")
+]
+
+
+@router.get(
+    "", operation_id="list_jobs", response_model=JobList, responses={**NOT_MODIFIED, **error_responses(401, 422)}
+)
 async def list_jobs(
     who: Tenant,
     state: State,
     job_state: Annotated[list[JobState] | None, Query(alias="state")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """The caller's jobs (summaries: no per-block report), newest first; filter by one or more `state`s, page with
-    `cursor`."""
+    `cursor`. The ETag changes when the page would; If-None-Match with it: 304 while it has not."""
     before = None
     if cursor:
         try:
@@ -130,14 +139,22 @@ async def list_jobs(
             raise invalid_field("cursor", "not a cursor returned by this API; omit it for the first page") from None
     rows, last = await run_in_threadpool(state.store.list_rows, who, job_state or (), limit, before)
     cursor = encode_cursor(last) if last else None
-    return Response(state.bodies.page(rows, cursor), media_type="application/json")  # JobList's JSON
+    body = state.bodies.page(rows, cursor)  # JobList's JSON
+    return conditional(body, etag_of(body), if_none_match)
 
 
-@router.get("/{job_id}", operation_id="get_job", response_model=JobPublic, responses=error_responses(401, 404, 422))
-async def get_job(job_id: JobId, who: Tenant, state: State) -> Response:
-    """The job: state, progress, metrics, timings, per-block report, error."""
+@router.get(
+    "/{job_id}",
+    operation_id="get_job",
+    response_model=JobPublic,
+    responses={**NOT_MODIFIED, **error_responses(401, 404, 422)},
+)
+async def get_job(job_id: JobId, who: Tenant, state: State, if_none_match: IfNoneMatch = None) -> Response:
+    """The job: state, progress, metrics, timings, per-block report, error. The ETag changes when the job does;
+    poll with If-None-Match: 304 (no body) while it has not changed."""
     row = await run_in_threadpool(find_row, state.store, job_id, who)
-    return Response(state.bodies.job(row), media_type="application/json")  # JobPublic's JSON
+    body, etag = state.bodies.job(row)  # JobPublic's JSON
+    return conditional(body, etag, if_none_match)
 
 
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
