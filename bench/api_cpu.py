@@ -28,6 +28,7 @@ Writes bench/results/api_cpu.md and .json (or --out DIR). Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import shutil
@@ -45,7 +46,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_out_option, machine, write_table  # noqa: E402
+from bench.common import ROOT, add_out_option, code_env, machine, write_table  # noqa: E402
 from bench.service_load import code_version, export_tree, git  # noqa: E402
 from pbs2p.core.bits import BitCount  # noqa: E402
 from pbs2p.core.config import CompressionConfig  # noqa: E402
@@ -255,9 +256,9 @@ def measure_server(url: str, pid: int, ids: dict[str, str], n: int) -> dict[str,
 
 def run_service(data: Path, tree: Path | None) -> tuple[Any, str]:
     env = {"PBS2P_DISPATCHER": "false", "PBS2P_MODEL_ROOTS": str(data), "OMP_NUM_THREADS": "1"}
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
-    return start_service(data, env, 120.0, "api")
+    env.update(code_env(tree))
+    with contextlib.chdir(tree or ROOT):
+        return start_service(data, env, 120.0, "api")
 
 
 def profile(data: Path, ids: dict[str, str], n: int, out: Path) -> None:

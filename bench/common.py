@@ -24,6 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
+def code_env(tree: Path | None) -> dict[str, str]:
+    """What a child process needs to run the code of `tree` (None: this tree): its package on PYTHONPATH, and
+    PYTHONSAFEPATH so that `python -m` does not put the current directory (this tree, when run from it) first."""
+    return {"PYTHONPATH": str(tree or ROOT), "PYTHONSAFEPATH": "1"}
+
+
 def run_cli(args: list[str]) -> tuple[dict[str, Any], float, float]:
     """`pbs2p ARGS --json` in a child process: (its JSON output, wall seconds, peak RSS in MiB)."""
     t = time.perf_counter()

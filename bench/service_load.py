@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import functools
 import json
@@ -60,7 +61,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, add_out_option, machine, write_table  # noqa: E402
+from bench.common import ROOT, add_out_option, code_env, machine, write_table  # noqa: E402
 
 GET_JOB, LIST = "GET /v1/jobs/{id}", "GET /v1/jobs?limit=20"
 POST_NEW, POST_REPLAY, POST_RACE = "POST /v1/jobs", "POST (replay)", "POST (race pair)"
@@ -489,9 +490,9 @@ def measure(
         "PBS2P_CACHE_DIR": str(root / "cache"),
         "OMP_NUM_THREADS": "1",
     }
-    if tree is not None:  # the other commit's package first on the path (this tree's stays installed)
-        env["PYTHONPATH"] = str(tree)
-    proc, url = start_service(data, env, 120.0, *command)
+    env.update(code_env(tree))  # the other commit's package first on the path (this tree's stays installed)
+    with contextlib.chdir(tree or ROOT):  # Ray's workers too start there
+        proc, url = start_service(data, env, 120.0, *command)
     print(f"service up at {url} (log {data / 'service.log'})", file=sys.stderr)
     http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60.0)
     try:
