@@ -20,9 +20,12 @@ before and after side by side in one run. The store is filled by this tree's cod
 `--profile DIR` also samples this tree's server under py-spy (`py-spy record`, native stacks off) during one
 more pass and writes DIR/api_cpu.speedscope.json and the top functions (self and total samples) to stdout.
 
-Writes bench/results/api_cpu.md and .json (or --out DIR). Usage:
-  python bench/api_cpu.py [--requests 2000] [--rounds 3] [--jobs 300] [--blocks 30] [--baseline GIT_REF]
-                          [--profile DIR] [--out DIR]
+`--clients C` sends from C connections at once (threads, each one request after the other), for the cost of
+concurrency (more thread hops waiting for one another, the event loop's turns shared).
+
+Writes bench/results/api_cpu.md and .json (api_cpu_C_clients.* with --clients C; or --out DIR). Usage:
+  python bench/api_cpu.py [--requests 2000] [--rounds 3] [--jobs 300] [--blocks 30] [--clients 1]
+                          [--baseline GIT_REF] [--profile DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +209,9 @@ def requests_of(conn: Conn, ids: dict[str, str]) -> dict[str, Callable[[], None]
 
         return one
 
-    posted = iter(range(10**9))
-
     def submit() -> None:
-        body = json.dumps(ids["post"] | {"name": f"posted-{next(posted)}"})
-        status, _, raw = conn.post("/v1/jobs", body, f"post-{time.time_ns()}")
+        key = uuid.uuid4().hex
+        status, _, raw = conn.post("/v1/jobs", json.dumps(ids["post"] | {"name": f"posted-{key[:8]}"}), key)
         if status != 201 or not raw.startswith(b'{"id":"job_'):
             raise SystemExit(f"POST /v1/jobs: HTTP {status} {raw[:300]!r}")
 
@@ -233,22 +236,31 @@ def cpu_of(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
-def measure_server(url: str, pid: int, ids: dict[str, str], n: int) -> dict[str, dict[str, float]]:
-    """kind -> {cpu_ms, wall_ms} per request, over `n` requests after n // 10 of warm-up."""
-    conn = Conn(url, ids["key"])
+def measure_server(url: str, pid: int, ids: dict[str, Any], n: int, clients: int = 1) -> dict[str, dict[str, float]]:
+    """kind -> {cpu_ms, wall_ms} per request, over `n` requests after n // 10 of warm-up, sent by `clients`
+    connections at once (threads, each its share in turn)."""
+    conns = [Conn(url, ids["key"]) for _ in range(clients)]
     proc = psutil.Process(pid)
     out: dict[str, dict[str, float]] = {}
+    senders = [requests_of(c, ids) for c in conns]
+    per = max(n // clients, 1)
+
+    def run(one: Callable[[], None], count: int) -> None:
+        for _ in range(count):
+            one()
+
     try:
-        for kind, one in requests_of(conn, ids).items():
-            for _ in range(max(n // 10, 20)):
-                one()
-            c0, t0 = cpu_of(proc), time.perf_counter()
-            for _ in range(n):
-                one()
-            c1, t1 = cpu_of(proc), time.perf_counter()
-            out[kind] = {"cpu_ms": (c1 - c0) / n * 1000, "wall_ms": (t1 - t0) / n * 1000}
+        with ThreadPoolExecutor(clients) as pool:
+            for kind in KINDS:
+                list(pool.map(run, [s[kind] for s in senders], [max(per // 10, 20)] * clients))
+                c0, t0 = cpu_of(proc), time.perf_counter()
+                list(pool.map(run, [s[kind] for s in senders], [per] * clients))
+                c1, t1 = cpu_of(proc), time.perf_counter()
+                done = per * clients
+                out[kind] = {"cpu_ms": (c1 - c0) / done * 1000, "wall_ms": (t1 - t0) / done * 1000}
     finally:
-        conn.close()
+        for c in conns:
+            c.close()
     for name, mix in MIXES.items():
         out[name] = {k: sum(out[kind][k] * w for kind, w in mix.items()) / sum(mix.values()) for k in out[GET_QUEUED]}
     return out
@@ -261,7 +273,7 @@ def run_service(data: Path, tree: Path | None) -> tuple[Any, str]:
         return start_service(data, env, 120.0, "api")
 
 
-def profile(data: Path, ids: dict[str, str], n: int, out: Path) -> None:
+def profile(data: Path, ids: dict[str, Any], n: int, clients: int, out: Path) -> None:
     """This tree's server under `py-spy record` during one pass of every kind; the top functions to stdout."""
     proc, url = run_service(data, None)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +282,7 @@ def profile(data: Path, ids: dict[str, str], n: int, out: Path) -> None:
     spy = subprocess.Popen([*spy_cmd, "--gil", "--rate", "500", "--format", "raw", "-o", str(raw)])
     try:
         time.sleep(1.0)
-        measure_server(url, proc.pid, ids, n)
+        measure_server(url, proc.pid, ids, n, clients)
     finally:
         spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
         spy.wait(60)
@@ -301,6 +313,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="fresh servers per service, alternating")
     ap.add_argument("--jobs", type=int, default=300, help="queued jobs of the measured tenant (and of another)")
     ap.add_argument("--blocks", type=int, default=30, help="blocks of the finished job's report")
+    ap.add_argument("--clients", type=int, default=1, help="connections sending at once (threads)")
     ap.add_argument("--baseline", metavar="GIT_REF", help="also measure that commit's service, alternating")
     ap.add_argument("--profile", type=Path, metavar="DIR", help="also sample this tree's server with py-spy")
     add_out_option(ap)
@@ -320,14 +333,14 @@ def main() -> None:
             for label, tree in services:
                 proc, url = run_service(data, tree)
                 try:
-                    res = measure_server(url, proc.pid, ids, a.requests)
+                    res = measure_server(url, proc.pid, ids, a.requests, a.clients)
                 finally:
                     stop_service(proc)
                 results[label].append(res)
                 summary = ", ".join(f"{k} {v['cpu_ms']:.3f}" for k, v in res.items())
                 print(f"round {r + 1}, {label}: CPU ms per request: {summary}", file=sys.stderr)
         if a.profile is not None:
-            profile(data, ids, a.requests, a.profile)
+            profile(data, ids, a.requests, a.clients, a.profile)
     report(a, results, time.perf_counter() - t_start)
 
 
@@ -349,17 +362,21 @@ def report(a: argparse.Namespace, results: dict[str, list[dict[str, dict[str, fl
         rows.append([f"**{kind}**" if kind in MIXES else kind, *cells, walls])
     notes = [
         f"`pbs2p api` (uvicorn, SQLite store: {a.jobs} queued jobs of the tenant and {a.jobs} of another, one "
-        f"RUNNING job, one SUCCEEDED with a {a.blocks}-block report), {a.requests} sequential requests per kind "
-        f"after a warm-up, one keep-alive http.client connection; CPU: the API process's user + system time, the "
-        f"median of {a.rounds} rounds (a fresh server each, the services alternating). Wall ms: the same medians, "
-        "in column order. The mixes weigh the kinds as bench/service_load.py sends them (its POSTs as new jobs).",
+        f"RUNNING job, one SUCCEEDED with a {a.blocks}-block report), {a.requests} requests per kind after a "
+        f"warm-up, from {a.clients} keep-alive http.client connection(s) at once, each sending one request after "
+        f"the other; CPU: the API process's user + system time, the median of {a.rounds} rounds (a fresh server "
+        "each, the services alternating). Wall ms: the same medians, in column order (wall per request over all "
+        "connections). "
+        "The mixes weigh the kinds as bench/service_load.py sends them (its POSTs as new jobs).",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, {code_version()}; {took:.0f} s in all; written "
         "by bench/api_cpu.py, not edited by hand.",
     ]
-    write_table("api_cpu", "API CPU per request, read path (one connection)", header, rows, notes, a.out)
+    name = "api_cpu" if a.clients == 1 else f"api_cpu_{a.clients}_clients"
+    title = f"API CPU per request, read path ({a.clients} connection{'s' if a.clients > 1 else ''} at once)"
+    write_table(name, title, header, rows, notes, a.out)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "api_cpu.json").write_text(json.dumps({"args": vars(a), "results": results}, default=str))
+    (a.out / f"{name}.json").write_text(json.dumps({"args": vars(a), "results": results}, default=str))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ..settings import Settings
 from ..webhooks import Notifier
 from .dashboard import mount_dashboard
 from .deps import AppState
+from .hotpath import HotReads
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestContext
 from .problems import add_problem_handlers, problem_openapi
@@ -55,6 +56,7 @@ def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher
     metrics = Metrics(store, getattr(dispatcher, "metrics", None))
     app.state.pbs2p = AppState(settings, store, storage, dispatcher, metrics)
     add_problem_handlers(app)
+    app.add_middleware(HotReads)  # innermost: the polling GETs' plain case, inside the two below
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
     for router in (ops.router, jobs.router, events.router, artifacts.router):
