@@ -386,11 +386,13 @@ def verify(http: httpx.Client, long_id: str, created: list[tuple[str, str]]) -> 
 
 
 def cancel_all(http: httpx.Client, long_id: str, timeout: float = 120.0) -> tuple[int, str]:
-    """Cancel the queued jobs, then the long one; (queued jobs cancelled, the long job's final state)."""
+    """Cancel the queued jobs, then the long one; (queued jobs cancelled, the long job's final state). A job that
+    finished meanwhile (409: the long one, or a queued one the worker took and ran) is left as it is."""
     queued = [j["id"] for j in all_jobs(http, "QUEUED")]
-    for job_id in queued:
-        http.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
-    http.post(f"/v1/jobs/{long_id}/cancel").raise_for_status()
+    for job_id in [*queued, long_id]:
+        resp = http.post(f"/v1/jobs/{job_id}/cancel")
+        if resp.status_code != 409:
+            resp.raise_for_status()
     deadline = time.monotonic() + timeout
     state = ""
     while time.monotonic() < deadline:
