@@ -225,15 +225,10 @@ class JobStore:
         if owner is not None:
             q = q.where(JobRow.owner == owner)
         with self.session() as s:
-            changed = s.execute(q.values(**cols).returning(JobRow.webhook_url)).first()
-            if changed is not None and changed.webhook_url:
-                self._add_event(s, job_id)
+            changed = s.execute(q.values(**cols).returning(*outbox.EVENT_COLUMNS)).first()
+            if changed is not None:
+                outbox.add(s, changed)
         return changed is not None
-
-    @staticmethod
-    def _add_event(s: Session, job_id: str) -> None:
-        """In the transaction that changed the job: its webhook event's delivery."""
-        outbox.add(s, s.scalars(select(JobRow).where(JobRow.id == job_id)).one())
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def mark_deleted(self, job_id: str, expected: Iterable[JobState], new: JobState) -> bool:
@@ -291,7 +286,7 @@ class JobStore:
                 if max_running_per_tenant > 0:
                     q = q.where(self._active_of(tenant) < max_running_per_tenant)
                 won = s.execute(
-                    q.returning(JobRow.webhook_url).values(
+                    q.returning(*outbox.EVENT_COLUMNS).values(
                         state=JobState.RUNNING.value,
                         owner=owner,
                         heartbeat_at=now,
@@ -302,8 +297,8 @@ class JobStore:
                         error=None,
                     )
                 ).first()
-                if won is not None and won.webhook_url:
-                    self._add_event(s, job_id)
+                if won is not None:
+                    outbox.add(s, won)
             if won is not None:
                 return self.get(job_id)
         return None

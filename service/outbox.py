@@ -20,40 +20,42 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from .jobrecords import Job, JobRow, WebhookDeliveryRow
+from .jobrecords import JobRow, WebhookDeliveryRow
 
 LEASE_S = 30.0  # a claim's hold on its row: longer than one attempt (webhooks.TIMEOUT_S) with room to record it
 R = WebhookDeliveryRow
 
 
-def event_of(job: Job) -> dict[str, object]:
+# what an event says of its job: the state change's UPDATE returns them (`RETURNING`), no second read
+EVENT_COLUMNS = (JobRow.id, JobRow.name, JobRow.state, JobRow.attempts, JobRow.error, JobRow.updated_at,
+                 JobRow.deleted_at, JobRow.webhook_url)  # fmt: skip
+
+
+def event_of(job: Any) -> dict[str, object]:
+    """The event of `job`'s state change (`job`: a JobRow, a Job or a row of EVENT_COLUMNS)."""
     return {
         "id": "evt_" + secrets.token_hex(12),
         "type": "job.deleted" if job.deleted_at is not None else "job.state_changed",
         "time": time.time(),
-        "job": {"id": job.id, "name": job.name, "state": job.state.value, "attempts": job.attempts,
+        "job": {"id": job.id, "name": job.name, "state": str(job.state), "attempts": job.attempts,
                 "error": job.error, "updated_at": job.updated_at, "links": {"self": f"/v1/jobs/{job.id}"}},
     }  # fmt: skip
 
 
-def add(s: Session, row: JobRow) -> None:
-    """In the transaction that changed `row`'s state: the delivery of the change's event, if the job has a webhook."""
-    if not row.webhook_url:
+def add(s: Session, job: Any) -> None:
+    """In the transaction that changed `job`'s state (a JobRow, or a row of EVENT_COLUMNS): the delivery of the
+    change's event, if the job has a webhook."""
+    if not job.webhook_url:
         return
-    event = event_of(Job.of(row))
+    event = event_of(job)
     now = time.time()
-    s.add(
-        R(
-            event_id=str(event["id"]),
-            job_id=row.id,
-            url=row.webhook_url,
-            body=json.dumps(event, separators=(",", ":"), sort_keys=True),  # ASCII: the exact bytes that are signed
-            created_at=now,
-            due_at=now,
-            attempts=0,
+    body = json.dumps(event, separators=(",", ":"), sort_keys=True)  # ASCII: the exact bytes that are signed
+    s.execute(
+        insert(R).values(
+            event_id=event["id"], job_id=job.id, url=job.webhook_url, body=body, created_at=now, due_at=now, attempts=0
         )
     )
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import create_engine, select, text
 
+from pbs2p.service import outbox
 from pbs2p.service.jobrecords import (
     ACTIVE,
     ApiKeyRow,
@@ -29,7 +30,6 @@ from pbs2p.service.jobrecords import (
     decode_cursor,
     encode_cursor,
 )
-from pbs2p.service import outbox
 from pbs2p.service.jobstore import JobStore
 
 PG_URL = os.environ.get("PBS2P_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
