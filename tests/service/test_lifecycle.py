@@ -245,6 +245,10 @@ def test_a_requests_state_changes_are_posted_by_the_worker_signed_and_retried(
             assert resp.status_code == 201, resp.text
             job_id = resp.json()["id"]
             assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 200
+            resp = client.post("/v1/jobs", json={"model": "smollm2-135m", "webhook_url": url}, headers=auth)
+            deleted_id = resp.json()["id"]
+            assert client.delete(f"/v1/jobs/{deleted_id}", headers=auth).status_code == 204  # cancelled, removed
+            assert svc.store.get(deleted_id) is None  # its row is gone; its events are not
             for bad, why in (
                 ("http://example.com/hook", "not one of the service's webhook hosts"),
                 ("ftp://127.0.0.1/x", "http:// or https://"),
@@ -254,24 +258,28 @@ def test_a_requests_state_changes_are_posted_by_the_worker_signed_and_retried(
                 assert r.status_code == 422 and why in r.json()["detail"], r.text
         time.sleep(1.5)  # the API (no worker running) sends nothing: its changes wait in the outbox
         assert handler.got == []
-        pending = svc.store.outbox.deliveries(job_id)
-        assert [r.attempts for r in pending] == [0, 0] and all(r.due_at is not None for r in pending)
+        pending = svc.store.outbox.deliveries()
+        assert [r.attempts for r in pending] == [0] * 4 and all(r.due_at is not None for r in pending)
         with worker(tmp_path / "data", svc.settings.db_url) as proc:
-            # two events (QUEUED, CANCELLED), each refused twice (503) before it is taken
-            wait_for(lambda: len(handler.got) >= 6, timeout=60)
+            # four events (QUEUED, CANCELLED of each job), each refused twice (503) before it is taken
+            wait_for(lambda: len(handler.got) >= 12, timeout=60)
             time.sleep(0.5)  # nothing more comes: a 2xx ends an event's deliveries
-            rows = svc.store.outbox.deliveries(job_id)
-    assert len(handler.got) == 6
+            rows = svc.store.outbox.deliveries()
+    assert len(handler.got) == 12
     assert all(h["user-agent"] == "pbs2p-webhooks" for h, _, _ in handler.got)
-    states = []
+    events = []
     for tries in check_deliveries(handler.got).values():  # in the order of their first delivery
         assert len(tries) == 3
         gaps = [tries[i + 1][1] - tries[i][1] for i in (0, 1)]
         assert gaps[0] >= 0.9 and gaps[1] >= 1.9  # backoff: 1 s, then 2 s (lower bounds only)
         event = json.loads(tries[0][0])
-        assert event["type"] == "job.state_changed" and event["job"]["id"] == job_id
-        states.append(event["job"]["state"])
-    assert states == ["QUEUED", "CANCELLED"]
+        events.append((event["job"]["id"], event["type"], event["job"]["state"]))
+    assert events == [
+        (job_id, "job.state_changed", "QUEUED"),
+        (job_id, "job.state_changed", "CANCELLED"),
+        (deleted_id, "job.state_changed", "QUEUED"),
+        (deleted_id, "job.deleted", "CANCELLED"),
+    ]
     for row in rows:  # sent by the worker process, recorded in the store
         assert owned_by(proc) in str(row.claimed_by) and row.attempts == 3 and row.last_error == "HTTP 503"
         assert row.delivered_at is not None and row.due_at is None and row.given_up_at is None
