@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__BMI2__) || defined(__F16C__)
+#if defined(__BMI2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -195,9 +195,8 @@ static inline int64_t words_of(const Lin& L) { return L.C / 64 + 3; }
 struct Row {  // one thread's scratch: per 8-column chunk of a row, kept-and-positive | kept-and-negative << 8
     std::vector<uint64_t> K, S;
     std::vector<uint16_t> v;
-    std::vector<uint8_t> kb, pb;  // the fused GEMV (m = 8): kept and kept-positive bits, one byte a group
     explicit Row(const Lin& L)
-        : K(words_of(L)), S(words_of(L)), v(L.nchunks() + 8), kb(L.C / 8 + 16), pb(L.C / 8 + 16) {}
+        : K(words_of(L)), S(words_of(L)), v(L.nchunks() + 8) {}
 };
 
 static void row_codes(const Lin& L, int64_t r, Row& w, int64_t& spos) {
@@ -262,32 +261,28 @@ struct BitReader {  // an LSB-first stream read in order, 56 bits a load
 struct SalientPos {
     std::vector<int64_t> ch;
     std::vector<int> sh;
-    // the fused GEMV: per block, the 64-column words its salient columns lie in and their masks (columns
-    // ascending: the bits come out in the order of the sign2 stream); usable when every block has <= 48
-    std::vector<int64_t> w0;    // per block, its first entry in word/mask
-    std::vector<int64_t> tab0;  // per block, its first table of 8 salient columns (GEMV)
-    std::vector<int64_t> word;
-    std::vector<uint64_t> mask;
+    // the decode path (gemv, m = 8): per block, its salient columns as bits of 64-column windows of the block
+    // (rel, from rel0[block]; window k = the block's columns [64 k, 64 k + 64)), and its first 8-lane group of
+    // salient values (tab0); usable when every block has <= 48, in ascending order (the sign2 stream's order)
+    std::vector<int64_t> rel0, tab0;
+    std::vector<uint64_t> rel;
     bool words = true;
     explicit SalientPos(const Lin& L)
-        : ch(L.sal_off[L.nblocks] + 1), sh(L.sal_off[L.nblocks] + 1), w0(L.nblocks + 1, 0), tab0(L.nblocks + 1, 0) {
+        : ch(L.sal_off[L.nblocks] + 1), sh(L.sal_off[L.nblocks] + 1), rel0(L.nblocks + 1, 0), tab0(L.nblocks + 1, 0) {
         for (int64_t bl = 0; bl < L.nblocks; bl++) {
-            w0[bl] = (int64_t)word.size();
+            rel0[bl] = (int64_t)rel.size();
+            rel.resize(rel.size() + (L.block_off[bl + 1] - L.block_off[bl] + 63) / 64 + 1, 0);
             tab0[bl + 1] = tab0[bl] + (L.sal_off[bl + 1] - L.sal_off[bl] + 7) / 8;
             words = words && L.sal_off[bl + 1] - L.sal_off[bl] <= 48;
             for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++) {
-                const int64_t rel = L.sal_cols[j] - L.block_off[bl], col = L.sal_cols[j];
-                ch[j] = L.chunk_off[bl] + rel / 8;
-                sh[j] = (int)(rel & 7);
-                words = words && (j == L.sal_off[bl] || col > L.sal_cols[j - 1]);
-                if ((int64_t)word.size() == w0[bl] || word.back() != col / 64) {
-                    word.push_back(col / 64);
-                    mask.push_back(0);
-                }
-                mask.back() |= 1ull << (col & 63);
+                const int64_t rc = L.sal_cols[j] - L.block_off[bl];
+                ch[j] = L.chunk_off[bl] + rc / 8;
+                sh[j] = (int)(rc & 7);
+                words = words && (j == L.sal_off[bl] || L.sal_cols[j] > L.sal_cols[j - 1]);
+                rel[rel0[bl] + rc / 64] |= 1ull << (rc & 63);
             }
         }
-        w0[L.nblocks] = (int64_t)word.size();
+        rel0[L.nblocks] = (int64_t)rel.size();
     }
 };
 
