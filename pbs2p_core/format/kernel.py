@@ -2,9 +2,11 @@
 system C++ compiler and loaded with ctypes (no Python headers, no ninja), and the per-linear plan it reads.
 
 Two paths, chosen by the number of input rows: up to `GEMV_ROWS` rows (decoding a token) a fused kernel reads
-the packed bits row by row and sums ±x per column block with the block's scales (memory-bound: ~0.27 bytes a
-weight instead of fp32's 4); more rows (prefill) decode a tile of Ŵ at a time into a reused float32 buffer,
-bit-exactly `decode_linear`, and call the BLAS matmul. Both equal F.linear(x, Ŵ) up to float rounding.
+the packed bits row by row and sums ±x per column block with the block's scales (~0.29 bytes a weight instead of
+fp32's 4; for m = 8 rank codes no tables: 4 groups' codes give 32 columns' sign bits, which mask the adds of x),
+on torch.get_num_threads() threads of its own pool; more rows (prefill) decode a tile of Ŵ at a time into a
+reused float32 buffer, bit-exactly `decode_linear`, and call the BLAS matmul. Both equal F.linear(x, Ŵ) up to
+float rounding. A plan's per-linear state (descriptor, salient positions) is built once in C++ (`Plan`).
 
 When the library cannot be built (no compiler, an unwritable cache) PackedLinear falls back to decoding Ŵ in
 torch at every call, with one warning; the result is the same up to float rounding. The library is built

@@ -4,13 +4,19 @@
 // decode_rows: rows [r0, r1) of W_hat in float32, bit-exactly BlockCode.dense() (same float operations, no
 //   fused multiply-add): the prefill path decodes a tile into a reused buffer and calls the BLAS matmul.
 // gemv: y = x W_hat^T for a few rows of x straight from the packed bits: per row of W and column block, the
-//   sums T = sum of x over kept columns and S = the same with the stored signs, then y += alpha S + mu T
-//   (ARB-RC: x pre-scaled by alpha_col, y += alpha S); salient columns are added one by one with their exact
-//   decoded value. Equal to x W_hat^T up to float rounding (the order of the additions differs).
+//   sums of x over the kept columns with stored sign +1 and with -1, then y += (alpha + mu) S+ + (-alpha + mu) S-
+//   (ARB-RC: x pre-scaled by alpha_col, mu = 0); salient columns are added with their exact decoded value.
+//   Equal to x W_hat^T up to float rounding (the order of the additions differs). Two ways:
+//   - the decode path (m = 8 rank codes, the project's layouts; what decoding a token runs): 4 groups' (rank,
+//     signs) codes at a time become their 32 columns' kept-positive / kept-negative bits through one 64-bit
+//     table (pdep spreads the codes where BMI2 exists), which mask the adds of x (AVX-512 masked adds, else
+//     256-entry lane tables with GCC vector extensions: AVX2 or SSE); no per-call tables, no row buffer;
+//     rows run on a small pool of threads (Pool in the header) that never waits for a thread the OS runs late.
+//   - the table path (other layouts): a row's mask and signs expanded to positional bits, then per 8 columns
+//     subset-sum tables of x (256 sums a chunk) looked up, on OpenMP threads.
 //
-// Both first expand one row's mask and signs to positional bit rows K (kept) and S (sign, 1 = +1), C bits
-// each, then work on 8 columns at a time with lane masks from 256-entry tables (GCC vector extensions:
-// AVX2/AVX-512 where the compiler targets them, SSE otherwise).
+// decode_rows (and the table path) first expand one row's mask and signs to positional bit rows K (kept) and S
+// (sign, 1 = +1), C bits each, then work on 8 columns at a time with lane masks from 256-entry tables.
 //
 // The descriptor P (int64) is laid out as kernel.py's _P_* constants say; every pointer in it is an address.
 #include "packed_kernel.h"
@@ -361,6 +367,32 @@ extern "C" void* pbs2p_plan_new(const int64_t* P) {
 
 extern "C" void pbs2p_plan_free(void* h) { delete (Plan*)h; }
 
+struct LanesJob {
+    const Plan* pl;
+    const float* xs;
+    int64_t ldx;
+    const float* xsal;
+    int64_t lds, nb;
+    float* y;
+};
+
+static void lanes_chunk(const void* arg, int64_t ch) {  // rows [16 ch, 16 ch + 16) of the decode path
+    const LanesJob& j = *(const LanesJob*)arg;
+    const Lin& L = j.pl->L;
+    const int64_t a = ch * L.chunk, z = a + L.chunk < L.R ? a + L.chunk : L.R;
+    BitReader s2(L.sign2, L.sign2_len, L.sign2_start[ch]);
+    float out[4];
+    for (int64_t r = a; r < z; r++) {
+        const BitReader start = s2;
+        for (int64_t t0 = 0; t0 < j.nb; t0 += 4) {  // every group of 4 inputs reads the row's sign2 again
+            const int64_t tn = j.nb - t0 < 4 ? j.nb - t0 : 4;
+            s2 = start;
+            LANE_DOTS[tn](L, j.pl->quads, r, s2, j.pl->sp, j.xs + t0 * j.ldx, j.ldx, j.xsal + t0 * j.lds, j.lds, out);
+            for (int64_t t = 0; t < tn; t++) j.y[(t0 + t) * L.R + r] = out[t];
+        }
+    }
+}
+
 // y (nb x R, row stride R) = x (nb x C, row stride ldx) W_hat^T, on nthreads threads
 extern "C" int pbs2p_gemv(const void* h, const float* x, int64_t nb, int64_t ldx, float* y, int64_t nthreads) {
     const Plan& pl = *(const Plan*)h;
@@ -388,12 +420,17 @@ extern "C" int pbs2p_gemv(const void* h, const float* x, int64_t nb, int64_t ldx
         }
     }
     const int64_t nch = (L.R + L.chunk - 1) / L.chunk;
-    // one parallel loop, chunks of rows handed out as threads come free (a thread the OS runs late holds no
-    // one up); the table path builds every thread's own copy of the tables (a few hundred KiB at most)
+    if (pl.lanes) {  // chunks of rows claimed from the pool: the caller never waits for a thread not yet run
+        const LanesJob job{&pl, xs.data(), ldx2, xsal.data(), lds, nb, y};
+        pool().run(nch, nthreads, lanes_chunk, &job);
+        return 0;
+    }
+    // the table path: one parallel loop, chunks of rows handed out as threads come free; every thread builds
+    // its own copy of the tables (a few hundred KiB at most)
 #pragma omp parallel num_threads((int)nthreads)
     {
-        std::vector<float> tab(pl.lanes ? 0 : nb * ldt);
-        for (int64_t t = 0; t < nb && !pl.lanes; t++)  // subset sums: T[k] = sum of the inputs of k's bits
+        std::vector<float> tab(nb * ldt);
+        for (int64_t t = 0; t < nb; t++)  // subset sums: T[k] = sum of the inputs of k's bits
             for (int64_t bl = 0; bl < L.nblocks; bl++)
                 for (int64_t ch = L.chunk_off[bl]; ch < L.chunk_off[bl + 1]; ch++) {
                     const int64_t c = L.block_off[bl] + (ch - L.chunk_off[bl]) * 8, e = L.block_off[bl + 1];
@@ -413,15 +450,12 @@ extern "C" int pbs2p_gemv(const void* h, const float* x, int64_t nb, int64_t ldx
             int64_t spos = L.sign_start[ch];
             BitReader s2(L.sign2, L.sign2_len, L.sign2_start[ch]);
             for (int64_t r = a; r < z; r++) {
-                if (!pl.lanes) row_codes(L, r, w, spos);
+                row_codes(L, r, w, spos);
                 const BitReader start = s2;
                 for (int64_t t0 = 0; t0 < nb; t0 += 4) {  // every group of 4 inputs reads the row's sign2 again
                     const int64_t tn = nb - t0 < 4 ? nb - t0 : 4;
                     s2 = start;
-                    if (pl.lanes)
-                        LANE_DOTS[tn](L, pl.quads, r, s2, sp, &xs[t0 * ldx2], ldx2, &xsal[t0 * lds], lds, out);
-                    else
-                        DOTS[tn](L, w, r, s2, sp, &tab[t0 * ldt], ldt, &xsal[t0 * nsal], nsal, out);
+                    DOTS[tn](L, w, r, s2, sp, &tab[t0 * ldt], ldt, &xsal[t0 * nsal], nsal, out);
                     for (int64_t t = 0; t < tn; t++) y[(t0 + t) * L.R + r] = out[t];
                 }
             }

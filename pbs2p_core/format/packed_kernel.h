@@ -1,8 +1,14 @@
 // Shared by packed_kernel.cpp: the descriptor, the bit streams, the scales and the decoding of one row's mask
 // and signs into per-chunk kept-positive / kept-negative bits (docs/artifact-format.md defines every bit).
 #pragma once
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
 #if defined(__BMI2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -297,3 +303,87 @@ static inline uint32_t salient_index(const Row& w, const SalientPos& sp, int64_t
 }
 
 
+
+// A pool of helper threads for the decode path's short calls (tens of microseconds): the caller posts a job of
+// `total` items and works on it itself; helpers that are awake claim items too. Items are claimed from one
+// atomic ticket (job id | total | next item), so a helper the OS runs late finds nothing left and the caller
+// never waits for it, only for items already claimed (a chunk of rows each): on a busy machine the call is at
+// worst as fast as on one thread. Helpers spin a little after a job, then sleep.
+class Pool {
+    typedef void (*item_fn)(const void*, int64_t);
+    std::atomic<uint64_t> ticket{0};  // id << 48 | total << 24 | next
+    std::atomic<int64_t> done{0};
+    std::atomic<int> sleepers{0};
+    const void* arg = nullptr;
+    item_fn fn = nullptr;
+    std::mutex mu, busy;  // busy: one job at a time (a second caller meanwhile runs its job alone)
+    std::condition_variable cv;
+    std::vector<std::thread> helpers;
+    uint64_t id = 0;
+
+    static bool open(uint64_t t) { return (t & 0xFFFFFFull) < ((t >> 24) & 0xFFFFFFull); }
+    bool claim_one() {  // claim and run one item of the current job; false when none is left
+        uint64_t t = ticket.load(std::memory_order_acquire);
+        while (open(t)) {
+            if (ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
+                fn(arg, (int64_t)(t & 0xFFFFFFull));  // the job lives until its last item is done
+                done.fetch_add(1, std::memory_order_release);
+                return true;
+            }
+        }
+        return false;
+    }
+    void helper() {
+        for (;;) {
+            for (int spin = 0; spin < 4000; spin++) {  // ~ 100 microseconds: longer than the gap between two linears
+                while (claim_one()) spin = 0;
+#if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+#endif
+            }
+            std::unique_lock<std::mutex> lk(mu);
+            sleepers.fetch_add(1);
+            cv.wait(lk, [&] { return open(ticket.load()); });
+            sleepers.fetch_sub(1);
+        }
+    }
+
+  public:
+    const pid_t pid = getpid();
+    // run fn(arg, i) for i in [0, total) on up to `threads` threads (the caller one of them)
+    void run(int64_t total, int64_t threads, item_fn f, const void* a) {
+        std::unique_lock<std::mutex> mine(busy, std::try_to_lock);
+        if (threads <= 1 || total <= 1 || total >= (1 << 24) || !mine.owns_lock()) {
+            for (int64_t i = 0; i < total; i++) f(a, i);
+            return;
+        }
+        {
+            std::lock_guard<std::mutex> lk(mu);
+            while ((int64_t)helpers.size() < threads - 1) {
+                helpers.emplace_back(&Pool::helper, this);
+                helpers.back().detach();
+            }
+        }
+        fn = f, arg = a;
+        done.store(0, std::memory_order_relaxed);
+        id = (id + 1) & 0xFFFFu;
+        ticket.store(id << 48 | (uint64_t)total << 24, std::memory_order_seq_cst);
+        if (sleepers.load() > 0) {
+            { std::lock_guard<std::mutex> lk(mu); }
+            cv.notify_all();
+        }
+        while (claim_one()) {
+        }
+        while (done.load(std::memory_order_acquire) < total) {  // items the helpers are on
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+    }
+};
+
+static Pool& pool() {  // one per process (a forked child makes its own: threads do not survive a fork)
+    static Pool* p = new Pool();
+    if (p->pid != getpid()) p = new Pool();
+    return *p;
+}
