@@ -7,8 +7,9 @@ of 128, a 6:8 mask (largest |w| per group), the 8 columns of largest norm as sal
 through `binarize_block` (2 iterations) with fp16 scales: the same tensors a compression job produces, at a
 fraction of its cost (packing time depends on shapes, not on how the code was found). The inference rows
 alternate the models run by run (`--reps` each, the median is reported) so that a busy machine slows them alike.
-Writes bench/results/packing.md (or --out DIR/packing.md).
-Usage: python bench/packing.py [--threads 2] [--reps 3] [--decode-tokens 32] [--out DIR]
+Writes bench/results/packing.md and packing_inference.md (or under --out DIR); --inference-only writes only the
+second (the artifact is still built; the packing table is not written).
+Usage: python bench/packing.py [--threads 2] [--reps 3] [--decode-tokens 32] [--inference-only] [--out DIR]
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def inference_rows(art: Path, reps: int, steps: int) -> tuple[list[list[str]], l
         f"{fp32_bytes / 2 / 2**20:.1f} MiB; ratio to fp16 in brackets); the kernel adds {plan_bytes / 2**10:.0f} KiB "
         f"of index arrays to the packed bytes. Kernel {'built' if kernel else 'NOT available (torch fallback)'}. "
         f"Logits, packed kernel vs dense fp32: max |diff| {diff:.2e} (1 x 64 prefill), {diff1:.2e} (one token).",
+        f"Measured {datetime.date.today()} on {machine()}; written by bench/packing.py, not edited by hand.",
     ]
     return rows, notes
 
@@ -154,6 +156,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=3, help="runs of each inference measurement (median)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded one at a time")
+    ap.add_argument("--inference-only", action="store_true", help="only the packed-inference table")
     add_out_option(ap)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -223,6 +226,10 @@ def main() -> None:
             t_fwd_dense = time.perf_counter() - t
         assert torch.equal(lp, ld), "packed and dense logits differ"
         inf_rows, inf_notes = inference_rows(out, a.reps, a.decode_tokens)
+    header = ["model", "prefill 1 x 512", "prefill 8 x 512", "decode, tokens/s", "linears' memory"]
+    write_table("packing_inference", "Packed inference on the CPU", header, inf_rows, inf_notes, a.out)
+    if a.inference_only:
+        return
 
     total = info["total"]
     rows = [
@@ -251,8 +258,6 @@ def main() -> None:
         f"Measured {datetime.date.today()} on {machine()}; written by bench/packing.py, not edited by hand.",
     ]
     write_table("packing", "Packing and unpacking the real model", ["what", "value"], rows, notes, a.out)
-    header = ["model", "prefill 1 x 512", "prefill 8 x 512", "decode, tokens/s", "linears' memory"]
-    write_table("packing_inference", "Packed inference on the CPU", header, inf_rows, inf_notes, a.out)
 
 
 if __name__ == "__main__":

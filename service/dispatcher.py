@@ -5,7 +5,8 @@ It runs in `pbs2p worker` (service/worker.py), apart from the API, or inside the
 (the job coordinator), checkpointing every block under PBS2P_CHECKPOINT_URL/<job id>. The dispatcher heartbeats
 the jobs it owns; a job whose owner stopped heartbeating (a killed worker) is re-queued by whichever dispatcher
 notices, and resumes from its last checkpointed block. Cancellation is cooperative: the job stops at its next block
-(a cancel or a DELETE is a state change in the store, which its progress report reads).
+(a cancel or a DELETE is a state change in the store, which its progress report reads). With PBS2P_WEBHOOK_SECRET
+set it also delivers the webhooks waiting in the store's outbox, the API's and other workers' too (service/webhooks.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from . import lifecycle
 from .jobmetrics import JobMetrics
 from .jobstore import ACTIVE, Job, JobState, JobStore
 from .settings import Settings
+from .webhooks import Sender
 
 log = logging.getLogger(__name__)
 MAINTAIN_S = 60.0  # how often the dispatcher removes deleted jobs and expired artifacts
@@ -152,9 +154,12 @@ class Dispatcher:
         self.thread: threading.Thread | None = None
         self.ray_address: str | None = None
         self.metrics = JobMetrics()
+        self.webhooks = Sender(settings, store, self.owner) if settings.webhook_secret else None
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.webhooks is not None:
+            self.webhooks.start()
         self.thread = threading.Thread(target=self._loop, name="pbs2p-dispatcher", daemon=True)
         self.thread.start()
 
@@ -171,6 +176,8 @@ class Dispatcher:
         if self.thread is not None:
             self.thread.join(timeout)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.webhooks is not None:  # after the jobs: their last state changes are in the outbox by now
+            self.webhooks.stop()
         shutdown_ray()  # a local Ray started by this process stops with it (its agents would linger)
 
     def _loop(self) -> None:

@@ -1,5 +1,6 @@
-"""The job store's records: job states, the tables as the code reads and writes them (the database gets them from
-the revisions in service/migrations), the detached `Job` snapshot, and list cursors. `jobstore.py` holds the store.
+"""The job store's records: job states, the tables (API keys, jobs, webhook deliveries) as the code reads and writes
+them (the database gets them from the revisions in service/migrations), the detached `Job` snapshot, and list
+cursors. `jobstore.py` holds the store.
 """
 
 from __future__ import annotations
@@ -93,6 +94,26 @@ class JobRow(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     artifact_expired_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # removed by retention
     deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # DELETE while running: hidden, then gone
+
+
+class WebhookDeliveryRow(Base):
+    """One webhook event and its delivery (the outbox, service/outbox.py): pending while `due_at` is set."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "due_at"), Index("ix_webhook_deliveries_job", "job_id"))
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(40), unique=True)  # X-Pbs2p-Event, the body's "id"
+    job_id: Mapped[str] = mapped_column(String(40))  # no foreign key: the event outlives a removed job
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)  # the JSON exactly as it is sent and signed
+    created_at: Mapped[float] = mapped_column(Float)
+    due_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # next attempt (or end of a claim's lease)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claimed so far
+    claimed_by: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the worker of the last attempt
+    last_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)  # what the last failed attempt got
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # answered 2xx
+    given_up_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # every attempt failed
 
 
 @dataclass(frozen=True)

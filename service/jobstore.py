@@ -1,7 +1,9 @@
 """The job store: jobs and API keys in SQL (SQLite file by default, PostgreSQL by URL; same SQLAlchemy code).
 
 Every state change is a compare-and-set (`UPDATE ... WHERE id = :id AND state IN (:expected)`): two
-dispatchers, or a dispatcher and a cancel request, can never both win. API keys are stored as sha256 hashes.
+dispatchers, or a dispatcher and a cancel request, can never both win. The change of a job with a webhook writes
+its event's delivery in the same transaction (the outbox, service/outbox.py; workers deliver it). API keys are
+stored as sha256 hashes.
 
 The schema is versioned by Alembic (service/migrations): opening a store upgrades its database to the newest
 revision. A change to the models below goes with a new revision (tests/test_migrations.py checks they agree).
@@ -13,7 +15,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from . import migrations
+from . import migrations, outbox
 from .jobreads import SEQ, JobReads, job_of
 from .jobrecords import (
     ACTIVE,
@@ -70,9 +72,9 @@ class JobStore:
         """Open the store at `url`, upgrading its schema to the newest revision first (service/migrations: an
         empty database gets every revision, one made before migrations is stamped 0001 then upgraded)."""
         self.url = url
-        self.listeners: list[Callable[[Job], None]] = []  # called with the job after each state change it wins
         self.engine: Engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.outbox = outbox.Outbox(self.session)  # the webhook deliveries the state changes wrote
         self.reads = JobReads(self.engine)  # the hot reads (GET one job, a page of the list) without the ORM
         try:
             migrations.upgrade(self.engine)
@@ -157,6 +159,7 @@ class JobStore:
                 s.flush()
                 if max_queued > 0 and self._queued(s, tenant) > max_queued:
                     raise QueueFull(tenant, max_queued)  # rolls the insert back
+                outbox.add(s, row)  # the QUEUED event, committed with the job
                 job = Job.of(row)
         except IntegrityError:  # a concurrent request with the same key won the insert
             if idempotency_key is None:
@@ -165,8 +168,6 @@ class JobStore:
             if earlier is None:
                 raise
             return self._same_request(earlier, request_hash), False
-        if self.listeners:
-            self._changed(job.id)
         return job, True
 
     def _lock_tenant(self, s: Session, tenant: str) -> None:
@@ -235,21 +236,10 @@ class JobStore:
         if owner is not None:
             q = q.where(JobRow.owner == owner)
         with self.session() as s:
-            won = bool(s.execute(q.values(**cols)).rowcount)  # type: ignore[attr-defined]
-        if won and self.listeners:
-            self._changed(job_id)
-        return won
-
-    def _changed(self, job_id: str) -> None:
-        """Tell the listeners (webhooks) the job's state changed; a listener's error never fails the change."""
-        job = self.get(job_id)
-        if job is None:
-            return
-        for listener in list(self.listeners):
-            try:
-                listener(job)
-            except Exception:
-                log.exception("job %s: a state-change listener failed", job_id)
+            changed = s.execute(q.values(**cols).returning(*outbox.EVENT_COLUMNS)).first()
+            if changed is not None:
+                outbox.add(s, changed)
+        return changed is not None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def mark_deleted(self, job_id: str, expected: Iterable[JobState], new: JobState) -> bool:
@@ -307,7 +297,7 @@ class JobStore:
                 if max_running_per_tenant > 0:
                     q = q.where(self._active_of(tenant) < max_running_per_tenant)
                 won = s.execute(
-                    q.values(
+                    q.returning(*outbox.EVENT_COLUMNS).values(
                         state=JobState.RUNNING.value,
                         owner=owner,
                         heartbeat_at=now,
@@ -317,10 +307,10 @@ class JobStore:
                         attempts=JobRow.attempts + 1,
                         error=None,
                     )
-                ).rowcount  # type: ignore[attr-defined]
-            if won:
-                if self.listeners:
-                    self._changed(job_id)
+                ).first()
+                if won is not None:
+                    outbox.add(s, won)
+            if won is not None:
                 return self.get(job_id)
         return None
 

@@ -3,33 +3,34 @@
 The body is JSON (`{"id", "type": "job.state_changed" | "job.deleted", "time", "job": {...}}`); the header
 `X-Pbs2p-Signature: sha256=<hex>` is the HMAC-SHA256 of the exact body bytes under PBS2P_WEBHOOK_SECRET, and
 `X-Pbs2p-Event` repeats the event id (the same on every retry: receivers drop repeats by it). A delivery that gets no
-2xx (or no answer within 10 s) is tried again after 1, 2, 4, ... s, PBS2P_WEBHOOK_ATTEMPTS times in all; events of
-one process are sent from one thread, in order of their due time. Deliveries pending when the process stops are
-lost (logged): a receiver that must not miss a state reads the job from the API.
+2xx (or no answer within 10 s) is tried again after 1, 2, 4, ... s, PBS2P_WEBHOOK_ATTEMPTS times in all.
+
+The events wait in the job store's outbox (service/outbox.py), written in the transaction of the change they
+report, so a process that makes a change (the API's request, a worker's job) sends nothing itself: the `Sender` of
+each worker process claims due deliveries, one at a time and oldest first, and records each answer. A delivery
+pending when a worker stops is sent by the next worker that runs (or by another one running beside it).
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import hmac
-import json
 import logging
-import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
 
-from .jobstore import Job
+from .jobstore import JobStore
+from .outbox import Delivery
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Pbs2p-Signature"
 EVENT_HEADER = "X-Pbs2p-Event"
 TIMEOUT_S = 10.0
+PRUNE_S = (3600.0, 7 * 86400.0)  # how often finished deliveries are removed, and how long they are kept
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -51,91 +52,61 @@ def check_webhook_url(url: str, settings: Settings) -> str:
     return url
 
 
-def event_of(job: Job) -> dict[str, object]:
-    return {
-        "id": "evt_" + secrets.token_hex(12),
-        "type": "job.deleted" if job.deleted_at is not None else "job.state_changed",
-        "time": time.time(),
-        "job": {"id": job.id, "name": job.name, "state": job.state.value, "attempts": job.attempts,
-                "error": job.error, "updated_at": job.updated_at, "links": {"self": f"/v1/jobs/{job.id}"}},
-    }  # fmt: skip
+class Sender:
+    """Delivers the outbox's webhooks from a worker process (`owner`: the worker's name on its claims): a thread
+    that claims a due delivery, POSTs it, records the answer, and polls every PBS2P_POLL_SECONDS when none is due."""
 
-
-@dataclass(order=True)
-class _Delivery:
-    due: float
-    seq: int
-    url: str = field(compare=False)
-    body: bytes = field(compare=False)
-    event_id: str = field(compare=False)
-    attempt: int = field(compare=False, default=1)
-
-
-class Notifier:
-    """Sends the webhooks of one process: `job_changed` (a JobStore listener) queues, a thread delivers."""
-
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: JobStore, owner: str) -> None:
         self.secret, self.attempts = settings.webhook_secret, settings.webhook_attempts
-        self._queue: list[_Delivery] = []
-        self._cv = threading.Condition()
-        self._seq = 0
-        self._stopping = False
+        self.store, self.owner, self.poll = store, owner, settings.poll_seconds
+        self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.delivered = 0  # events answered 2xx (for tests and logs)
-        self.given_up = 0  # events dropped after every attempt
-
-    def job_changed(self, job: Job) -> None:
-        if not job.webhook_url or not self.secret:
-            return
-        event = event_of(job)
-        body = json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
-        self._push(_Delivery(time.monotonic(), 0, job.webhook_url, body, str(event["id"])))
-
-    def _push(self, delivery: _Delivery) -> None:
-        with self._cv:
-            self._seq += 1
-            delivery.seq = self._seq
-            heapq.heappush(self._queue, delivery)
-            self._cv.notify()
+        self.delivered = 0  # events answered 2xx by this sender (for tests and logs)
+        self.given_up = 0  # events this sender gave up after their last attempt
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pbs2p-webhooks", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
+    def stop(self, timeout: float = TIMEOUT_S + 5) -> None:
+        """Stop after the attempt under way (a claim not recorded by then is retried once its lease runs out)."""
+        self.stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._queue:
-            log.warning("webhooks: %d deliveries pending at shutdown are dropped", len(self._queue))
 
     def _run(self) -> None:
+        last_prune = 0.0
         with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False) as http:
-            while True:
-                with self._cv:
-                    while not self._stopping and (not self._queue or self._queue[0].due > time.monotonic()):
-                        self._cv.wait(None if not self._queue else max(0.0, self._queue[0].due - time.monotonic()))
-                    if self._stopping:
-                        return
-                    delivery = heapq.heappop(self._queue)
-                self._send(http, delivery)
+            while not self.stopping.is_set():
+                try:
+                    if time.time() - last_prune >= PRUNE_S[0]:
+                        last_prune = time.time()
+                        self.store.outbox.prune(last_prune - PRUNE_S[1])
+                    delivery = self.store.outbox.claim(self.owner, self.attempts)
+                    if delivery is not None:
+                        self._send(http, delivery)
+                        continue
+                except Exception:  # the store unreachable for a while: the rows wait in it
+                    log.exception("webhooks: delivery round failed")
+                self.stopping.wait(self.poll)
 
-    def _send(self, http: httpx.Client, d: _Delivery) -> None:
+    def _send(self, http: httpx.Client, d: Delivery) -> None:
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.secret, d.body),
                    EVENT_HEADER: d.event_id, "User-Agent": "pbs2p-webhooks"}  # fmt: skip
+        error: str | None
         try:
-            status: int | str = http.post(d.url, content=d.body, headers=headers).status_code
+            status = http.post(d.url, content=d.body, headers=headers).status_code
+            error = None if 200 <= status < 300 else f"HTTP {status}"
         except httpx.HTTPError as exc:
-            status = f"{type(exc).__name__}: {exc}"
-        if isinstance(status, int) and 200 <= status < 300:
+            error = f"{type(exc).__name__}: {exc}"
+        outcome = self.store.outbox.record(d, self.owner, error, self.attempts)
+        if outcome == "delivered":
             self.delivered += 1
-            return
-        if d.attempt >= self.attempts:
+        elif outcome == "given_up":
             self.given_up += 1
-            log.warning("webhook %s to %s: given up after %d attempts (last: %s)", d.event_id, d.url, d.attempt, status)
-            return
-        delay = 2.0 ** (d.attempt - 1)
-        log.info("webhook %s to %s: attempt %d got %s; again in %g s", d.event_id, d.url, d.attempt, status, delay)
-        self._push(_Delivery(time.monotonic() + delay, 0, d.url, d.body, d.event_id, d.attempt + 1))
+            log.warning("webhook %s to %s: given up after %d attempts (last: %s)", d.event_id, d.url, d.attempt, error)
+        elif outcome == "retry":
+            log.info("webhook %s to %s: attempt %d got %s; again in %g s", d.event_id, d.url, d.attempt, error,
+                     2.0 ** (d.attempt - 1))  # fmt: skip
+        else:
+            log.warning("webhook %s: attempt %d outlasted its claim; its answer is not recorded", d.event_id, d.attempt)

@@ -1,7 +1,8 @@
 """`pbs2p worker`: the job driver in a process of its own, and the supervisor `pbs2p serve` runs it under.
 
 The worker claims queued jobs from the job store and drives them (the dispatcher: Ray coordinator, heartbeats,
-evaluation, upload, the lifecycle's periodic task) and delivers the webhooks of the changes it makes. It shares
+evaluation, upload, the lifecycle's periodic task) and delivers the webhooks waiting in the store's outbox (those
+of the API's changes too: the API sends none). It shares
 nothing with the API but the job store and the storage: a cancel or a DELETE is a state change in the store, which
 the job reads at its next progress report. Killing the API leaves the jobs running; killing the worker leaves its
 jobs to the next worker (it re-queues them once their lease ran out, or at once for a dead process on its host)
@@ -32,7 +33,6 @@ from pbs2p.workers.storage import storage_from_url
 from .dispatcher import Dispatcher
 from .jobstore import JobStore
 from .settings import Settings
-from .webhooks import Notifier
 
 log = logging.getLogger(__name__)
 RESTART_S = (1.0, 30.0)  # the supervisor's pause before restarting a worker: doubles per quick failure, capped
@@ -45,9 +45,6 @@ def run_worker(settings: Settings, supervisor_pid: int | None = None) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.db_url)
     storage = storage_from_url(settings.artifacts_url, settings.s3)
-    notifier = Notifier(settings) if settings.webhook_secret else None
-    if notifier is not None:
-        store.listeners.append(notifier.job_changed)
     dispatcher = Dispatcher(settings, store, storage)
     stop = threading.Event()
 
@@ -59,8 +56,6 @@ def run_worker(settings: Settings, supervisor_pid: int | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, settings.host, registry=dispatcher.metrics.registry)
-    if notifier is not None:
-        notifier.start()
     dispatcher.start()
     log.info("pbs2p worker %s (database %s, Ray %s)", dispatcher.owner, settings.db_url.split("@")[-1],
              settings.ray_address)  # fmt: skip
@@ -80,8 +75,6 @@ def run_worker(settings: Settings, supervisor_pid: int | None = None) -> int:
                 break
     finally:
         dispatcher.stop()
-        if notifier is not None:
-            notifier.stop()
         store.close()
     return code
 

@@ -2,9 +2,11 @@
 system C++ compiler and loaded with ctypes (no Python headers, no ninja), and the per-linear plan it reads.
 
 Two paths, chosen by the number of input rows: up to `GEMV_ROWS` rows (decoding a token) a fused kernel reads
-the packed bits row by row and sums ±x per column block with the block's scales (memory-bound: ~0.27 bytes a
-weight instead of fp32's 4); more rows (prefill) decode a tile of Ŵ at a time into a reused float32 buffer,
-bit-exactly `decode_linear`, and call the BLAS matmul. Both equal F.linear(x, Ŵ) up to float rounding.
+the packed bits row by row and sums ±x per column block with the block's scales (~0.29 bytes a weight instead of
+fp32's 4; for m = 8 rank codes no tables: 4 groups' codes give 32 columns' sign bits, which mask the adds of x),
+on torch.get_num_threads() threads of its own pool; more rows (prefill) decode a tile of Ŵ at a time into a
+reused float32 buffer, bit-exactly `decode_linear`, and call the BLAS matmul. Both equal F.linear(x, Ŵ) up to
+float rounding. A plan's per-linear state (descriptor, salient positions) is built once in C++ (`Plan`).
 
 When the library cannot be built (no compiler, an unwritable cache) PackedLinear falls back to decoding Ŵ in
 torch at every call, with one warning; the result is the same up to float rounding. The library is built
@@ -25,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,11 +101,12 @@ def build_dir() -> Path:
     return Path(base) / "pbs2p_packed_kernel"
 
 
-def _compile(cxx: str, out_dir: Path) -> Path:
-    """Compile the library (with -march=native where the compiler takes it) into out_dir; return its path."""
+def _compile(cxx: str, out_dir: Path, native: bool = True) -> Path:
+    """Compile the library (with -march=native where the compiler takes it, unless `native` is False: the
+    portable build, no AVX-512/AVX2/BMI2 code) into out_dir; return its path."""
     src = SOURCE.read_bytes() + HEADER.read_bytes()
     errors = []
-    for extra in (["-march=native"], []):
+    for extra in (["-march=native"], []) if native else ([],):
         cmd = [cxx, *FLAGS, *extra]
         key = hashlib.sha256(src + repr(cmd).encode() + _cpu_flags().encode() + platform.machine().encode())
         lib = out_dir / f"pbs2p_packed_{key.hexdigest()[:16]}.so"
@@ -123,11 +127,11 @@ def _compile(cxx: str, out_dir: Path) -> Path:
     raise RuntimeError("; ".join(errors))
 
 
-def load_library(cxx: str | None = None, out_dir: Path | None = None) -> ctypes.CDLL | None:
+def load_library(cxx: str | None = None, out_dir: Path | None = None, native: bool = True) -> ctypes.CDLL | None:
     """Build (once, cached on disk) and load the kernel library; None with a warning when that fails."""
     cxx = cxx or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
     try:
-        lib = ctypes.CDLL(str(_compile(cxx, out_dir or build_dir())))
+        lib = ctypes.CDLL(str(_compile(cxx, out_dir or build_dir(), native)))
         if lib.pbs2p_p_size() != P_SIZE:
             raise RuntimeError(f"descriptor size {lib.pbs2p_p_size()} != {P_SIZE}: source and wrapper disagree")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -143,7 +147,9 @@ def load_library(cxx: str | None = None, out_dir: Path | None = None) -> ctypes.
         getattr(lib, name).restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.pbs2p_decode_rows.argtypes = [ptr, i64, i64, ptr, i64]
-    lib.pbs2p_gemv.argtypes = [ptr, ptr, i64, i64, ptr]
+    lib.pbs2p_gemv.argtypes = [ptr, ptr, i64, i64, ptr, i64]
+    lib.pbs2p_plan_new.restype, lib.pbs2p_plan_new.argtypes = ptr, [ptr]
+    lib.pbs2p_plan_free.restype, lib.pbs2p_plan_free.argtypes = None, [ptr]
     return lib
 
 
@@ -222,7 +228,7 @@ class KernelPlan:
     shared by all linears of a pattern. `extra_bytes` counts what a linear adds to its packed bytes."""
 
     def __init__(self, lib: ctypes.CDLL, meta: Mapping[str, Any], fields: Mapping[str, torch.Tensor]) -> None:
-        del lib  # not kept: a model with plans stays deep-copyable and picklable (ctypes handles are not)
+        # the library is not kept: a model with plans stays deep-copyable and picklable (ctypes handles are not)
         R, C = (int(v) for v in meta["shape"])
         n, m = int(meta["n_keep"]), int(meta["m"])
         widths, ks = [int(w) for w in meta["blocks"]], [int(k) for k in meta["salient"]]
@@ -281,26 +287,24 @@ class KernelPlan:
             if k and ("alpha_s" in on) != ("mu_s" in on):
                 raise ValueError(f"block {b} has only one of alpha_s, mu_s")
         self.P, self.keep = P, keep
+        self.small = R * C < PARALLEL_WEIGHTS  # a thread's start costs more than the work
+        # what gemv reads besides x, decoded once (C++ `Plan`; freed with this object)
+        self._handle = lib.pbs2p_plan_new(P.data_ptr())
+        self._gemv, self._decode = lib.pbs2p_gemv, lib.pbs2p_decode_rows
+        weakref.finalize(self, lib.pbs2p_plan_free, self._handle)
         self.extra_bytes = P.numel() * 8 + sum(
             t.numel() * t.element_size()
             for k, t in keep.items()
             if k.startswith(("block_", "sal_", "sign_st", "sign2_st", "offs"))
         )
 
-    def _call(self, name: str, *args: Any) -> None:
-        small = self.R * self.C < PARALLEL_WEIGHTS  # a thread's start costs more than the work
-        ctypes.c_int64.from_address(self.P.data_ptr() + 8 * _P["NTHREADS"]).value = (
-            1 if small else torch.get_num_threads()
-        )
-        rc = getattr(_state["lib"], name)(self.P.data_ptr(), *args)
-        if rc:
-            raise RuntimeError(f"{name} failed with code {rc}")
-
     def decode_rows(self, r0: int, r1: int, out: torch.Tensor) -> None:
         """Rows [r0, r1) of Ŵ into `out` ((r1 - r0, C) float32, rows contiguous), bit-exactly decode_linear."""
         if r0 % CHUNK or out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (r1 - r0, self.C):
             raise ValueError("decode_rows needs a chunk-aligned start and a (rows, C) float32 buffer")
-        self._call("pbs2p_decode_rows", r0, r1, out.data_ptr(), out.stride(0))
+        self.P[_P["NTHREADS"]] = 1 if self.small else torch.get_num_threads()
+        if self._decode(self.P.data_ptr(), r0, r1, out.data_ptr(), out.stride(0)):
+            raise RuntimeError("pbs2p_decode_rows failed")
 
     def dense(self) -> torch.Tensor:
         out = torch.empty(self.R, self.C)
@@ -311,7 +315,9 @@ class KernelPlan:
         """x (rows, C) float32 -> x Ŵᵀ (rows, R) straight from the packed bits."""
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.R)
-        self._call("pbs2p_gemv", x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr())
+        threads = 1 if self.small else torch.get_num_threads()
+        if self._gemv(self._handle, x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr(), threads):
+            raise RuntimeError("pbs2p_gemv failed")
         return y
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,10 +1,16 @@
 // Shared by packed_kernel.cpp: the descriptor, the bit streams, the scales and the decoding of one row's mask
 // and signs into per-chunk kept-positive / kept-negative bits (docs/artifact-format.md defines every bit).
 #pragma once
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
-#if defined(__BMI2__) || defined(__F16C__)
+#if defined(__BMI2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -195,9 +201,8 @@ static inline int64_t words_of(const Lin& L) { return L.C / 64 + 3; }
 struct Row {  // one thread's scratch: per 8-column chunk of a row, kept-and-positive | kept-and-negative << 8
     std::vector<uint64_t> K, S;
     std::vector<uint16_t> v;
-    std::vector<uint8_t> kb, pb;  // the fused GEMV (m = 8): kept and kept-positive bits, one byte a group
     explicit Row(const Lin& L)
-        : K(words_of(L)), S(words_of(L)), v(L.nchunks() + 8), kb(L.C / 8 + 16), pb(L.C / 8 + 16) {}
+        : K(words_of(L)), S(words_of(L)), v(L.nchunks() + 8) {}
 };
 
 static void row_codes(const Lin& L, int64_t r, Row& w, int64_t& spos) {
@@ -262,32 +267,28 @@ struct BitReader {  // an LSB-first stream read in order, 56 bits a load
 struct SalientPos {
     std::vector<int64_t> ch;
     std::vector<int> sh;
-    // the fused GEMV: per block, the 64-column words its salient columns lie in and their masks (columns
-    // ascending: the bits come out in the order of the sign2 stream); usable when every block has <= 48
-    std::vector<int64_t> w0;    // per block, its first entry in word/mask
-    std::vector<int64_t> tab0;  // per block, its first table of 8 salient columns (GEMV)
-    std::vector<int64_t> word;
-    std::vector<uint64_t> mask;
+    // the decode path (gemv, m = 8): per block, its salient columns as bits of 64-column windows of the block
+    // (rel, from rel0[block]; window k = the block's columns [64 k, 64 k + 64)), and its first 8-lane group of
+    // salient values (tab0); usable when every block has <= 48, in ascending order (the sign2 stream's order)
+    std::vector<int64_t> rel0, tab0;
+    std::vector<uint64_t> rel;
     bool words = true;
     explicit SalientPos(const Lin& L)
-        : ch(L.sal_off[L.nblocks] + 1), sh(L.sal_off[L.nblocks] + 1), w0(L.nblocks + 1, 0), tab0(L.nblocks + 1, 0) {
+        : ch(L.sal_off[L.nblocks] + 1), sh(L.sal_off[L.nblocks] + 1), rel0(L.nblocks + 1, 0), tab0(L.nblocks + 1, 0) {
         for (int64_t bl = 0; bl < L.nblocks; bl++) {
-            w0[bl] = (int64_t)word.size();
+            rel0[bl] = (int64_t)rel.size();
+            rel.resize(rel.size() + (L.block_off[bl + 1] - L.block_off[bl] + 63) / 64 + 1, 0);
             tab0[bl + 1] = tab0[bl] + (L.sal_off[bl + 1] - L.sal_off[bl] + 7) / 8;
             words = words && L.sal_off[bl + 1] - L.sal_off[bl] <= 48;
             for (int64_t j = L.sal_off[bl]; j < L.sal_off[bl + 1]; j++) {
-                const int64_t rel = L.sal_cols[j] - L.block_off[bl], col = L.sal_cols[j];
-                ch[j] = L.chunk_off[bl] + rel / 8;
-                sh[j] = (int)(rel & 7);
-                words = words && (j == L.sal_off[bl] || col > L.sal_cols[j - 1]);
-                if ((int64_t)word.size() == w0[bl] || word.back() != col / 64) {
-                    word.push_back(col / 64);
-                    mask.push_back(0);
-                }
-                mask.back() |= 1ull << (col & 63);
+                const int64_t rc = L.sal_cols[j] - L.block_off[bl];
+                ch[j] = L.chunk_off[bl] + rc / 8;
+                sh[j] = (int)(rc & 7);
+                words = words && (j == L.sal_off[bl] || L.sal_cols[j] > L.sal_cols[j - 1]);
+                rel[rel0[bl] + rc / 64] |= 1ull << (rc & 63);
             }
         }
-        w0[L.nblocks] = (int64_t)word.size();
+        rel0[L.nblocks] = (int64_t)rel.size();
     }
 };
 
@@ -302,3 +303,87 @@ static inline uint32_t salient_index(const Row& w, const SalientPos& sp, int64_t
 }
 
 
+
+// A pool of helper threads for the decode path's short calls (tens of microseconds): the caller posts a job of
+// `total` items and works on it itself; helpers that are awake claim items too. Items are claimed from one
+// atomic ticket (job id | total | next item), so a helper the OS runs late finds nothing left and the caller
+// never waits for it, only for items already claimed (a chunk of rows each): on a busy machine the call is at
+// worst as fast as on one thread. Helpers spin a little after a job, then sleep.
+class Pool {
+    typedef void (*item_fn)(const void*, int64_t);
+    std::atomic<uint64_t> ticket{0};  // id << 48 | total << 24 | next
+    std::atomic<int64_t> done{0};
+    std::atomic<int> sleepers{0};
+    const void* arg = nullptr;
+    item_fn fn = nullptr;
+    std::mutex mu, busy;  // busy: one job at a time (a second caller meanwhile runs its job alone)
+    std::condition_variable cv;
+    std::vector<std::thread> helpers;
+    uint64_t id = 0;
+
+    static bool open(uint64_t t) { return (t & 0xFFFFFFull) < ((t >> 24) & 0xFFFFFFull); }
+    bool claim_one() {  // claim and run one item of the current job; false when none is left
+        uint64_t t = ticket.load(std::memory_order_acquire);
+        while (open(t)) {
+            if (ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
+                fn(arg, (int64_t)(t & 0xFFFFFFull));  // the job lives until its last item is done
+                done.fetch_add(1, std::memory_order_release);
+                return true;
+            }
+        }
+        return false;
+    }
+    void helper() {
+        for (;;) {
+            for (int spin = 0; spin < 4000; spin++) {  // ~ 100 microseconds: longer than the gap between two linears
+                while (claim_one()) spin = 0;
+#if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+#endif
+            }
+            std::unique_lock<std::mutex> lk(mu);
+            sleepers.fetch_add(1);
+            cv.wait(lk, [&] { return open(ticket.load()); });
+            sleepers.fetch_sub(1);
+        }
+    }
+
+  public:
+    const pid_t pid = getpid();
+    // run fn(arg, i) for i in [0, total) on up to `threads` threads (the caller one of them)
+    void run(int64_t total, int64_t threads, item_fn f, const void* a) {
+        std::unique_lock<std::mutex> mine(busy, std::try_to_lock);
+        if (threads <= 1 || total <= 1 || total >= (1 << 24) || !mine.owns_lock()) {
+            for (int64_t i = 0; i < total; i++) f(a, i);
+            return;
+        }
+        {
+            std::lock_guard<std::mutex> lk(mu);
+            while ((int64_t)helpers.size() < threads - 1) {
+                helpers.emplace_back(&Pool::helper, this);
+                helpers.back().detach();
+            }
+        }
+        fn = f, arg = a;
+        done.store(0, std::memory_order_relaxed);
+        id = (id + 1) & 0xFFFFu;
+        ticket.store(id << 48 | (uint64_t)total << 24, std::memory_order_seq_cst);
+        if (sleepers.load() > 0) {
+            { std::lock_guard<std::mutex> lk(mu); }
+            cv.notify_all();
+        }
+        while (claim_one()) {
+        }
+        while (done.load(std::memory_order_acquire) < total) {  // items the helpers are on
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+    }
+};
+
+static Pool& pool() {  // one per process (a forked child makes its own: threads do not survive a fork)
+    static Pool* p = new Pool();
+    if (p->pid != getpid()) p = new Pool();
+    return *p;
+}

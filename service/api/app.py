@@ -16,7 +16,6 @@ from pbs2p.workers.storage import Storage
 
 from ..jobstore import JobStore
 from ..settings import Settings
-from ..webhooks import Notifier
 from .dashboard import mount_dashboard
 from .deps import AppState
 from .hotpath import HotReads
@@ -27,16 +26,11 @@ from .routes import artifacts, events, jobs, ops
 
 
 def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher: Any = None) -> FastAPI:
-    """The API over `store` and `storage`; `dispatcher` (optional) is started and stopped with the app."""
-
-    notifier = Notifier(settings) if settings.webhook_secret else None
-    if notifier is not None:
-        store.listeners.append(notifier.job_changed)  # the dispatcher's changes too, when it shares this store
+    """The API over `store` and `storage`; `dispatcher` (optional) is started and stopped with the app. The API sends
+    no webhook: its state changes leave theirs in the store's outbox, for a worker (or `dispatcher`) to deliver."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if notifier is not None:
-            notifier.start()
         if dispatcher is not None:
             dispatcher.start()
         try:
@@ -44,8 +38,6 @@ def create_app(settings: Settings, store: JobStore, storage: Storage, dispatcher
         finally:
             if dispatcher is not None:
                 await run_in_threadpool(dispatcher.stop)
-            if notifier is not None:
-                await run_in_threadpool(notifier.stop)
 
     app = FastAPI(
         title="pbs2p",

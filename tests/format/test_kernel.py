@@ -151,6 +151,44 @@ def test_kernel_matmul_equals_decode_then_matmul(make: Any, rows: int) -> None:
     assert bool(((got16.float() - ref).abs() <= tol).all())
 
 
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The library built without -march=native: the code paths of a CPU without AVX-512, AVX2, BMI2 or F16C."""
+    lib = kernel.load_library(out_dir=tmp_path_factory.mktemp("portable"), native=False)
+    assert lib is not None
+    return lib
+
+
+@pytest.mark.parametrize("make", all_layouts())
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_portable_build_gives_the_same_products(portable: Any, make: Any, rows: int) -> None:
+    packed, meta = make()
+    W = decode_linear(packed, meta)
+    plan = kernel.KernelPlan(portable, meta, packed)
+    assert torch.equal(plan.dense(), W)
+    x = torch.randn(rows, W.shape[1], generator=torch.Generator().manual_seed(rows))
+    assert bool(((plan.gemv(x) - x @ W.T).abs().double() <= bound(x, W)).all())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemv_on_threads(threads: int) -> None:
+    """Rows handed out to threads in chunks: every row written once, the same result on any thread count."""
+    blocks = blocks_for(200, [128, 128, 64], 6, 8, [8, 8, 8], seed=7)  # 13 chunks of 16 rows, the last short
+    packed, meta = pack_linear(blocks, 6, 8, 128)
+    plan = kernel.plan_for(json.loads(json.dumps(meta)), packed)
+    assert plan is not None
+    W = decode_linear(packed, meta)
+    x = torch.randn(3, W.shape[1], generator=torch.Generator().manual_seed(0))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        plan.small = False  # the threads even for this small weight
+        got = plan.gemv(x)
+    finally:
+        torch.set_num_threads(old)
+    assert bool(((got - x @ W.T).abs().double() <= bound(x, W)).all())
+
+
 def test_tiles_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """A weight larger than one tile is decoded tile by tile into the reused buffer: the same product."""
     packed, meta = packed_layout(LAYOUTS[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import secrets
 import threading
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import create_engine, select, text
 
+from pbs2p.service import outbox
 from pbs2p.service.jobrecords import (
     ACTIVE,
     ApiKeyRow,
@@ -401,3 +403,101 @@ def test_the_queue_limit_holds_under_concurrent_submits(store: JobStore) -> None
     store.create_job("a", "org/next", CONFIG, max_queued=5)
     with pytest.raises(QueueFull):
         store.create_job("a", "org/over", CONFIG, max_queued=5)
+
+
+# -- the webhook outbox ---------------------------------------------------------------------------------------
+HOOK = "http://127.0.0.1:9/hook"
+
+
+def events(store: JobStore, job_id: str) -> list[tuple[str, str]]:
+    """(type, job state) of each delivery row the job's state changes wrote, oldest first."""
+    out = []
+    for row in store.outbox.deliveries(job_id):
+        body = json.loads(row.body)
+        assert body["id"] == row.event_id and body["job"]["id"] == job_id and row.url == HOOK
+        out.append((body["type"], body["job"]["state"]))
+    return out
+
+
+def test_each_state_change_writes_its_webhook_delivery_in_the_same_transaction(store: JobStore) -> None:
+    job, _ = store.create_job("acme", "org/m", CONFIG, webhook_url=HOOK, max_queued=1)
+    plain, _ = store.create_job("beta", "org/m", CONFIG)
+    with pytest.raises(QueueFull):  # the refused insert takes its QUEUED event with it
+        store.create_job("acme", "org/m", CONFIG, webhook_url=HOOK, max_queued=1)
+    assert store.claim("d1") is not None and store.claim("d1") is not None  # both jobs: RUNNING
+    assert not store.transition(job.id, [JobState.QUEUED], JobState.CANCELLED)  # a lost compare-and-set: no event
+    assert store.transition(job.id, [JobState.RUNNING], JobState.CANCELLING, owner="d1")
+    assert sorted(store.recover(60.0, dead_owners=["d1"])) == sorted([job.id, plain.id])  # CANCELLED; QUEUED
+    assert store.mark_deleted(job.id, [JobState.CANCELLED], JobState.CANCELLED)
+    assert events(store, job.id) == [
+        ("job.state_changed", "QUEUED"),
+        ("job.state_changed", "RUNNING"),
+        ("job.state_changed", "CANCELLING"),
+        ("job.state_changed", "CANCELLED"),
+        ("job.deleted", "CANCELLED"),
+    ]
+    assert store.outbox.deliveries(plain.id) == []  # no webhook, no row
+    assert len(store.outbox.deliveries()) == 5
+    assert store.remove(job.id) and len(events(store, job.id)) == 5  # the events outlive the job's row
+
+
+def test_concurrent_claims_take_each_delivery_once(store: JobStore) -> None:
+    make_jobs(store, "acme", 30, webhook_url=HOOK)
+    other = JobStore(store.url)  # a second worker process's store on the same database
+    try:
+        stores = [store, other]
+
+        def claim_all(i: int) -> list[int]:
+            got = []
+            while (d := stores[i % 2].outbox.claim(f"w{i}", max_attempts=3)) is not None:
+                got.append(d.seq)
+            return got
+
+        claimed = in_threads(6, claim_all)
+    finally:
+        other.close()
+    seqs = [seq for got in claimed for seq in got]
+    assert sorted(seqs) == [row.seq for row in store.outbox.deliveries()] and len(seqs) == 30  # each once
+    by_seq = {seq: f"w{i}" for i, got in enumerate(claimed) for seq in got}
+    assert all(r.attempts == 1 and r.claimed_by == by_seq[r.seq] for r in store.outbox.deliveries())
+
+
+def test_a_claim_is_leased_answers_back_off_and_the_attempts_are_bounded(store: JobStore) -> None:
+    job, _ = store.create_job("acme", "org/m", CONFIG, webhook_url=HOOK)
+    t0 = time.time()
+    first = store.outbox.claim("w1", max_attempts=3)
+    assert first is not None and first.attempt == 1 and json.loads(first.body)["job"]["id"] == job.id
+    assert store.outbox.claim("w2", max_attempts=3) is None  # held by w1's lease
+    assert store.outbox.claim("w2", max_attempts=3, now=t0 + outbox.LEASE_S - 1) is None
+    again = store.outbox.claim("w2", max_attempts=3, now=t0 + outbox.LEASE_S + 1)  # w1 died: its lease ran out
+    assert again is not None and again.seq == first.seq and again.attempt == 2
+    assert store.outbox.record(first, "w1", None, max_attempts=3) == "lost"  # w1's late answer is not taken
+    assert store.outbox.record(again, "w2", "HTTP 503", max_attempts=3) == "retry"
+    (row,) = store.outbox.deliveries(job.id)
+    assert row.last_error == "HTTP 503" and row.delivered_at is None and row.due_at is not None
+    assert 2.0 - 0.5 <= row.due_at - time.time() <= 2.0  # backoff after attempt 2: 2 s
+    assert store.outbox.claim("w2", max_attempts=3) is None
+    third = store.outbox.claim("w2", max_attempts=3, now=row.due_at)
+    assert third is not None and third.attempt == 3
+    assert store.outbox.record(third, "w2", "ConnectError: refused", max_attempts=3) == "given_up"
+    (row,) = store.outbox.deliveries(job.id)
+    assert row.attempts == 3 and row.given_up_at is not None and row.due_at is None
+    assert row.last_error == "ConnectError: refused" and row.claimed_by == "w2"
+    assert store.outbox.claim("w3", max_attempts=3, now=time.time() + 3600) is None  # done for good
+
+    done, _ = store.create_job("acme", "org/m", CONFIG, webhook_url=HOOK)
+    d = store.outbox.claim("w1", max_attempts=3)
+    assert d is not None and store.outbox.record(d, "w1", None, max_attempts=3) == "delivered"
+    (row,) = store.outbox.deliveries(done.id)
+    assert row.delivered_at is not None and row.due_at is None and row.attempts == 1
+    assert store.outbox.prune(time.time() - 60) == 0 and store.outbox.prune(time.time() + 1) == 2  # both finished
+
+
+def test_a_last_attempt_whose_worker_died_is_given_up_once_its_lease_ran_out(store: JobStore) -> None:
+    job, _ = store.create_job("acme", "org/m", CONFIG, webhook_url=HOOK)
+    d = store.outbox.claim("w1", max_attempts=1)
+    assert d is not None  # ... and w1 is killed before the answer
+    assert store.outbox.claim("w2", max_attempts=1, now=time.time() + outbox.LEASE_S + 1) is None
+    (row,) = store.outbox.deliveries(job.id)
+    assert row.given_up_at is not None and row.due_at is None and row.attempts == 1
+    assert row.last_error == "attempt 1 got no recorded answer (its worker stopped)"

@@ -1,12 +1,21 @@
 """Job lifecycle beyond the API's routes: bounded automatic retry of transient failures (service/dispatcher.py), and
-signed webhooks (service/webhooks.py) delivered over real HTTP to a loopback receiver, retried with backoff."""
+signed webhooks (service/webhooks.py, service/outbox.py) delivered over real HTTP to a loopback receiver by worker
+processes (real `pbs2p worker`s, or their webhook sender) from the outbox in a SQLite file or the PostgreSQL of
+127.0.0.1:5432: never by the API, after a killed worker by the next one, retried with backoff up to a bound, and
+once per attempt with two workers."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.server
 import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,16 +26,20 @@ import httpx
 import pytest
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 from ray.exceptions import NodeDiedError
+from sqlalchemy import create_engine, text
 
 from pbs2p.core.errors import Pbs2pError
 from pbs2p.service import dispatcher as dispatcher_module
+from pbs2p.service import outbox
 from pbs2p.service.dispatcher import Dispatcher, failure_cause
 from pbs2p.service.jobstore import Job, JobState, JobStore
 from pbs2p.service.settings import Settings
+from pbs2p.service.webhooks import Sender
 from pbs2p.testing.servers import running_service
 from pbs2p.workers.storage import StorageError, storage_from_url
 
 SECRET = "s3cret-for-tests"
+PG_URL = os.environ.get("PBS2P_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 # -- transient failures and retries ---------------------------------------------------------------------------
@@ -152,7 +165,76 @@ def wait_for(cond: Any, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def test_state_changes_are_posted_signed_and_retried(tmp_path: Path, receiver: tuple[str, type[Receiver]]) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A SQLite file under tmp_path/data, or a fresh schema of the PostgreSQL at 127.0.0.1:5432 as in
+    test_jobstore.py (skipped loudly when it is unreachable, a failure under CI; dropped after the test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'jobs.db'}"
+        return
+    admin = create_engine(PG_URL, connect_args={"connect_timeout": 3})
+    schema = f"t_{secrets.token_hex(6)}"
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # any reason it cannot be reached
+        admin.dispose()
+        msg = f"PostgreSQL NOT REACHABLE at {PG_URL} ({type(exc).__name__}: {exc}); PostgreSQL outbox tests NOT RUN"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def worker(data: Path, database_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `pbs2p worker` process (its own process group, a local Ray of 1 CPU) over the store at
+    `database_url`, with webhooks on; SIGKILLed with its group at the end unless it is gone by then."""
+    data.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PBS2P_DATA_DIR": str(data), "PBS2P_DATABASE_URL": database_url,
+           "PBS2P_WEBHOOK_SECRET": SECRET, "PBS2P_POLL_SECONDS": "0.05", "PBS2P_RAY_NUM_CPUS": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    with open(data / "worker.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pbs2p.service.cli", "worker"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        kill_worker(proc)
+
+
+def kill_worker(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its local Ray
+    proc.wait(30)
+
+
+def owned_by(proc: subprocess.Popen[bytes]) -> str:
+    """The middle of the dispatcher owner names of `proc` (host:pid:random), as its claims record them."""
+    return f":{proc.pid}:"
+
+
+def check_deliveries(got: list[tuple[dict[str, str], bytes, float]]) -> dict[str, list[tuple[bytes, float]]]:
+    """Every request signed over its exact body, with the event id in its header; (body, time) per event id in the
+    order of their first request, each event's requests the same bytes."""
+    by_event: dict[str, list[tuple[bytes, float]]] = {}
+    for headers, body, at in got:
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["x-pbs2p-signature"], expected)
+        assert headers["x-pbs2p-event"] == json.loads(body)["id"] and headers["content-type"] == "application/json"
+        by_event.setdefault(headers["x-pbs2p-event"], []).append((body, at))
+    assert all(len({body for body, _ in tries}) == 1 for tries in by_event.values())  # the same bytes each time
+    return by_event
+
+
+def test_a_requests_state_changes_are_posted_by_the_worker_signed_and_retried(
+    tmp_path: Path, receiver: tuple[str, type[Receiver]]
+) -> None:
     url, handler = receiver
     root = tmp_path / "root"
     (root / "model").mkdir(parents=True)
@@ -163,6 +245,10 @@ def test_state_changes_are_posted_signed_and_retried(tmp_path: Path, receiver: t
             assert resp.status_code == 201, resp.text
             job_id = resp.json()["id"]
             assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 200
+            resp = client.post("/v1/jobs", json={"model": "smollm2-135m", "webhook_url": url}, headers=auth)
+            deleted_id = resp.json()["id"]
+            assert client.delete(f"/v1/jobs/{deleted_id}", headers=auth).status_code == 204  # cancelled, removed
+            assert svc.store.get(deleted_id) is None  # its row is gone; its events are not
             for bad, why in (
                 ("http://example.com/hook", "not one of the service's webhook hosts"),
                 ("ftp://127.0.0.1/x", "http:// or https://"),
@@ -170,26 +256,126 @@ def test_state_changes_are_posted_signed_and_retried(tmp_path: Path, receiver: t
             ):
                 r = client.post("/v1/jobs", json={"model": "smollm2-135m", "webhook_url": bad}, headers=auth)
                 assert r.status_code == 422 and why in r.json()["detail"], r.text
-            # two events (QUEUED, CANCELLED), each refused twice (503) before it is taken
-            wait_for(lambda: len(handler.got) >= 6)
+        time.sleep(1.5)  # the API (no worker running) sends nothing: its changes wait in the outbox
+        assert handler.got == []
+        pending = svc.store.outbox.deliveries()
+        assert [r.attempts for r in pending] == [0] * 4 and all(r.due_at is not None for r in pending)
+        with worker(tmp_path / "data", svc.settings.db_url) as proc:
+            # four events (QUEUED, CANCELLED of each job), each refused twice (503) before it is taken
+            wait_for(lambda: len(handler.got) >= 12, timeout=60)
             time.sleep(0.5)  # nothing more comes: a 2xx ends an event's deliveries
-    deliveries = handler.got
-    assert len(deliveries) == 6
-    by_event: dict[str, list[tuple[dict[str, str], bytes, float]]] = {}
-    for headers, body, at in deliveries:
-        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-        assert hmac.compare_digest(headers["x-pbs2p-signature"], expected)
-        assert headers["x-pbs2p-event"] == json.loads(body)["id"] and headers["content-type"] == "application/json"
-        by_event.setdefault(headers["x-pbs2p-event"], []).append((headers, body, at))
-    states = []
-    for tries in by_event.values():  # in the order of their first delivery
-        assert len(tries) == 3 and len({body for _, body, _ in tries}) == 1  # the same bytes until a 2xx
-        gaps = [tries[i + 1][2] - tries[i][2] for i in (0, 1)]
+            rows = svc.store.outbox.deliveries()
+    assert len(handler.got) == 12
+    assert all(h["user-agent"] == "pbs2p-webhooks" for h, _, _ in handler.got)
+    events = []
+    for tries in check_deliveries(handler.got).values():  # in the order of their first delivery
+        assert len(tries) == 3
+        gaps = [tries[i + 1][1] - tries[i][1] for i in (0, 1)]
         assert gaps[0] >= 0.9 and gaps[1] >= 1.9  # backoff: 1 s, then 2 s (lower bounds only)
-        event = json.loads(tries[0][1])
-        assert event["type"] == "job.state_changed" and event["job"]["id"] == job_id
-        states.append(event["job"]["state"])
-    assert states == ["QUEUED", "CANCELLED"]
+        event = json.loads(tries[0][0])
+        events.append((event["job"]["id"], event["type"], event["job"]["state"]))
+    assert events == [
+        (job_id, "job.state_changed", "QUEUED"),
+        (job_id, "job.state_changed", "CANCELLED"),
+        (deleted_id, "job.state_changed", "QUEUED"),
+        (deleted_id, "job.deleted", "CANCELLED"),
+    ]
+    for row in rows:  # sent by the worker process, recorded in the store
+        assert owned_by(proc) in str(row.claimed_by) and row.attempts == 3 and row.last_error == "HTTP 503"
+        assert row.delivered_at is not None and row.due_at is None and row.given_up_at is None
+
+
+def test_a_delivery_pending_when_the_worker_is_killed_is_sent_by_the_next_worker(
+    tmp_path: Path, db_url: str, receiver: tuple[str, type[Receiver]]
+) -> None:
+    url, handler = receiver
+    handler.fail_first = 10**6  # refused until the second worker runs
+    store = JobStore(db_url)
+    try:
+        job, _ = store.create_job("acme", "org/m", {"method": "pbs2p"}, webhook_url=url)
+        assert store.transition(job.id, [JobState.QUEUED], JobState.CANCELLED)  # 2 events; no job for a worker
+
+        def waiting() -> bool:  # every row tried, its answer recorded, its next attempt not yet made
+            rows = store.outbox.deliveries(job.id)
+            return all(r.attempts >= 1 and r.due_at is not None and r.last_attempt_at is not None
+                       and r.due_at - r.last_attempt_at < outbox.LEASE_S for r in rows)  # fmt: skip
+
+        with worker(tmp_path / "data", db_url) as first:
+            wait_for(waiting, timeout=60)
+            kill_worker(first)  # SIGKILL while both deliveries wait for their retry
+        tried = len(handler.got)
+        time.sleep(1.5)  # no worker: nothing is sent (the retry was due after 1 s)
+        assert len(handler.got) == tried >= 2
+        handler.fail_first = 0
+        with worker(tmp_path / "data", db_url) as second:
+            wait_for(lambda: all(r.delivered_at is not None for r in store.outbox.deliveries(job.id)), timeout=60)
+        rows = store.outbox.deliveries(job.id)
+    finally:
+        store.close()
+    by_event = check_deliveries(handler.got)
+    assert [json.loads(tries[0][0])["job"]["state"] for tries in by_event.values()] == ["QUEUED", "CANCELLED"]
+    for row in rows:
+        assert owned_by(second) in str(row.claimed_by) and row.last_error == "HTTP 503" and row.due_at is None
+        assert row.attempts == len(by_event[row.event_id]) >= 2  # the first worker's refused ones, then one more
+
+
+def sender(url: str, owner: str, attempts: int = 6) -> tuple[JobStore, Sender]:
+    """The worker's webhook part over its own store (as a worker process has), not started."""
+    store = JobStore(url)
+    settings = Settings(webhook_secret=SECRET, webhook_attempts=attempts, poll_seconds=0.05)
+    return store, Sender(settings, store, owner)
+
+
+def test_a_failing_receiver_is_retried_with_backoff_then_given_up(
+    db_url: str, receiver: tuple[str, type[Receiver]]
+) -> None:
+    url, handler = receiver
+    handler.fail_first = 10**6
+    store, webhooks = sender(db_url, "w1", attempts=3)
+    try:
+        job, _ = store.create_job("acme", "org/m", {"method": "pbs2p"}, webhook_url=url)
+        webhooks.start()
+        wait_for(lambda: webhooks.given_up == 1)
+        time.sleep(0.5)  # no fourth attempt
+        webhooks.stop()
+        (row,) = store.outbox.deliveries(job.id)
+    finally:
+        webhooks.stop()
+        store.close()
+    (tries,) = check_deliveries(handler.got).values()
+    assert len(tries) == 3
+    gaps = [tries[i + 1][1] - tries[i][1] for i in (0, 1)]
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9  # backoff: 1 s, then 2 s
+    assert row.attempts == 3 and row.last_error == "HTTP 503" and row.claimed_by == "w1"
+    assert row.given_up_at is not None and row.delivered_at is None and row.due_at is None
+    assert webhooks.delivered == 0
+
+
+def test_two_workers_deliver_each_row_once(db_url: str, receiver: tuple[str, type[Receiver]]) -> None:
+    url, handler = receiver
+    handler.fail_first = 1  # each event refused once, then taken: a second sender of one attempt shows as a 3rd POST
+    (store_a, a), (store_b, b) = sender(db_url, "w-a"), sender(db_url, "w-b")
+    try:
+        for i in range(20):
+            job, _ = store_a.create_job("acme", f"org/m{i}", {"method": "pbs2p"}, webhook_url=url)
+            assert store_b.transition(job.id, [JobState.QUEUED], JobState.CANCELLED)
+        a.start()
+        b.start()
+        wait_for(lambda: a.delivered + b.delivered >= 40, timeout=60)
+        time.sleep(0.5)
+        a.stop()
+        b.stop()
+        rows = store_a.outbox.deliveries()
+    finally:
+        a.stop()
+        b.stop()
+        store_a.close()
+        store_b.close()
+    by_event = check_deliveries(handler.got)
+    assert len(rows) == 40 and set(by_event) == {r.event_id for r in rows}
+    assert all(len(tries) == 2 for tries in by_event.values()), {k: len(v) for k, v in by_event.items()}
+    assert all(r.delivered_at is not None and r.attempts == 2 and r.claimed_by in ("w-a", "w-b") for r in rows)
+    assert a.delivered + b.delivered == 40 and a.given_up + b.given_up == 0
 
 
 def test_webhooks_are_refused_when_the_service_has_no_secret(tmp_path: Path) -> None:

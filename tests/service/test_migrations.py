@@ -45,7 +45,7 @@ from pbs2p.service.jobrecords import Base, JobState
 from pbs2p.service.jobstore import JobStore
 
 PG_URL = os.environ.get("PBS2P_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-HEAD = "0003"
+HEAD = "0004"
 NEW_IN_0003 = {"priority": 0, "claimed_at": None, "webhook_url": None, "artifact_expired_at": None, "deleted_at": None}
 ABLATIONS = {
     "spbo_mode", "cfs_score", "cfs_spread", "cfs_samples", "mask_score", "arb_iters", "arb_variant", "salient_search",
@@ -443,7 +443,7 @@ def test_d_processes_opening_one_database_together_migrate_it_once(db_url: str, 
     assert all(out.rstrip().endswith("opened") for out in outs), outs
     log = "".join(outs)
     assert log.count("Running upgrade  -> 0001") == 1 and log.count("Running upgrade 0001 -> 0002") == 1, outs
-    assert log.count("Running upgrade 0002 -> 0003") == 1, outs
+    assert log.count("Running upgrade 0002 -> 0003") == 1 and log.count("Running upgrade 0003 -> 0004") == 1, outs
     engine = engine_of(db_url)
     try:
         assert version_of(engine) == [HEAD]
@@ -485,7 +485,8 @@ def test_e_an_unknown_revision_is_refused_with_what_to_do(db_url: str, monkeypat
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     try:
-        with pytest.raises(Pbs2pError, match=r"revision '0099'.*does not know.*newer pbs2p.*pbs2p db downgrade 0003"):
+        newer = rf"revision '0099'.*does not know.*newer pbs2p.*pbs2p db downgrade {HEAD}"
+        with pytest.raises(Pbs2pError, match=newer):
             JobStore(db_url)
         with pytest.raises(Pbs2pError, match="0099"):
             migrations.current(engine)
@@ -506,18 +507,18 @@ def test_cli_db_upgrade_current_and_downgrade(
         assert "0001 without alembic_version" in capsys.readouterr().out
         assert version_of_or_none(engine) is None  # `current` changes nothing
         assert main(["db", "upgrade"]) == 0
-        assert "0001 (unversioned) -> 0003" in capsys.readouterr().out
+        assert f"0001 (unversioned) -> {HEAD}" in capsys.readouterr().out
         assert main(["db", "upgrade"]) == 0
-        assert "already at 0003 (head)" in capsys.readouterr().out
+        assert f"already at {HEAD} (head)" in capsys.readouterr().out
         assert main(["db", "current"]) == 0
-        assert capsys.readouterr().out.strip() == "0003 (head)"
+        assert capsys.readouterr().out.strip() == f"{HEAD} (head)"
         assert main(["db", "downgrade", "0001"]) == 0
-        assert capsys.readouterr().out.startswith("0001 (head is 0003")
+        assert capsys.readouterr().out.startswith(f"0001 (head is {HEAD}")
         assert json.loads(rows(engine, "jobs", "seq")[0]["config"]) == FULL_V1
         assert main(["db", "downgrade", "0042"]) == 2
         assert "back to '0042'" in capsys.readouterr().err
         assert main(["db", "upgrade"]) == 0
-        assert "upgraded 0001 -> 0003" in capsys.readouterr().out
+        assert f"upgraded 0001 -> {HEAD}" in capsys.readouterr().out
         with engine.begin() as conn:
             conn.execute(text("UPDATE alembic_version SET version_num = 'abcdef'"))
         assert main(["db", "upgrade"]) == 2
@@ -537,7 +538,7 @@ def test_0003_adds_the_columns_to_existing_rows_and_its_downgrade_drops_them(db_
     try:
         upgrade_to(engine, "0002", legacy=True)
         at_0002 = rows(engine, "jobs", "seq")
-        store = JobStore(db_url)  # to 0003
+        store = JobStore(db_url)  # to the head (0003, then 0004: a table of its own)
         try:
             after = rows(engine, "jobs", "seq")
             assert [{k: v for k, v in r.items() if k not in NEW_IN_0003} for r in after] == at_0002
@@ -557,5 +558,37 @@ def test_0003_adds_the_columns_to_existing_rows_and_its_downgrade_drops_them(db_
         assert {i["name"] for i in inspect(engine).get_indexes("jobs")} >= {"ix_jobs_state_seq", "ix_jobs_tenant_seq"}
         migrations.upgrade(engine)
         assert version_of(engine) == [HEAD]
+    finally:
+        engine.dispose()
+
+
+# -- 0004: the webhook outbox ---------------------------------------------------------------------------------
+def test_0004_adds_the_outbox_table_and_its_downgrade_drops_it(db_url: str) -> None:
+    engine = engine_of(db_url)
+    fill_legacy(engine)
+    try:
+        upgrade_to(engine, "0003", legacy=True)
+        with engine.begin() as conn:  # a queued job submitted with a webhook before 0004
+            conn.execute(text("UPDATE jobs SET webhook_url = 'http://127.0.0.1:9/hook' WHERE state = 'QUEUED'"))
+        at_0003 = rows(engine, "jobs", "seq")
+        hooked = next(r["id"] for r in at_0003 if r["webhook_url"])
+        store = JobStore(db_url)  # to 0004
+        try:
+            assert version_of(engine) == [HEAD] and rows(engine, "jobs", "seq") == at_0003
+            assert rows(engine, "webhook_deliveries", "seq") == []
+            found = inspect(engine).get_indexes("webhook_deliveries")  # PostgreSQL lists the unique one's too
+            indexes = {i["name"]: i["column_names"] for i in found if str(i["name"]).startswith("ix_")}
+            assert indexes == {"ix_webhook_deliveries_due": ["due_at"], "ix_webhook_deliveries_job": ["job_id"]}
+            assert store.transition(hooked, [JobState.QUEUED], JobState.CANCELLED)  # its event joins the outbox
+            (delivery,) = rows(engine, "webhook_deliveries", "seq")
+            assert delivery["job_id"] == hooked and delivery["attempts"] == 0 and delivery["due_at"] is not None
+            assert json.loads(delivery["body"])["job"]["state"] == "CANCELLED"
+        finally:
+            store.close()
+        migrations.downgrade(engine, "0003")
+        assert version_of(engine) == ["0003"] and "webhook_deliveries" not in inspect(engine).get_table_names()
+        assert len(rows(engine, "jobs", "seq")) == len(at_0003)  # the jobs stay
+        migrations.upgrade(engine)
+        assert version_of(engine) == [HEAD] and rows(engine, "webhook_deliveries", "seq") == []
     finally:
         engine.dispose()
