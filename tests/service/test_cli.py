@@ -232,7 +232,8 @@ def greedy_words(artifact: Path, prompt_ids: list[int], n: int) -> list[str]:
     model = load_artifact(artifact).eval()  # dense: the same Ŵ the packed model decodes per call
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
     tokenizer = AutoTokenizer.from_pretrained(artifact)
-    return [tokenizer.convert_ids_to_tokens(int(i)) for i in out[0, len(prompt_ids) :]]
+    # decoded as the command's streamer decodes them (an id of the model's padded vocabulary decodes to nothing)
+    return str(tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)).split()
 
 
 def test_generate_streams_the_greedy_continuation_of_the_packed_model(
