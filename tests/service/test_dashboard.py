@@ -258,6 +258,7 @@ def test_the_form_has_one_input_per_schema_field(page: Any, service: dict[str, s
         "revision",
         "webhook_url",
         "config.spbo_steps",
+        "config.block_tune_steps",
         "config.ablations.salient_allocation",
         "evaluate",
         "evaluate.windows",

@@ -28,6 +28,7 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "spbo_steps": (2, 7),
     "salient_columns": (8, 80),
     "gptq_bits": (3, 5),
+    "block_tune_steps": (0, 100001),  # default None: the method's own (24 for pbs2p)
 }
 
 
