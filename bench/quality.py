@@ -199,31 +199,28 @@ def earlier(results: Path, name: str, setting: dict, redo: set[tuple[str, int]])
 
 def seed_summary(records: list[dict]) -> str:
     """Per config measured at several seeds: geometric mean perplexity (and range), mean layer error."""
-    parts = []
-    for name in dict.fromkeys(r["name"] for r in records):
-        rs = [r for r in records if r["name"] == name]
-        if len(rs) < 2:
-            continue
-        geo = math.exp(sum(math.log(r["ppl"]) for r in rs) / len(rs))
-        lo, hi = min(r["ppl"] for r in rs), max(r["ppl"] for r in rs)
-        err = sum(r["layer_error"] for r in rs) / len(rs)
-        parts.append(
-            f"{name} ({len(rs)} seeds): geometric mean ppl {geo:.0f} ({lo:.0f}-{hi:.0f}), layer error {err:.4f}"
-        )
+    parts = [
+        f"{p['name']} ({p['seeds']} seeds): geometric mean ppl {p['ppl']:.0f} ({p['lo']:.0f}-{p['hi']:.0f}), "
+        f"layer error {p['layer_error']:.4f}"
+        for p in curve_points(records)
+        if p["seeds"] >= 2
+    ]
     return "Over calibration seeds: " + "; ".join(parts) + "."
 
 
 def curve_points(records: list[dict]) -> list[dict]:
-    """One point per config: mean true bits, geometric mean perplexity with its range over seeds, and whether it
-    is on the frontier (no other point has both fewer bits and lower perplexity)."""
+    """One point per config: mean true bits and layer error, geometric mean perplexity with its range over seeds,
+    and whether it is on the frontier (no other point has both fewer bits and lower perplexity)."""
     points = []
     for name in dict.fromkeys(r["name"] for r in records):
         rs = [r for r in records if r["name"] == name]
         ppl = [r["ppl"] for r in rs]
-        geo = math.exp(sum(map(math.log, ppl)) / len(ppl))
-        bits = sum(r["true_bits"] for r in rs) / len(rs)
-        method = rs[0]["config"]["method"]
-        points.append(dict(name=name, method=method, bits=bits, ppl=geo, lo=min(ppl), hi=max(ppl), seeds=len(rs)))
+        points.append(dict(
+            name=name, method=rs[0]["config"]["method"], seeds=len(rs),
+            bits=sum(r["true_bits"] for r in rs) / len(rs),
+            layer_error=sum(r["layer_error"] for r in rs) / len(rs),
+            ppl=math.exp(sum(map(math.log, ppl)) / len(ppl)), lo=min(ppl), hi=max(ppl),
+        ))  # fmt: skip
     for p in points:
         p["frontier"] = not any(q["bits"] <= p["bits"] and q["ppl"] < p["ppl"] for q in points if q is not p)
     return points
